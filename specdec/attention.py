@@ -1,0 +1,218 @@
+"""Tree attention over the paged KV cache, and its hook into Hugging Face models.
+
+:class:`TreeBatch` is the per-forward metadata (built once, shared by all layers). An :class:`AttentionBackend`
+turns it into a backend-specific plan once per forward (``plan``) and runs one layer (``attend``). The function
+registered with transformers' ``AttentionInterface`` writes the layer's fresh K/V into the cache and calls the
+backend; the HF modeling code is used unmodified.
+
+Backends: ``torch`` (dense per-sequence mask + SDPA; the reference and the CPU default) and ``triton``
+(:func:`specdec.kernels.paged_tree_attention`; the CUDA default). ``SPECDEC_ATTENTION=triton|torch`` overrides the
+choice, so CI can drive the whole engine through the Triton kernels under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from specdec.kernels.commit import commit_kv, commit_kv_reference
+from specdec.kernels.tree_attention import paged_tree_attention
+from specdec.kv_cache import PagedKVCache
+from specdec.tree import TokenTree
+
+ATTENTION_NAME = "specdec_paged"
+
+
+@dataclass(frozen=True)
+class TreeBatch:
+    """One verification forward over a batch of trees, flattened to ``T = sum(n_b)`` tokens.
+
+    Attributes:
+        input_ids: ``[T]`` int64, tree tokens of all sequences, concatenated.
+        positions: ``[T]`` int64, RoPE positions ``ctx_b + depth``.
+        slot_mapping: ``[T]`` int64, flat cache slot of each token (logical position ``ctx_b + node``).
+        context_lens: ``[B]`` int32, committed tokens per sequence.
+        cu_q: ``[B + 1]`` int32, cumulative tree sizes.
+        tree_mask: ``[sum n_b^2]`` uint8, row-major ancestor masks.
+        mask_indptr: ``[B + 1]`` int64, ``cumsum(n_b^2)``.
+        block_table: ``[B, max_blocks]`` int32.
+        max_q: largest tree size in the batch.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    context_lens: torch.Tensor
+    cu_q: torch.Tensor
+    tree_mask: torch.Tensor
+    mask_indptr: torch.Tensor
+    block_table: torch.Tensor
+    max_q: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequence[TokenTree]) -> TreeBatch:
+    """Metadata for verifying ``trees[b]`` on top of sequence ``seq_ids[b]`` (blocks must be reserved)."""
+    if len(seq_ids) != len(trees) or not trees:
+        raise ValueError(f"need one tree per sequence, got {len(trees)} trees for {len(seq_ids)} sequences")
+    dev = cache.k.device
+    ctx = [cache.num_tokens(s) for s in seq_ids]
+    sizes = [t.num_nodes for t in trees]
+    slots = [cache.slots(s, c + torch.arange(n)) for s, c, n in zip(seq_ids, ctx, sizes, strict=True)]
+    return TreeBatch(
+        input_ids=torch.cat([t.tokens for t in trees]).to(dev),
+        positions=torch.cat([c + t.depth for c, t in zip(ctx, trees, strict=True)]).to(dev),
+        slot_mapping=torch.cat(slots).to(dev),
+        context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+        cu_q=torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=dev),
+        tree_mask=torch.cat([t.ancestor_mask.flatten() for t in trees]).to(torch.uint8).to(dev),
+        mask_indptr=torch.tensor([0, *torch.tensor([n * n for n in sizes]).cumsum(0).tolist()], device=dev),
+        block_table=cache.block_table(seq_ids),
+        max_q=max(sizes),
+    )
+
+
+class AttentionBackend(Protocol):
+    """Computes tree attention for one layer; ``plan`` runs once per forward, ``attend`` once per layer."""
+
+    name: str
+
+    def plan(self, batch: TreeBatch, block_size: int) -> Any: ...
+
+    def attend(
+        self, plan: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float
+    ) -> torch.Tensor:
+        """``q [T, Hq, D]``, ``k_cache/v_cache [NB, BS, Hkv, D]`` (one layer) -> ``[T, Hq, D]``."""
+        ...
+
+    def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class _TorchPlan:
+    kv_slots: list[torch.Tensor]  # per sequence [ctx_b + n_b] int64
+    masks: list[torch.Tensor]  # per sequence [n_b, ctx_b + n_b] bool
+    cu_q: list[int]
+
+
+class TorchBackend:
+    """Reference backend: gathers each sequence's K/V and runs SDPA with a dense ``[n, ctx + n]`` mask."""
+
+    name = "torch"
+
+    def plan(self, batch: TreeBatch, block_size: int) -> _TorchPlan:
+        cu = batch.cu_q.tolist()
+        ctx = batch.context_lens.tolist()
+        table = batch.block_table.long()
+        kv_slots, masks = [], []
+        for b, c in enumerate(ctx):
+            n = cu[b + 1] - cu[b]
+            pos = torch.arange(c + n, device=table.device)
+            kv_slots.append(table[b, pos // block_size] * block_size + pos % block_size)
+            mask = torch.ones(n, c + n, dtype=torch.bool, device=table.device)
+            start = int(batch.mask_indptr[b])
+            mask[:, c:] = batch.tree_mask[start : start + n * n].view(n, n).bool()
+            masks.append(mask)
+        return _TorchPlan(kv_slots, masks, cu)
+
+    def attend(
+        self, plan: _TorchPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float
+    ) -> torch.Tensor:
+        k_flat = k_cache.flatten(0, 1)  # [NB * BS, Hkv, D]
+        v_flat = v_cache.flatten(0, 1)
+        outs = []
+        for b, slots in enumerate(plan.kv_slots):
+            qb = q[plan.cu_q[b] : plan.cu_q[b + 1]].transpose(0, 1)  # [Hq, n, D]
+            kb = k_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, ctx + n, D]
+            vb = v_flat.index_select(0, slots).transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                qb.unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), attn_mask=plan.masks[b],
+                scale=sm_scale, enable_gqa=qb.shape[0] != kb.shape[0],
+            )
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        commit_kv_reference(k, v, src, dst)
+
+
+class TritonBackend:
+    """Paged tree attention and commit as Triton kernels (compiled on CUDA, interpreted on CPU)."""
+
+    name = "triton"
+
+    def plan(self, batch: TreeBatch, block_size: int) -> TreeBatch:
+        return batch
+
+    def attend(
+        self, plan: TreeBatch, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float
+    ) -> torch.Tensor:
+        return paged_tree_attention(
+            q.contiguous(), k_cache, v_cache, plan.block_table, plan.context_lens, plan.cu_q,
+            plan.tree_mask, plan.mask_indptr, sm_scale, plan.max_q,
+        )
+
+    def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        commit_kv(k, v, src, dst)
+
+
+BACKENDS = {"torch": TorchBackend, "triton": TritonBackend}
+
+
+def select_backend(name: str | None = None, device: torch.device | str = "cpu") -> AttentionBackend:
+    """``name`` or ``$SPECDEC_ATTENTION`` if set, else Triton on CUDA and torch elsewhere."""
+    name = name or os.environ.get("SPECDEC_ATTENTION") or ("triton" if torch.device(device).type == "cuda" else "torch")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What the registered attention function needs; passed as the ``specdec`` forward kwarg."""
+
+    cache: PagedKVCache
+    batch: TreeBatch
+    backend: AttentionBackend
+    plan: Any
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function registered as ``AttentionInterface["specdec_paged"]``.
+
+    ``query [1, Hq, T, D]`` and ``key/value [1, Hkv, T, D]`` (already RoPE'd by the model with our positions).
+    Writes K/V for ``module.layer_idx`` at ``batch.slot_mapping`` and returns ``[1, T, Hq, D]``.
+    """
+    ctx: ForwardContext | None = kwargs.get("specdec")
+    if ctx is None:
+        raise RuntimeError(
+            f"attention '{ATTENTION_NAME}' was called without a specdec ForwardContext; "
+            "run the model through specdec.TargetModel"
+        )
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)  # [T, Hq, D]
+    ctx.cache.write(layer, ctx.batch.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = ctx.backend.attend(ctx.plan, q, ctx.cache.k[layer], ctx.cache.v[layer], scale)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

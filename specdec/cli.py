@@ -1,0 +1,110 @@
+"""Command line: ``specdec generate`` and ``specdec bench``.
+
+Errors the user can fix (bad prompt, unknown model or drafter, too long a request, out of KV blocks) are printed
+as one ``specdec: error: ...`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from specdec.attention import select_backend
+from specdec.bench import format_table, run_bench, write_report
+from specdec.drafters import DRAFTERS, make_drafter
+from specdec.engine import SpeculativeEngine
+from specdec.kv_cache import OutOfBlocks
+from specdec.prompts import builtin_prompts_path, encode_prompt, load_prompts
+from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model_and_tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DRAFTER_CHOICES = ["none", *sorted(DRAFTERS)]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"HF model id or path (default: embedded {DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--attention", choices=["torch", "triton"], default=None,
+                   help="attention backend (default: triton on CUDA, torch on CPU; env SPECDEC_ATTENTION)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap prompts in the model's chat template")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks (capacity = blocks x block size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding with token trees.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streaming, then one statistics line")
+    gen.add_argument("prompt")
+    gen.add_argument("--drafter", default="ngram", help=f"one of {DRAFTER_CHOICES}")
+    _common(gen)
+    bench = sub.add_parser("bench", help="HF greedy vs specdec autoregressive vs drafters on a prompt set")
+    bench.add_argument("--prompts", default=None, help="JSON list or JSONL file (default: the built-in set)")
+    bench.add_argument("--drafter", nargs="+", default=["ngram"], help=f"drafters to run, from {DRAFTER_CHOICES}")
+    bench.add_argument("--limit", type=int, default=None, help="first K prompts")
+    bench.add_argument("--per-category", type=int, default=None, help="first K prompts of each category")
+    bench.add_argument("--out", default="report.json")
+    _common(bench)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[TargetModel, object]:
+    backend = select_backend(args.attention, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, DTYPES[args.dtype], args.device)
+    return TargetModel(model, backend), tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    drafter = make_drafter(args.drafter)  # fail fast on an unknown name, before loading the model
+    target, tokenizer = _load(args)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    engine = SpeculativeEngine(
+        target, target.new_cache(args.num_blocks, args.block_size), drafter, eos_token_ids(target.model, tokenizer)
+    )
+    generated: list[int] = []
+    printed = 0
+
+    def stream(tokens: list[int]) -> None:
+        nonlocal printed
+        generated.extend(tokens)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+
+    result = engine.generate(ids, args.max_new_tokens, on_tokens=stream)
+    print()
+    print(f"[{args.drafter}] {result.stats.summary()} | stop: {result.stop_reason}", flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    for name in args.drafter:
+        make_drafter(name)
+    prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit, args.per_category)
+    target, tokenizer = _load(args)
+    report = run_bench(
+        target, tokenizer, prompts, args.drafter, args.max_new_tokens, args.chat, args.num_blocks, args.block_size
+    )
+    print(format_table(report))
+    write_report(report, args.out)
+    print(f"wrote {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+    except (ValueError, OutOfBlocks, KeyError) as err:
+        print(f"specdec: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The three roles: a :class:`Drafter` proposes a token tree, the target verifies it, an acceptance rule decides.
+
+Glossary (vLLM's words): **accepted** tokens are draft tokens the rule keeps; the **bonus** token is the target's
+own token after the last accepted node (always produced, so every verification step yields at least one token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from specdec.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A drafter's proposal for one sequence.
+
+    Attributes:
+        tree: the token tree; ``tree.tokens[0]`` must be the sequence's last token (the root).
+        probs: ``[N, V]`` float or ``None``. Row ``i`` is the drafter's distribution over node ``i``'s children
+            (needed by lossless sampling; ``None`` for deterministic drafters such as n-gram).
+    """
+
+    tree: TokenTree
+    probs: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes token trees for a batch of sequences and is told what the target accepted.
+
+    ``vocab_size`` is the size of the drafter's vocabulary, or ``None`` for model-free drafters; the engine refuses
+    a drafter whose vocabulary differs from the target's.
+    """
+
+    vocab_size: int | None
+
+    def propose(self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor]) -> list[Draft]:
+        """One draft per sequence. ``histories[b]``: ``[L_b]`` int64, prompt + generated tokens; the last one is
+        the root (sampled by the target, not yet verified)."""
+        ...
+
+    def accept(self, seq_id: int, tokens: torch.Tensor) -> None:
+        """``tokens [A + 1]`` int64: the accepted draft tokens then the bonus token, appended to the history."""
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Forget per-sequence state (request finished or failed)."""
+        ...

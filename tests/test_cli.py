@@ -1,0 +1,59 @@
+"""The command line on a tiny random model saved with the SmolLM2 tokenizer (any HF path must work)."""
+
+import json
+
+import pytest
+import torch
+
+from specdec.cli import main
+
+from .conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    _, tokenizer = smollm2
+    path = tmp_path_factory.mktemp("tiny")
+    model = tiny_llama(vocab=len(tokenizer), layers=2, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_generate_streams_and_prints_one_stats_line(tiny_model_dir, capsys):
+    assert main(["generate", "Repeat after me: a b c a b c a b c", "--model", tiny_model_dir,
+                 "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("[ngram] 12 tokens in") and "tau" in out[-1]
+
+
+@pytest.mark.slow
+def test_bench_writes_the_documented_json(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["Say hi"], "category": "chat"}\n{"prompt": "Copy: x y z x y z", "category": "rw"}\n')
+    out = tmp_path / "r.json"
+    assert main(["bench", "--prompts", str(prompts), "--model", tiny_model_dir, "--max-new-tokens", "8",
+                 "--out", str(out), "--drafter", "ngram"]) == 0
+    report = json.loads(out.read_text())
+    assert report["baseline"]["name"] == "hf_greedy" and report["baseline"]["tokens_per_s"] > 0
+    names = [r["name"] for r in report["runs"]]
+    assert names == ["specdec_ar", "ngram"]
+    for run in report["runs"]:
+        assert {"tokens_per_s", "speedup", "tau", "acceptance_by_depth", "identical_to_baseline", "n_prompts",
+                "per_category"} <= set(run)
+        assert run["n_prompts"] == 2 and run["identical_to_baseline"] == 2  # greedy is lossless
+        assert set(run["per_category"]) == {"chat", "rw"}
+    assert "hf_greedy" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["generate", "hi", "--drafter", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "specdec: error: unknown drafter 'nope'; choose one of ['none', 'ngram']"
+    )
+    assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "--prompts", str(tmp_path / "none.jsonl")]) == 2
+    assert "prompt file not found" in capsys.readouterr().err

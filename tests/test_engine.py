@@ -1,0 +1,163 @@
+"""End-to-end greedy decoding: speculative output is token-identical to autoregressive decoding."""
+
+import random
+
+import pytest
+import torch
+from specdec.drafters import NgramDrafter, make_drafter
+
+from specdec.engine import SpeculativeEngine
+from specdec.interfaces import Draft
+from specdec.kv_cache import OutOfBlocks
+from specdec.tree import TokenTree
+
+
+class NoisyOracleDrafter:
+    """Test drafter: random trees whose first branch follows a known-correct continuation for a random number of
+    tokens, then random tokens; other branches are random. Exercises every acceptance length and aliasing."""
+
+    vocab_size = 64
+
+    def __init__(self, reference: list[int], seed: int, max_nodes: int = 12) -> None:
+        self.reference, self.rng, self.max_nodes = reference, random.Random(seed), max_nodes
+        self.accepted: list[torch.Tensor] = []
+
+    def propose(self, seq_ids, histories):
+        drafts = []
+        for history in histories:
+            n = self.rng.randint(1, self.max_nodes)
+            parents = [-1] + [self.rng.randrange(i) for i in range(1, n)]
+            tokens = [int(history[-1])] + [self.rng.randrange(64) for _ in range(1, n)]
+            # plant the true continuation along the path to a random node
+            truth = self.reference[len(history):]
+            node = self.rng.randrange(n)
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            good = self.rng.randint(0, len(path) - 1)
+            for depth, j in enumerate(reversed(path[:-1]), start=1):
+                if depth <= good and depth - 1 < len(truth):
+                    tokens[j] = truth[depth - 1]
+            drafts.append(Draft(TokenTree(torch.tensor(tokens), torch.tensor(parents))))
+        return drafts
+
+    def accept(self, seq_id, tokens):
+        self.accepted.append(tokens)
+
+    def release(self, seq_id):
+        pass
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_speculative_equals_autoregressive_on_random_trees(tiny_target, seed):
+    rng = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 64, (int(torch.randint(1, 30, (1,), generator=rng)),), generator=rng)
+    cache = tiny_target.new_cache(160, [1, 4, 16][seed % 3])
+    ar = SpeculativeEngine(tiny_target, cache).generate(prompt, 40)
+    drafter = NoisyOracleDrafter(prompt.tolist() + ar.tokens, seed)
+    spec = SpeculativeEngine(tiny_target, cache, drafter).generate(prompt, 40)
+    assert spec.tokens == ar.tokens
+    assert spec.stats.tau > 1.0  # the planted continuations were accepted at least sometimes
+    assert spec.stats.steps < ar.stats.steps
+    assert cache.allocator.num_free == 160
+
+
+def test_autoregressive_equals_hf_generate(tiny_target, tiny_model):
+    prompt = torch.randint(0, 64, (13,), generator=torch.Generator().manual_seed(5))
+    ours = SpeculativeEngine(tiny_target, tiny_target.new_cache(32, 4)).generate(prompt, 30)
+    with torch.inference_mode():
+        ref = tiny_model.generate(prompt[None], max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert ours.tokens == ref[0, 13:].tolist()
+    assert ours.stats.tau == 1.0
+
+
+def test_ngram_drafter_is_lossless_on_repetitive_text(tiny_target):
+    prompt = torch.tensor([3, 4, 5, 6, 7] * 6)
+    cache = tiny_target.new_cache(64, 4)
+    ar = SpeculativeEngine(tiny_target, cache).generate(prompt, 40)
+    spec = SpeculativeEngine(tiny_target, cache, NgramDrafter()).generate(prompt, 40)
+    assert spec.tokens == ar.tokens
+    assert cache.allocator.num_free == 64
+
+
+def test_eos_stops_and_is_included(tiny_target):
+    prompt = torch.tensor([1, 2, 3])
+    cache = tiny_target.new_cache(32, 4)
+    free_run = SpeculativeEngine(tiny_target, cache).generate(prompt, 20)
+    eos = free_run.tokens[5]
+    stopped = SpeculativeEngine(tiny_target, cache, eos_token_ids=[eos]).generate(prompt, 20)
+    first = free_run.tokens.index(eos)
+    assert stopped.tokens == free_run.tokens[: first + 1] and stopped.stop_reason == "eos"
+
+
+def test_stats_count_steps_and_depths(tiny_target):
+    prompt = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(3))
+    cache = tiny_target.new_cache(32, 4)
+    ar = SpeculativeEngine(tiny_target, cache).generate(prompt, 25)
+    drafter = NoisyOracleDrafter(prompt.tolist() + ar.tokens, 7)
+    spec = SpeculativeEngine(tiny_target, cache, drafter).generate(prompt, 25)
+    s = spec.stats
+    assert s.new_tokens == 25
+    assert s.steps == len(drafter.accepted)
+    # the first token comes from prefill, later ones from steps (the last step may be clipped at max_new_tokens)
+    assert s.step_tokens >= 24 and s.step_tokens == sum(t.numel() for t in drafter.accepted)
+    assert sum(s.accepted_hist) == s.steps
+    assert all(0.0 <= a <= 1.0 for a in s.acceptance_by_depth)
+    assert s.depth_tried[0] >= s.depth_accepted[0]
+
+
+# ---------------------------------------------------------------------- bad input, and no leaked blocks
+
+
+class _BadDrafter:
+    vocab_size = None
+
+    def __init__(self, draft):
+        self.draft = draft
+
+    def propose(self, seq_ids, histories):
+        return [self.draft(h) for h in histories]
+
+    def accept(self, seq_id, tokens):
+        pass
+
+    def release(self, seq_id):
+        pass
+
+
+def test_bad_input_raises_clear_errors_and_frees_every_block(tiny_target):
+    cache = tiny_target.new_cache(16, 4)
+    engine = SpeculativeEngine(tiny_target, cache, max_tree_nodes=8)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([], 5)
+    with pytest.raises(ValueError, match="exceed the model's context of 1024"):
+        engine.generate(torch.zeros(1020, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="the cache holds 64"):
+        engine.generate(torch.zeros(60, dtype=torch.long), 5)
+    wrong_root = _BadDrafter(lambda h: Draft(TokenTree.chain([int(h[-1]) + 1, 2])))
+    with pytest.raises(ValueError, match="root token"):
+        SpeculativeEngine(tiny_target, cache, wrong_root, max_tree_nodes=8).generate([1, 2, 3], 5)
+    too_big = _BadDrafter(lambda h: Draft(TokenTree.chain([int(h[-1])] + [1] * 20)))
+    with pytest.raises(ValueError, match="21 nodes exceed the per-step limit of 8"):
+        SpeculativeEngine(tiny_target, cache, too_big, max_tree_nodes=8).generate([1, 2, 3], 5)
+    assert cache.allocator.num_free == 16
+
+
+def test_out_of_blocks_mid_request_frees_everything(tiny_target):
+    cache = tiny_target.new_cache(16, 4)
+    hog = cache.add_sequence()
+    cache.reserve(hog, 40)  # 10 of 16 blocks taken by another sequence
+    with pytest.raises(OutOfBlocks, match="out of KV blocks"):
+        SpeculativeEngine(tiny_target, cache, max_tree_nodes=4).generate(torch.arange(10), 30)
+    cache.release(hog)
+    assert cache.allocator.num_free == 16
+
+
+def test_vocabulary_mismatch_and_unknown_drafter(tiny_target):
+    class Other(_BadDrafter):
+        vocab_size = 65
+
+    with pytest.raises(ValueError, match="tokenizer mismatch: the drafter's vocabulary has 65 tokens, the target's 64"):
+        SpeculativeEngine(tiny_target, tiny_target.new_cache(4, 4), Other(None))
+    with pytest.raises(ValueError, match="unknown drafter 'medusa2'"):
+        make_drafter("medusa2")

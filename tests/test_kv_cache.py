@@ -1,0 +1,133 @@
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specdec.kv_cache import BlockAllocator, OutOfBlocks, PagedKVCache
+
+
+def _cache(num_blocks=16, block_size=4, layers=3):
+    return PagedKVCache(layers, num_kv_heads=2, head_dim=4, num_blocks=num_blocks, block_size=block_size,
+                        dtype=torch.float64)
+
+
+def _values(cache, seq, n):
+    """K and V of all layers at logical positions [0, n): [L, n, Hkv, D] each."""
+    slots = cache.slots(seq, torch.arange(n))
+    k = cache.k.flatten(1, 2)[:, slots]
+    v = cache.v.flatten(1, 2)[:, slots]
+    return k, v
+
+
+def _write_tokens(cache, seq, start, kv_per_token):
+    """Write per-token values kv_per_token [n, L, Hkv, D] at logical positions start.. for every layer."""
+    n = kv_per_token.shape[0]
+    slots = cache.slots(seq, start + torch.arange(n))
+    for layer in range(cache.k.shape[0]):
+        cache.write(layer, slots, kv_per_token[:, layer], -kv_per_token[:, layer])
+
+
+def test_allocator_hands_out_and_takes_back():
+    alloc = BlockAllocator(4)
+    a = alloc.allocate(3)
+    assert len(set(a)) == 3 and alloc.num_free == 1
+    with pytest.raises(OutOfBlocks, match="need 2 more, 1 free of 4"):
+        alloc.allocate(2)
+    assert alloc.num_free == 1  # a failed allocation takes nothing
+    alloc.free(a)
+    assert alloc.num_free == 4
+    with pytest.raises(ValueError, match="double free"):
+        alloc.free([a[0]])
+
+
+@pytest.mark.parametrize("path", [[0, 2, 5], [0, 1, 2, 3], [0], [0, 5], [0, 3, 4, 6]])
+def test_commit_equals_writing_only_the_accepted_tokens(path):
+    torch.manual_seed(0)
+    ctx, n_tree = 6, 7
+    prefix = torch.randn(ctx, 3, 2, 4, dtype=torch.float64)
+    tree_kv = torch.randn(n_tree, 3, 2, 4, dtype=torch.float64)
+
+    cache = _cache()
+    seq = cache.add_sequence()
+    cache.reserve(seq, ctx)
+    _write_tokens(cache, seq, 0, prefix)
+    cache.commit(seq, range(ctx))
+    cache.reserve(seq, n_tree)
+    _write_tokens(cache, seq, ctx, tree_kv)
+    assert cache.commit(seq, path) == ctx + len(path)
+
+    expected = _cache()
+    seq2 = expected.add_sequence()
+    expected.reserve(seq2, ctx + len(path))
+    _write_tokens(expected, seq2, 0, torch.cat([prefix, tree_kv[path]]))
+    for got, want in zip(_values(cache, seq, ctx + len(path)), _values(expected, seq2, ctx + len(path)),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_commit_frees_blocks_and_release_returns_everything():
+    cache = _cache(num_blocks=8, block_size=4)
+    seq = cache.add_sequence()
+    cache.reserve(seq, 13)  # 4 blocks
+    assert cache.allocator.num_free == 4
+    cache.commit(seq, [0, 1, 2])  # 3 tokens -> 1 block
+    assert len(cache.blocks(seq)) == 1 and cache.allocator.num_free == 7
+    other = cache.add_sequence()
+    cache.reserve(other, 28)  # the 7 freed blocks are reusable
+    with pytest.raises(OutOfBlocks):
+        cache.reserve(seq, 8)
+    cache.release(seq)
+    cache.release(other)
+    assert cache.allocator.num_free == 8
+
+
+def test_commit_rejects_unsorted_paths():
+    cache = _cache()
+    seq = cache.add_sequence()
+    cache.reserve(seq, 4)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        cache.commit(seq, [0, 2, 1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_random_reserve_commit_release_keeps_invariants(seed):
+    rng = random.Random(seed)
+    cache = _cache(num_blocks=24, block_size=rng.choice([1, 2, 4]), layers=2)
+    shadow: dict[int, list[float]] = {}  # committed value per position, per live sequence
+    counter = 0.0
+    for _ in range(40):
+        op = rng.random()
+        if op < 0.2 or not shadow:
+            shadow[cache.add_sequence()] = []
+            continue
+        seq = rng.choice(list(shadow))
+        if op < 0.3:
+            cache.release(seq)
+            del shadow[seq]
+            continue
+        n = rng.randint(1, 6)
+        try:
+            cache.reserve(seq, n)
+        except OutOfBlocks:
+            continue
+        vals = [counter + i for i in range(n)]
+        counter += n
+        ctx = len(shadow[seq])
+        kv = torch.tensor(vals, dtype=torch.float64).view(n, 1, 1, 1).expand(n, 2, 2, 4).contiguous()
+        _write_tokens(cache, seq, ctx, kv)
+        path = [0] + sorted(rng.sample(range(1, n), rng.randint(0, n - 1)))
+        cache.commit(seq, path, keep_reserved=rng.randint(0, 3))
+        shadow[seq] += [vals[i] for i in path]
+        # invariants: contents, block accounting, no block shared
+        k, v = _values(cache, seq, len(shadow[seq]))
+        assert k[:, :, 0, 0].tolist() == [shadow[seq]] * 2
+        assert v[:, :, 0, 0].tolist() == [[-x for x in shadow[seq]]] * 2
+        owned = [b for s in shadow for b in cache.blocks(s)]
+        assert len(owned) == len(set(owned))
+        assert cache.allocator.num_free + len(owned) == 24
+    for seq in list(shadow):
+        cache.release(seq)
+    assert cache.allocator.num_free == 24

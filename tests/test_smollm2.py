@@ -1,0 +1,50 @@
+"""The embedded SmolLM2-135M-Instruct (float32): speculative greedy output equals HF ``generate`` greedy."""
+
+import pytest
+import torch
+from specdec.drafters import NgramDrafter
+
+from specdec.engine import SpeculativeEngine
+from specdec.prompts import builtin_prompts_path, encode_prompt, load_prompts
+from specdec.target import TargetModel, eos_token_ids
+
+pytestmark = pytest.mark.slow
+
+NEAR_TIE = 1e-4
+
+
+def _first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
+def test_ngram_speculation_equals_hf_greedy(smollm2):
+    model, tokenizer = smollm2
+    target = TargetModel(model)
+    cache = target.new_cache(128, 16)
+    eos = eos_token_ids(model, tokenizer)
+    prompts = [p for p in load_prompts(builtin_prompts_path()) if p.category in {"summarization", "rewriting", "code"}]
+    identical = 0
+    for prompt in prompts[::2]:
+        ids = encode_prompt(tokenizer, prompt.text)
+        with torch.inference_mode():
+            ref = model.generate(ids[None], max_new_tokens=48, do_sample=False)[0, ids.numel():].tolist()
+        spec = SpeculativeEngine(target, cache, NgramDrafter(), eos).generate(ids, 48)
+        i = _first_difference(spec.tokens, ref)
+        if i is None:
+            assert len(spec.tokens) == len(ref)
+            identical += 1
+            continue
+        with torch.inference_mode():  # a difference is only allowed at a near-tie of the target's top two logits
+            logits = model(torch.cat([ids, torch.tensor(ref[:i])])[None]).logits[0, -1]
+        top2 = logits.topk(2).values
+        assert float(top2[0] - top2[1]) < NEAR_TIE, f"{prompt.text[:40]!r}: differs at token {i}, not a near-tie"
+    assert identical >= len(prompts[::2]) - 1
+    assert cache.allocator.num_free == 128
+
+
+def test_chat_template_is_applied(smollm2):
+    _, tokenizer = smollm2
+    with_chat = encode_prompt(tokenizer, "Hello")
+    plain = encode_prompt(tokenizer, "Hello", chat=False)
+    assert with_chat.numel() > plain.numel()
+    assert "<|im_start|>" in tokenizer.decode(with_chat)
