@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import os
 
-from specdec.target import TargetModel
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import (transformers imports triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from specdec.target import TargetModel  # noqa: E402
 
 
 def tiny_llama(vocab: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,

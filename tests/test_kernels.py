@@ -1,0 +1,490 @@
+"""Triton kernels (paged tree attention, KV commit) against their PyTorch references and an oracle.
+
+Without CUDA these run under the Triton interpreter. Triton decides between interpreter and compiler when a
+@triton.jit function is *decorated*; that includes helpers of triton.language itself (tl.max, tl.sum,
+tl.zeros), decorated when triton is first imported. So ``TRITON_INTERPRET=1`` must be in the environment
+before anything in the process imports triton. This module sets it (``setdefault``) before its own imports,
+which suffices when it is the first to import triton; otherwise export it for the whole run (the Makefile
+does) or set it in a conftest.py. If it was set too late, every test here fails with that explanation.
+bf16 is wrong under the interpreter (Triton issues #4972, #11584), so bf16 cases only run on a GPU.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+import specdec.kernels  # noqa: E402
+import triton.language as tl  # noqa: E402
+from specdec.kernels import tree_attention as attn_mod  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+INTERPRET_TOO_LATE = INTERPRET and not (isinstance(tl.max, InterpretedFunction) and isinstance(
+    attn_mod._paged_tree_attention_kernel, InterpretedFunction))
+pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_torch_thread():
+    """The tensors here are tiny; on a busy 2-core machine torch's intra-op threads made this module
+    5-10x slower (measured 41 s vs 5 s). Restored afterwards so other modules keep their setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_was_enabled_in_time():
+    """Fail every test of this module (not the whole session) with the fix, if the env var came too late."""
+    if INTERPRET_TOO_LATE:
+        pytest.fail("TRITON_INTERPRET=1 was set after triton had been imported (e.g. by conftest.py), so the "
+                    "kernels cannot run under the interpreter. Export TRITON_INTERPRET=1 before starting "
+                    "pytest, or set it at the very top of tests/conftest.py.", pytrace=False)
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+NOT_ON_INTERPRETER = pytest.mark.skipif(INTERPRET, reason="bf16 is broken under the Triton interpreter")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def chain(n):
+    return [-1] + list(range(n - 1))
+
+
+def star(n):
+    return [-1] + [0] * (n - 1)
+
+
+def binary(n):
+    return [-1] + [(i - 1) // 2 for i in range(1, n)]
+
+
+def rand_tree(n, seed):
+    rng = random.Random(seed)
+    return [-1] + [rng.randrange(i) for i in range(1, n)]
+
+
+def ancestor_mask(parents):
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.uint8)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = 1
+    return mask
+
+
+def root_path(parents, i):
+    path = []
+    while i >= 0:
+        path.append(i)
+        i = parents[i]
+    return path[::-1]
+
+
+def build_case(ctxs, trees, hq=4, hkv=2, d=64, page=4, dtype=torch.float32, seed=0, masks=None):
+    """Random batch written into a NaN-poisoned paged cache through a permuted block table.
+
+    Unused slots, spare blocks and block-table padding all point at NaN, so any read outside a sequence's
+    ``[0, ctx + n)`` shows up as NaN in the output.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [len(t) for t in trees]
+    need = [-(-(c + n) // page) for c, n in zip(ctxs, sizes, strict=True)]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    poison = int(perm[-1])
+    k_cache = torch.full((num_blocks, page, hkv, d), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    block_table = torch.full((len(ctxs), max(need, default=0) + 2), poison, dtype=torch.int32)
+    kv_seqs, used = [], 0
+    for b, (ctx, n) in enumerate(zip(ctxs, sizes, strict=True)):
+        block_table[b, :need[b]] = perm[used:used + need[b]].int()
+        used += need[b]
+        k = torch.randn(ctx + n, hkv, d, generator=gen)
+        v = torch.randn(ctx + n, hkv, d, generator=gen)
+        pos = torch.arange(ctx + n)
+        blocks, offs = block_table[b, pos // page].long(), pos % page
+        k_cache[blocks, offs], v_cache[blocks, offs] = k, v
+        kv_seqs.append((k, v))
+    if masks is None:
+        masks = [ancestor_mask(t) for t in trees]
+    cu = [0]
+    for n in sizes:
+        cu.append(cu[-1] + n)
+    mptr = [0]
+    for n in sizes:
+        mptr.append(mptr[-1] + n * n)
+    q = torch.randn(cu[-1], hq, d, generator=gen)
+    args = dict(
+        q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype), block_table=block_table,
+        context_lens=torch.tensor(ctxs, dtype=torch.int32), cu_q=torch.tensor(cu, dtype=torch.int32),
+        tree_mask=torch.cat([m.flatten() for m in masks]) if masks else torch.zeros(0, dtype=torch.uint8),
+        mask_indptr=torch.tensor(mptr, dtype=torch.int64), sm_scale=d ** -0.5, max_q=max(sizes, default=0),
+    )
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    return args, kv_seqs, trees
+
+
+def as_fp32(args):
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in args.items()}
+
+
+def oracle(args, kv_seqs, trees):
+    """Per node: plain softmax attention (fp64) over the prefix plus the root-to-node path, from the
+    contiguous K/V that were written into the cache. Uses neither the paged cache nor the tree mask."""
+    q = args["q"].double().cpu()
+    hq, hkv = q.shape[1], kv_seqs[0][0].shape[1] if kv_seqs else 1
+    group = hq // hkv
+    ctxs, cu = args["context_lens"].tolist(), args["cu_q"].tolist()
+    out = torch.zeros_like(q)
+    for b, parents in enumerate(trees):
+        k, v = (x.double() for x in kv_seqs[b])
+        for i in range(len(parents)):
+            idx = list(range(ctxs[b])) + [ctxs[b] + j for j in root_path(parents, i)]
+            kk = k[idx].repeat_interleave(group, 1)  # [L, Hq, D]
+            vv = v[idx].repeat_interleave(group, 1)
+            scores = torch.einsum("hd,lhd->hl", q[cu[b] + i], kk) * args["sm_scale"]
+            out[cu[b] + i] = torch.einsum("hl,lhd->hd", scores.softmax(-1), vv)
+    return out
+
+
+def check_kernel(args, atol=1e-4, rtol=1e-4):
+    out = specdec.kernels.paged_tree_attention(**args)
+    assert out.dtype == args["q"].dtype and out.shape == args["q"].shape
+    ref = specdec.kernels.paged_tree_attention_reference(**as_fp32(args))
+    assert not torch.isnan(out).any(), "kernel output has NaN"
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+    return out, ref
+
+
+# ------------------------------------------------------------------ kernel == reference, one factor at a time
+BASE = dict(ctx=37, tree=rand_tree(7, 1), hq=4, hkv=2, d=64, page=4)
+VARIANTS = (
+    [dict(page=p) for p in (1, 16)]
+    + [dict(d=d) for d in (16, 80)]
+    + [dict(hq=hq, hkv=hkv) for hq, hkv in ((2, 2), (6, 2), (8, 2), (5, 1))]
+    + [dict(page=16, ctx=c) for c in (0, 1, 15, 16, 17)]
+    + [dict(ctx=c) for c in (3, 4, 5)]
+    + [dict(tree=t) for t in (chain(1), chain(2), chain(16), star(16), binary(16), rand_tree(16, 2))]
+)
+
+
+@pytest.mark.parametrize("var", [{}, *VARIANTS], ids=lambda v: "-".join(f"{k}{v[k]}" for k in v) or "base")
+def test_kernel_matches_reference(var):
+    cfg = {**BASE, **var}
+    args, _, _ = build_case([cfg["ctx"]], [cfg["tree"]], cfg["hq"], cfg["hkv"], cfg["d"], cfg["page"])
+    check_kernel(args)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_kernel_random_combos(seed):
+    rng = random.Random(100 + seed)
+    page = rng.choice([1, 4, 16])
+    hkv, group, d = rng.choice([1, 2]), rng.choice([1, 2, 3, 4]), rng.choice([16, 64, 80])
+    batch = rng.randint(1, 3)
+    ctxs = [rng.choice([0, 1, page - 1, page, page + 1, 37]) for _ in range(batch)]
+    trees = [rng.choice([chain, star, binary, lambda n: rand_tree(n, seed)])(rng.choice([1, 2, 7, 16]))
+             for _ in range(batch)]
+    args, _, _ = build_case(ctxs, trees, hkv * group, hkv, d, page, seed=seed)
+    check_kernel(args)
+
+
+SWEEP_TREES = {"n1": chain(1), "n2": chain(2), "rand7": rand_tree(7, 21), "wide16": star(16),
+               "rand16": rand_tree(16, 22)}
+
+
+@pytest.mark.parametrize("ctx_kind", ["0", "1", "page-1", "page", "page+1", "37"])
+@pytest.mark.parametrize("tree_name", list(SWEEP_TREES))
+def test_kernel_matches_oracle_sweep(ctx_kind, tree_name):
+    """ctx x tree grid; group, head dim and block size rotate with the case index (pairwise-style cover)."""
+    i = list(SWEEP_TREES).index(tree_name) * 6 + ["0", "1", "page-1", "page", "page+1", "37"].index(ctx_kind)
+    group, d, page = (1, 2, 3, 4)[i % 4], (16, 64, 80)[i % 3], (1, 4, 16)[(i // 3) % 3]
+    ctx = {"0": 0, "1": 1, "page-1": page - 1, "page": page, "page+1": page + 1, "37": 37}[ctx_kind]
+    args, kv, trees = build_case([ctx], [SWEEP_TREES[tree_name]], 2 * group, 2, d, page, seed=i)
+    out, _ = check_kernel(args)
+    torch.testing.assert_close(out.double().cpu(), oracle(args, kv, trees), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_mixed_batch_matches_oracle():
+    trees = [chain(1), rand_tree(7, 3), star(16), chain(2), binary(7)]
+    args, kv, trees = build_case([0, 5, 37, 16, 17], trees, hq=6, hkv=2, d=80, page=4, seed=3)
+    out, _ = check_kernel(args)
+    torch.testing.assert_close(out.double().cpu(), oracle(args, kv, trees), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_empty_tree_in_batch_and_empty_batch():
+    args, kv, trees = build_case([9, 4, 0], [rand_tree(5, 1), [], chain(3)], hq=4, hkv=2, d=16, seed=2)
+    out, _ = check_kernel(args)
+    torch.testing.assert_close(out.double().cpu(), oracle(args, kv, trees), atol=1e-4, rtol=1e-4)
+    args, _, _ = build_case([3], [[]], hq=4, hkv=2, d=16)
+    assert specdec.kernels.paged_tree_attention(**args).shape == (0, 4, 16)
+
+
+@pytest.mark.parametrize("hq,hkv,ctx,n,page", [(2, 2, 0, 70, 16), (8, 2, 0, 45, 4), (3, 1, 10, 40, 16)])
+def test_kernel_prefill_chain_equals_causal_sdpa(hq, hkv, ctx, n, page):
+    """A chain "tree" is prefill: must equal causal attention over prefix + chunk (several q-blocks)."""
+    args, kv, _ = build_case([ctx], [chain(n)], hq, hkv, 32, page, seed=4)
+    out, _ = check_kernel(args)
+    k, v = (x.repeat_interleave(hq // hkv, 1).transpose(0, 1) for x in kv[0])  # [Hq, ctx+n, D]
+    allow = torch.ones(n, ctx + n, dtype=torch.bool).tril(ctx)
+    ref = F.scaled_dot_product_attention(args["q"].cpu().transpose(0, 1), k, v, attn_mask=allow,
+                                         scale=args["sm_scale"]).transpose(0, 1)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_large_random_tree_several_q_blocks():
+    args, kv, trees = build_case([20, 3], [rand_tree(40, 5), rand_tree(23, 6)], hq=8, hkv=2, d=16, seed=5)
+    out, _ = check_kernel(args)
+    torch.testing.assert_close(out.double().cpu(), oracle(args, kv, trees), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d", [64, 80])
+def test_kernel_fp16(d):
+    trees = [rand_tree(16, 7), star(7)]
+    args, _, _ = build_case([37, 0], trees, hq=6, hkv=2, d=d, dtype=torch.float16, seed=6)
+    check_kernel(args, atol=1e-2, rtol=1e-2)
+
+
+@NOT_ON_INTERPRETER
+def test_kernel_bf16():
+    args, _, _ = build_case([37, 0], [rand_tree(16, 7), star(7)], hq=6, hkv=2, d=128, dtype=torch.bfloat16)
+    check_kernel(args, atol=1.5e-2, rtol=1e-2)
+
+
+def test_kernel_strided_q_layer_view_out_and_bool_mask():
+    """q as a view of a fused QKV tensor, the cache as cache[layer] of a 5-D tensor, an `out` buffer."""
+    args, _, _ = build_case([9], [rand_tree(7, 8)], hq=4, hkv=2, d=16, page=4, seed=8)
+    t, hq, d = args["q"].shape
+    qkv = torch.randn(t, (hq + 4) * d, device=DEVICE)
+    qkv[:, : hq * d] = args["q"].reshape(t, -1)
+    stacked = [torch.randn(3, *args["k_cache"].shape, device=DEVICE) for _ in range(2)]
+    stacked[0][1], stacked[1][1] = args["k_cache"], args["v_cache"]
+    ref = specdec.kernels.paged_tree_attention_reference(**args)
+    out = torch.full_like(args["q"], float("nan"))
+    args.update(q=qkv[:, : hq * d].view(t, hq, d), k_cache=stacked[0][1], v_cache=stacked[1][1],
+                tree_mask=args["tree_mask"].bool(), out=out)
+    assert specdec.kernels.paged_tree_attention(**args) is out
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ NaN guards
+def test_nan_guard_padded_rows_ctx0():
+    """ctx = 0 and a q-block with padded rows (n=3, group 3 -> 9 of 16 rows used): no NaN anywhere."""
+    args, kv, trees = build_case([0, 0], [star(3), chain(1)], hq=3, hkv=1, d=16, page=4, seed=9)
+    args["out"] = torch.full_like(args["q"], float("nan"))
+    out, _ = check_kernel(args)
+    torch.testing.assert_close(out.double().cpu(), oracle(args, kv, trees), atol=1e-4, rtol=1e-4)
+
+
+def test_nan_guard_leading_fully_masked_tile():
+    """Identity mask (every node is its own root), ctx = 0, n = 40: nodes >= 32 see nothing in the
+    first 32-key tile. Each node must return exactly its own V row."""
+    n = 40
+    args, kv, _ = build_case([0], [chain(n)], hq=2, hkv=2, d=16, page=4, seed=10,
+                             masks=[torch.eye(n, dtype=torch.uint8)])
+    out, _ = check_kernel(args)
+    torch.testing.assert_close(out.cpu(), kv[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_nan_guard_empty_mask_row_gives_zero():
+    """A row with no visible key at all (outside the tree invariants) returns 0 in kernel and reference."""
+    mask = ancestor_mask(chain(5))
+    mask[3] = 0
+    args, _, _ = build_case([0], [chain(5)], hq=2, hkv=1, d=16, masks=[mask], seed=11)
+    out, _ = check_kernel(args)
+    assert torch.count_nonzero(out[3]) == 0
+
+
+# ---------------------------------------------------------------------------- reference == branch oracle
+@pytest.mark.parametrize("ctx", [0, 1, 15, 16, 17, 37])
+@pytest.mark.parametrize("tree", [chain(1), chain(2), rand_tree(7, 12), star(16), rand_tree(16, 13)],
+                         ids=["n1", "n2", "rand7", "star16", "rand16"])
+def test_reference_matches_oracle(ctx, tree):
+    for group in (1, 2, 3, 4):
+        for d in (16, 64, 80):
+            trees = [tree, rand_tree(4, ctx)]
+            args, kv, trees = build_case([ctx, 5], trees, 2 * group, 2, d, 16, seed=ctx + d)
+            ref = specdec.kernels.paged_tree_attention_reference(**args)
+            torch.testing.assert_close(ref.double().cpu(), oracle(args, kv, trees), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, g=group, dd=d: f"group={g} d={dd}: {m}")
+
+
+# ------------------------------------------------------------------------------------ input validation
+def _args():
+    args, _, _ = build_case([5], [star(3)], hq=4, hkv=2, d=16, seed=0)
+    return args
+
+
+def _set(key, fn):
+    return lambda a: {**a, key: fn(a[key])}
+
+
+BAD_INPUTS = [
+    ("q_int", _set("q", lambda t: t.int()), TypeError, "q must be float32"),
+    ("q_2d", _set("q", lambda t: t.flatten(1)), ValueError, r"q must be \[T, Hq, D\]"),
+    ("k_dtype", _set("k_cache", lambda t: t.double()), TypeError, "k_cache dtype"),
+    ("k_noncontig", _set("k_cache", lambda t: t.transpose(0, 1)), ValueError, "k_cache must be contiguous"),
+    ("v_shape", _set("v_cache", lambda t: t[:-1]), ValueError, "differ in shape"),
+    ("head_dim", _set("q", lambda t: t[..., :8]), ValueError, "head_dim mismatch"),
+    ("gqa", _set("q", lambda t: t[:, :3]), ValueError, "multiple of Hkv"),
+    ("bt_int64", _set("block_table", lambda t: t.long()), TypeError, "block_table must be torch.int32"),
+    ("ctx_int64", _set("context_lens", lambda t: t.long()), TypeError, "context_lens must be torch.int32"),
+    ("cuq_int64", _set("cu_q", lambda t: t.long()), TypeError, "cu_q must be torch.int32"),
+    ("indptr_int32", _set("mask_indptr", lambda t: t.int()), TypeError, "mask_indptr must be torch.int64"),
+    ("mask_float", _set("tree_mask", lambda t: t.float()), TypeError, "tree_mask must be uint8 or bool"),
+    ("mask_2d", _set("tree_mask", lambda t: t.view(3, 3)), ValueError, "tree_mask must be flat"),
+    ("cuq_len", _set("cu_q", lambda t: t[:1]), ValueError, r"must be \[B\+1\]"),
+    ("bt_rows", _set("block_table", lambda t: t.repeat(2, 1)), ValueError, "block_table has 2 rows"),
+    ("device", _set("block_table", lambda t: t.to("meta")), ValueError, "block_table is on meta"),
+    ("max_q", _set("max_q", lambda m: -1), ValueError, "max_q must be"),
+    ("out_dtype", lambda a: {**a, "out": a["q"].half()}, ValueError, "out must be"),
+    ("out_shape", lambda a: {**a, "out": a["q"][:-1]}, ValueError, "out must be"),
+]
+
+
+@pytest.mark.parametrize("name,change,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_wrapper_rejects_bad_inputs(name, change, exc, match):
+    args = change(_args())
+    for fn in (specdec.kernels.paged_tree_attention, specdec.kernels.paged_tree_attention_reference):
+        with pytest.raises(exc, match=match):
+            fn(**args)
+
+
+def test_reference_checks_index_values():
+    with pytest.raises(ValueError, match="max_q=2 is smaller"):
+        specdec.kernels.paged_tree_attention_reference(**_set("max_q", lambda m: 2)(_args()))
+    with pytest.raises(ValueError, match="cu_q must start at 0"):
+        specdec.kernels.paged_tree_attention_reference(**_set("cu_q", lambda t: t + 1)(_args()))
+
+
+# ------------------------------------------------------------------------------------------------- commit
+def paged_kv(layers=3, num_blocks=12, page=4, hkv=2, d=16, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (layers, num_blocks, page, hkv, d)
+    k, v = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    table = torch.randperm(num_blocks, generator=gen)
+    return k.to(DEVICE), v.to(DEVICE), table
+
+
+def slots_of(table, pos, page):
+    pos = torch.as_tensor(pos, dtype=torch.int64)
+    return (table[pos // page] * page + pos % page).to(DEVICE)
+
+
+def run_both(k, v, src, dst):
+    kk, vk, kr, vr = k.clone(), v.clone(), k.clone(), v.clone()
+    specdec.kernels.commit_kv(kk, vk, src, dst)
+    specdec.kernels.commit_kv_reference(kr, vr, src, dst)
+    assert torch.equal(kk, kr) and torch.equal(vk, vr), "kernel differs from reference"
+    return kk, vk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_commit_accepted_path_aliasing(dtype):
+    """Path [0, 2, 5] of a 7-node tree at ctx = 6 (slots cross blocks, dst ctx+2 is the src of depth 1)."""
+    page, ctx, path = 4, 6, [0, 2, 5]
+    k, v, table = paged_kv(page=page, dtype=dtype)
+    src = slots_of(table, [ctx + a for a in path], page)
+    dst = slots_of(table, [ctx + i for i in range(len(path))], page)
+    kk, vk = run_both(k, v, src, dst)
+    # Logical positions [0, ctx + 3) now hold the prefix followed by the accepted tokens, in order.
+    keep = slots_of(table, range(ctx + len(path)), page)
+    prefix = slots_of(table, range(ctx), page)
+    for new, old in ((kk, k), (vk, v)):
+        clean = torch.cat([old.flatten(1, 2)[:, prefix], old.flatten(1, 2)[:, src]], dim=1)
+        assert torch.equal(new.flatten(1, 2)[:, keep], clean)
+
+
+def test_commit_then_attention_equals_clean_cache():
+    """Next-step attention over the compacted cache equals attention over a cache holding only the
+    accepted tokens (written in order)."""
+    page, ctx, path, n = 4, 6, [0, 2, 5], 7
+    k, v, table = paged_kv(layers=2, page=page, seed=1)
+    src = slots_of(table, [ctx + a for a in path], page)
+    dst = slots_of(table, range(ctx, ctx + len(path)), page)
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k.flatten(1, 2)[:, dst] = k.flatten(1, 2)[:, src]
+    clean_v.flatten(1, 2)[:, dst] = v.flatten(1, 2)[:, src]
+    specdec.kernels.commit_kv(k, v, src, dst)
+    new_ctx, tree = ctx + len(path), rand_tree(n - len(path) - 1, 2)  # next tree fits the same 3 blocks
+    q = torch.randn(len(tree), 4, 16, device=DEVICE)
+    common = dict(q=q, block_table=table[None].int().to(DEVICE), context_lens=torch.tensor([new_ctx]).int(),
+                  cu_q=torch.tensor([0, len(tree)]).int(), tree_mask=ancestor_mask(tree).flatten(),
+                  mask_indptr=torch.tensor([0, len(tree) ** 2]), sm_scale=0.25, max_q=len(tree))
+    common = {key: val.to(DEVICE) if isinstance(val, torch.Tensor) else val for key, val in common.items()}
+    got = specdec.kernels.paged_tree_attention(k_cache=k[1], v_cache=v[1], **common)
+    want = specdec.kernels.paged_tree_attention_reference(k_cache=clean_k[1], v_cache=clean_v[1], **common)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_commit_noop_chain():
+    k, v, table = paged_kv()
+    slots = slots_of(table, range(5, 9), 4)
+    kk, vk = run_both(k, v, slots, slots)
+    assert torch.equal(kk, k) and torch.equal(vk, v)
+
+
+def test_commit_moves_every_layer():
+    k, v, _ = paged_kv(layers=4)
+    src, dst = torch.tensor([9, 30], device=DEVICE), torch.tensor([2, 3], device=DEVICE)
+    kk, vk = run_both(k, v, src, dst)
+    for layer in range(4):
+        for s, t in ((9, 2), (30, 3)):
+            assert torch.equal(kk[layer].flatten(0, 1)[t], k[layer].flatten(0, 1)[s])
+            assert torch.equal(vk[layer].flatten(0, 1)[t], v[layer].flatten(0, 1)[s])
+    untouched = torch.ones(48, dtype=torch.bool)
+    untouched[[2, 3]] = False
+    assert torch.equal(kk.flatten(1, 2)[:, untouched], k.flatten(1, 2)[:, untouched])
+
+
+@pytest.mark.parametrize("src,dst", [([5, 7], [4, 5]), ([4, 5], [5, 6]), ([3, 1], [1, 3])],
+                         ids=["dst-is-later-src", "shift-right", "swap"])
+def test_commit_alias_reads_old_values(src, dst):
+    k, v, _ = paged_kv()
+    s, t = torch.tensor(src, device=DEVICE), torch.tensor(dst, device=DEVICE)
+    kk, vk = run_both(k, v, s, t)
+    assert torch.equal(kk.flatten(1, 2)[:, t], k.flatten(1, 2)[:, s])
+    assert torch.equal(vk.flatten(1, 2)[:, t], v.flatten(1, 2)[:, s])
+
+
+def test_commit_empty_is_noop():
+    k, v, _ = paged_kv()
+    empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    kk, vk = run_both(k, v, empty, empty)
+    assert torch.equal(kk, k)
+
+
+@pytest.mark.parametrize("src,dst,exc,match", [
+    ([1, 2], [3, 3], ValueError, "unique"),
+    ([1, 48], [3, 4], ValueError, "must lie in"),
+    ([-1], [3], ValueError, "must lie in"),
+    ([1, 2], [3], ValueError, "entries but dst_slots"),
+])
+def test_commit_rejects_bad_slots(src, dst, exc, match):
+    k, v, _ = paged_kv()
+    for fn in (specdec.kernels.commit_kv, specdec.kernels.commit_kv_reference):
+        with pytest.raises(exc, match=match):
+            fn(k, v, torch.tensor(src, device=DEVICE), torch.tensor(dst, device=DEVICE))
+
+
+def test_commit_rejects_bad_types():
+    k, v, _ = paged_kv()
+    ok = torch.tensor([1], device=DEVICE)
+    with pytest.raises(TypeError, match="src_slots must be int64"):
+        specdec.kernels.commit_kv(k, v, ok.int(), ok)
+    with pytest.raises(ValueError, match="dst_slots is on meta"):
+        specdec.kernels.commit_kv(k, v, ok, ok.to("meta"))
+    with pytest.raises(ValueError, match=r"k_cache must be \[L, num_blocks"):
+        specdec.kernels.commit_kv(k[0], v[0], ok, ok)
+    with pytest.raises(ValueError, match="v_cache must be contiguous"):
+        specdec.kernels.commit_kv(k, v.transpose(1, 2), ok, ok)
+    with pytest.raises(TypeError, match="differs from v_cache dtype"):
+        specdec.kernels.commit_kv(k, v.half(), ok, ok)
