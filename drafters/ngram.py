@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.interfaces import Draft
+from specdec.sampling import GREEDY, SamplingParams
 from specdec.tree import TokenTree
 
 
@@ -63,7 +64,10 @@ class NgramDrafter:
         self.node_cost, self.prior_alpha = node_cost, prior_alpha
         self._state: dict[int, _SeqState] = {}
 
-    def propose(self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor]) -> list[Draft]:
+    def propose(
+        self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor], sampling: SamplingParams = GREEDY
+    ) -> list[Draft]:
+        """Deterministic proposals (no probabilities): verified as one-hot drafts, exact at any temperature."""
         drafts = []
         for seq_id, history in zip(seq_ids, histories, strict=True):
             state = self._state.setdefault(seq_id, _SeqState(alpha=self.prior_alpha))

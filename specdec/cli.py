@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ from specdec.bench import format_table, run_bench, write_report
 from specdec.drafters import DRAFTERS, make_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.kv_cache import OutOfBlocks
+from specdec.plots import plot_report
 from specdec.prompts import builtin_prompts_path, encode_prompt, load_prompts
 from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model_and_tokenizer
 
@@ -93,7 +95,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     print(format_table(report))
     write_report(report, args.out)
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    pngs = plot_report(report, out.parent, out.stem)
+    print(f"wrote {out} and {', '.join(str(p) for p in pngs)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

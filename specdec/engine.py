@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.acceptance import Verdict, greedy_accept
+from specdec.acceptance import Verdict, greedy_accept, tree_rejection_sample, typical_accept_lossy
 from specdec.interfaces import Draft, Drafter
 from specdec.kv_cache import PagedKVCache
+from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
 from specdec.stats import RequestStats
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
@@ -46,6 +47,9 @@ class SpeculativeEngine:
         drafter: proposes trees; ``None`` decodes autoregressively.
         eos_token_ids: generation stops after any of these.
         max_tree_nodes: per-step tree size limit (root included); larger drafts raise ``ValueError``.
+        acceptance: ``"exact"`` (greedy at temperature 0, tree rejection sampling above: the output follows the
+            target's distribution) or ``"typical_lossy"`` (Medusa's typical acceptance at temperature > 0; does NOT
+            preserve the target's distribution).
     """
 
     def __init__(
@@ -55,7 +59,10 @@ class SpeculativeEngine:
         drafter: Drafter | None = None,
         eos_token_ids: Sequence[int] = (),
         max_tree_nodes: int = 64,
+        acceptance: str = "exact",
     ) -> None:
+        if acceptance not in ("exact", "typical_lossy"):
+            raise ValueError(f"unknown acceptance rule {acceptance!r}; choose 'exact' or 'typical_lossy'")
         if drafter is not None and drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
             raise ValueError(
                 f"tokenizer mismatch: the drafter's vocabulary has {drafter.vocab_size} tokens, "
@@ -66,6 +73,7 @@ class SpeculativeEngine:
         self.drafter = drafter
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.max_tree_nodes = max_tree_nodes
+        self.acceptance = acceptance
 
     def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
         """Raise ``ValueError`` naming the limit if the request cannot fit the model or the cache."""
@@ -86,10 +94,19 @@ class SpeculativeEngine:
             )
 
     def generate(
-        self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, on_tokens: TokenCallback | None = None
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int,
+        on_tokens: TokenCallback | None = None,
+        sampling: SamplingParams = GREEDY,
     ) -> GenerationResult:
-        """Decode greedily until an EOS token or ``max_new_tokens``; every KV block is freed on return or error."""
+        """Decode until an EOS token or ``max_new_tokens``; every KV block is freed on return or error.
+
+        ``sampling`` at temperature 0 is greedy (token-identical to target-only greedy decoding); above 0 the
+        output follows the target's processed distribution (with ``acceptance="exact"``).
+        """
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+        gen = sampling.generator()
         self.check_request(prompt.numel(), max_new_tokens)
         stats = RequestStats(prompt_tokens=prompt.numel())
         history = torch.empty(prompt.numel() + max_new_tokens, dtype=torch.long)  # static buffer
@@ -97,11 +114,11 @@ class SpeculativeEngine:
         seq = self.cache.add_sequence()
         start = time.perf_counter()
         try:
-            first = self._prefill(seq, prompt)
+            first = self._prefill(seq, prompt, sampling, gen)
             stats.prefill_s = time.perf_counter() - start
             out = self._append(history, prompt.numel(), [first], max_new_tokens, on_tokens)
             while not self._done(out, max_new_tokens):
-                verdict = self._step(seq, history[: prompt.numel() + len(out)], stats)
+                verdict = self._step(seq, history[: prompt.numel() + len(out)], stats, sampling, gen)
                 if self.drafter is not None:
                     self.drafter.accept(seq, verdict.tokens)
                 out += self._append(history, prompt.numel() + len(out), verdict.tokens.tolist(),
@@ -115,22 +132,24 @@ class SpeculativeEngine:
         return GenerationResult(out, "eos" if out[-1] in self.eos else "length", stats)
 
     # ------------------------------------------------------------------ steps
-    def _prefill(self, seq: int, prompt: torch.Tensor) -> int:
+    def _prefill(self, seq: int, prompt: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> int:
         """Run the prompt as a chain, commit it, return the target's first token."""
         tree = TokenTree.chain(prompt)
         self.cache.reserve(seq, tree.num_nodes + self.max_tree_nodes)
-        logits = self.target.forward(self.cache, [seq], [tree], last_only=True).logits
+        logits = self.target.forward(self.cache, [seq], [tree], last_only=True).logits[-1]
         self.cache.commit(seq, range(tree.num_nodes), keep_reserved=self.max_tree_nodes)
-        return int(logits[-1].argmax())
+        return int(logits.argmax()) if sampling.greedy else int(sample(process_logits(logits, sampling), gen))
 
-    def _step(self, seq: int, history: torch.Tensor, stats: RequestStats) -> Verdict:
+    def _step(
+        self, seq: int, history: torch.Tensor, stats: RequestStats, sampling: SamplingParams, gen: torch.Generator
+    ) -> Verdict:
         t0 = time.perf_counter()
-        draft = self._draft(seq, history)
+        draft = self._draft(seq, history, sampling)
         t1 = time.perf_counter()
         tree = draft.tree
         self.cache.reserve(seq, tree.num_nodes)
         logits = self.target.forward(self.cache, [seq], [tree]).logits
-        verdict = greedy_accept(tree, logits.argmax(-1))
+        verdict = self._accept(draft, logits, sampling, gen)
         self.cache.commit(seq, verdict.path, keep_reserved=self.max_tree_nodes)
         stats.draft_s += t1 - t0
         stats.verify_s += time.perf_counter() - t1
@@ -138,11 +157,21 @@ class SpeculativeEngine:
         stats.record_step(verdict.num_accepted, has_children, tree.num_nodes)
         return verdict
 
-    def _draft(self, seq: int, history: torch.Tensor) -> Draft:
+    def _accept(
+        self, draft: Draft, logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
+    ) -> Verdict:
+        if sampling.greedy:
+            return greedy_accept(draft.tree, logits.argmax(-1))
+        probs = process_logits(logits, sampling)
+        if self.acceptance == "typical_lossy":
+            return typical_accept_lossy(draft.tree, probs, gen)
+        return tree_rejection_sample(draft.tree, probs, draft.probs, gen, draft.without_replacement)
+
+    def _draft(self, seq: int, history: torch.Tensor, sampling: SamplingParams) -> Draft:
         root = int(history[-1])
         if self.drafter is None:
             return Draft(TokenTree.chain([root]))
-        draft = self.drafter.propose([seq], [history])[0]
+        draft = self.drafter.propose([seq], [history], sampling)[0]
         if int(draft.tree.tokens[0]) != root:
             raise ValueError(f"bad tree: root token {int(draft.tree.tokens[0])} is not the last token {root}")
         draft.tree.check_fits(self.max_tree_nodes)

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from specdec.sampling import GREEDY, SamplingParams
 from specdec.tree import TokenTree
 
 
@@ -21,12 +22,15 @@ class Draft:
 
     Attributes:
         tree: the token tree; ``tree.tokens[0]`` must be the sequence's last token (the root).
-        probs: ``[N, V]`` float or ``None``. Row ``i`` is the drafter's distribution over node ``i``'s children
-            (needed by lossless sampling; ``None`` for deterministic drafters such as n-gram).
+        probs: ``[N, V]`` float or ``None``. Row ``i`` is the distribution node ``i``'s token was drawn from (the
+            drafter's distribution at ``i``'s parent, processed with the request's ``SamplingParams``); row 0 is
+            unused. ``None`` for deterministic drafters (n-gram, top-k trees), verified as one-hot proposals.
+        without_replacement: siblings were drawn from their parent's distribution without replacement.
     """
 
     tree: TokenTree
     probs: torch.Tensor | None = None
+    without_replacement: bool = False
 
 
 @runtime_checkable
@@ -39,9 +43,12 @@ class Drafter(Protocol):
 
     vocab_size: int | None
 
-    def propose(self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor]) -> list[Draft]:
+    def propose(
+        self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor], sampling: SamplingParams = GREEDY
+    ) -> list[Draft]:
         """One draft per sequence. ``histories[b]``: ``[L_b]`` int64, prompt + generated tokens; the last one is
-        the root (sampled by the target, not yet verified)."""
+        the root (sampled by the target, not yet verified). Drafters with probabilities process their logits
+        with ``sampling`` (see :func:`specdec.sampling.process_logits`) and report them in ``Draft.probs``."""
         ...
 
     def accept(self, seq_id: int, tokens: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ from specdec.attention import (
     select_backend,
 )
 from specdec.kv_cache import PagedKVCache
+from specdec.split_gemv import SplitGemvMode
 from specdec.tree import TokenTree
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -84,9 +85,13 @@ class TargetModel:
     Args:
         model: a causal LM (``PreTrainedModel``); put in eval mode by the caller.
         backend: attention backend (default: :func:`specdec.attention.select_backend` for the model's device).
+        split_gemv: run small-batch linears through :class:`specdec.split_gemv.SplitGemvMode` (default: on for
+            CPU models when torch uses more than one thread).
     """
 
-    def __init__(self, model: PreTrainedModel, backend: AttentionBackend | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, backend: AttentionBackend | None = None, split_gemv: bool | None = None
+    ) -> None:
         self.model = model
         cfg = model.config.get_text_config()
         self.device = next(model.parameters()).device
@@ -97,6 +102,9 @@ class TargetModel:
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2**31
+        if split_gemv is None:
+            split_gemv = self.device.type == "cpu" and torch.get_num_threads() > 1
+        self.split_gemv = split_gemv
 
     def new_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A paged cache shaped for this model, using this backend's commit."""
@@ -127,7 +135,8 @@ class TargetModel:
         batch = build_tree_batch(cache, seq_ids, trees)
         ctx = ForwardContext(cache, batch, self.backend, self.backend.plan(batch, cache.block_size))
         keep = (batch.cu_q[1:].long() - 1) if last_only else 0
-        with self._paged_attention():
+        linear_mode = SplitGemvMode() if self.split_gemv else contextlib.nullcontext()
+        with self._paged_attention(), linear_mode:
             out = self.model(
                 input_ids=batch.input_ids.unsqueeze(0),
                 position_ids=batch.positions.unsqueeze(0),

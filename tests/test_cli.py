@@ -46,6 +46,8 @@ def test_bench_writes_the_documented_json(tiny_model_dir, tmp_path, capsys):
         assert run["n_prompts"] == 2 and run["identical_to_baseline"] == 2  # greedy is lossless
         assert set(run["per_category"]) == {"chat", "rw"}
     assert "hf_greedy" in capsys.readouterr().out
+    for png in ("r_speedup_by_category.png", "r_acceptance_by_depth.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):

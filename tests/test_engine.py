@@ -22,7 +22,7 @@ class NoisyOracleDrafter:
         self.reference, self.rng, self.max_nodes = reference, random.Random(seed), max_nodes
         self.accepted: list[torch.Tensor] = []
 
-    def propose(self, seq_ids, histories):
+    def propose(self, seq_ids, histories, sampling=None):
         drafts = []
         for history in histories:
             n = self.rng.randint(1, self.max_nodes)
@@ -115,7 +115,7 @@ class _BadDrafter:
     def __init__(self, draft):
         self.draft = draft
 
-    def propose(self, seq_ids, histories):
+    def propose(self, seq_ids, histories, sampling=None):
         return [self.draft(h) for h in histories]
 
     def accept(self, seq_id, tokens):
