@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from specdec.drafters.ngram import NgramDrafter
-
 from specdec.interfaces import Drafter
 
 DRAFTERS: dict[str, type] = {"ngram": NgramDrafter}

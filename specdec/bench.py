@@ -11,7 +11,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from specdec.drafters import make_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.prompts import Prompt, encode_prompt
+from specdec.sampling import GREEDY, SamplingParams
 from specdec.stats import RequestStats
 from specdec.target import TargetModel, eos_token_ids
 
@@ -34,11 +35,20 @@ class _Run:
     identical: list[bool] = field(default_factory=list)
 
 
-def hf_greedy(model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int) -> tuple[list[int], float]:
-    """Tokens and seconds of Hugging Face ``generate`` greedy on ``ids [L]``."""
+def hf_generate(
+    model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingParams = GREEDY
+) -> tuple[list[int], float]:
+    """Tokens and seconds of Hugging Face ``generate`` on ``ids [L]``: greedy, or sampling with the same
+    temperature / top-k / top-p (seeded through the global RNG, which is how HF samples)."""
+    kwargs: dict = {"do_sample": False}
+    if not sampling.greedy:
+        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
+                  "top_p": sampling.top_p}
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model.generate(ids[None], max_new_tokens=max_new_tokens, do_sample=False, attention_mask=None)
+        out = model.generate(ids[None], max_new_tokens=max_new_tokens, attention_mask=None, **kwargs)
         return out[0, ids.numel() :].tolist(), time.perf_counter() - t0
 
 
@@ -51,34 +61,48 @@ def run_bench(
     chat: bool = True,
     num_blocks: int = 256,
     block_size: int = 16,
+    sampling: SamplingParams = GREEDY,
+    acceptance: str = "exact",
 ) -> dict:
-    """Benchmark and return the report (see README for the JSON shape)."""
+    """Benchmark and return the report (see README for the JSON shape).
+
+    At temperature > 0 every method samples with ``sampling`` (seed ``sampling.seed + prompt index``) and
+    ``identical_to_baseline`` is ``None``: outputs are compared as distributions by the tests, not token by token.
+    """
     model = target.model
     eos = eos_token_ids(model, tokenizer)
     cache = target.new_cache(num_blocks, block_size)
     runs = [_Run("specdec_ar", SpeculativeEngine(target, cache, None, eos))]
-    runs += [_Run(d, SpeculativeEngine(target, cache, make_drafter(d), eos)) for d in drafters if d != "none"]
+    runs += [_Run(d, SpeculativeEngine(target, cache, make_drafter(d), eos, acceptance=acceptance))
+             for d in drafters if d != "none"]
     encoded = [encode_prompt(tokenizer, p.text, chat) for p in prompts]
     _warm_up(model, runs, encoded[0])
     base_tokens, base_seconds = 0, 0.0
-    for ids in tqdm(encoded, desc="bench", unit="prompt"):
-        ref, seconds = hf_greedy(model, ids, max_new_tokens)
+    for i, ids in enumerate(tqdm(encoded, desc="bench", unit="prompt")):
+        params = sampling if sampling.greedy else replace(sampling, seed=(sampling.seed or 0) + i)
+        ref, seconds = hf_generate(model, ids, max_new_tokens, params)
         base_tokens, base_seconds = base_tokens + len(ref), base_seconds + seconds
         for run in runs:
-            result = run.engine.generate(ids, max_new_tokens)
+            result = run.engine.generate(ids, max_new_tokens, sampling=params)
             run.stats.append(result.stats)
             run.speedups.append(result.stats.tokens_per_s / (len(ref) / seconds))
             run.identical.append(result.tokens == ref)
     categories = [p.category for p in prompts]
+    summaries = [_summarize(run, categories) for run in runs]
+    if not sampling.greedy:
+        for summary in summaries:
+            summary["identical_to_baseline"] = None
+    baseline = "hf_greedy" if sampling.greedy else "hf_sample"
     return {
-        "baseline": {"name": "hf_greedy", "tokens_per_s": base_tokens / base_seconds},
+        "baseline": {"name": baseline, "tokens_per_s": base_tokens / base_seconds},
         "max_new_tokens": max_new_tokens,
-        "runs": [_summarize(run, categories) for run in runs],
+        "sampling": asdict(sampling),
+        "runs": summaries,
     }
 
 
 def _warm_up(model: PreTrainedModel, runs: Sequence[_Run], ids: torch.Tensor) -> None:
-    hf_greedy(model, ids, 4)
+    hf_generate(model, ids, 4)
     for run in runs:
         run.engine.generate(ids, 4)
 
@@ -115,10 +139,10 @@ def format_table(report: dict) -> str:
     head = f"{'method':<12} {'tok/s':>7} {'speedup':>8} {'tau':>5} {'same':>6}  "
     head += " ".join(f"{c[:8]:>8}" for c in cats)
     lines = [head, "-" * len(head)]
-    lines.append(f"{'hf_greedy':<12} {report['baseline']['tokens_per_s']:>7.2f} {1.0:>8.2f} {'':>5} {'':>6}")
+    lines.append(f"{report['baseline']['name']:<12} {report['baseline']['tokens_per_s']:>7.2f} {1.0:>8.2f}")
     for r in report["runs"]:
         per = " ".join(f"{r['per_category'][c]['speedup']:>8.2f}" for c in cats)
-        same = f"{r['identical_to_baseline']}/{r['n_prompts']}"
+        same = "-" if r["identical_to_baseline"] is None else f"{r['identical_to_baseline']}/{r['n_prompts']}"
         row = f"{r['name']:<12} {r['tokens_per_s']:>7.2f} {r['speedup']:>8.2f} {r['tau']:>5.2f} {same:>6}  {per}"
         lines.append(row)
     return "\n".join(lines)

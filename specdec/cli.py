@@ -20,6 +20,7 @@ from specdec.engine import SpeculativeEngine
 from specdec.kv_cache import OutOfBlocks
 from specdec.plots import plot_report
 from specdec.prompts import builtin_prompts_path, encode_prompt, load_prompts
+from specdec.sampling import SamplingParams
 from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model_and_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -37,6 +38,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="wrap prompts in the model's chat template")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks (capacity = blocks x block size)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless: identical to the target)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--acceptance", choices=["exact", "typical_lossy"], default="exact",
+                   help="exact: output follows the target's distribution; typical_lossy: Medusa's rule (lossy)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +73,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     drafter = make_drafter(args.drafter)  # fail fast on an unknown name, before loading the model
     target, tokenizer = _load(args)
     ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    sampling = _sampling(args)
     engine = SpeculativeEngine(
-        target, target.new_cache(args.num_blocks, args.block_size), drafter, eos_token_ids(target.model, tokenizer)
+        target, target.new_cache(args.num_blocks, args.block_size), drafter, eos_token_ids(target.model, tokenizer),
+        acceptance=args.acceptance,
     )
     generated: list[int] = []
     printed = 0
@@ -80,18 +89,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(text[printed:], end="", flush=True)
             printed = len(text)
 
-    result = engine.generate(ids, args.max_new_tokens, on_tokens=stream)
+    result = engine.generate(ids, args.max_new_tokens, on_tokens=stream, sampling=sampling)
     print()
     print(f"[{args.drafter}] {result.stats.summary()} | stop: {result.stop_reason}", flush=True)
 
 
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
+    sampling = _sampling(args)
     for name in args.drafter:
         make_drafter(name)
     prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit, args.per_category)
     target, tokenizer = _load(args)
     report = run_bench(
-        target, tokenizer, prompts, args.drafter, args.max_new_tokens, args.chat, args.num_blocks, args.block_size
+        target, tokenizer, prompts, args.drafter, args.max_new_tokens, args.chat, args.num_blocks, args.block_size,
+        sampling, args.acceptance,
     )
     print(format_table(report))
     write_report(report, args.out)

@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-from specdec.drafters import NgramDrafter, make_drafter
 
+from specdec.drafters import NgramDrafter, make_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft
 from specdec.kv_cache import OutOfBlocks

@@ -21,10 +21,11 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-import specdec.kernels  # noqa: E402
 import triton.language as tl  # noqa: E402
-from specdec.kernels import tree_attention as attn_mod  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import specdec.kernels  # noqa: E402
+from specdec.kernels import tree_attention as attn_mod  # noqa: E402
 
 INTERPRET_TOO_LATE = INTERPRET and not (isinstance(tl.max, InterpretedFunction) and isinstance(
     attn_mod._paged_tree_attention_kernel, InterpretedFunction))

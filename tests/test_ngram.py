@@ -1,4 +1,5 @@
 import torch
+
 from specdec.drafters.ngram import NgramDrafter, merge_continuations
 
 
