@@ -1,25 +1,114 @@
 """Drafters: each proposes token trees through the :class:`specdec.interfaces.Drafter` protocol.
 
-One drafting method per module; :data:`DRAFTERS` is the explicit registry the CLI and experiments use.
+One drafting method per module. :func:`build_drafter` is the explicit registry the CLI and experiments use; a
+drafter is named by a spec string ``NAME[:key=value,...]``, e.g. ``ngram``, ``self:layers=8,tree=dynamic``,
+``draft-model:path=/models/small,tree=chain,depth=5``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, fields
 
+from transformers import AutoModelForCausalLM
+
+from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.ngram import NgramDrafter
+from specdec.drafters.self_spec import SelfSpeculativeDrafter
 from specdec.interfaces import Drafter
+from specdec.target import TargetModel
+from specdec.tree_builders import chain_choices, default_choices
 
-DRAFTERS: dict[str, type] = {"ngram": NgramDrafter}
+DRAFTER_NAMES = ("none", "ngram", "draft-model", "self", "medusa")
 
 
-def make_drafter(name: str, **kwargs: Any) -> Drafter | None:
-    """Build a drafter by registry name; ``"none"`` means autoregressive decoding (returns ``None``)."""
+@dataclass(frozen=True)
+class DrafterSpec:
+    """Options of one drafter (the edge-level config; library classes take plain arguments).
+
+    ``tree``: ``chain``, ``dynamic`` (best-first, ``budget`` nodes, ``depth`` levels, ``topk`` per node) or
+    ``static`` (the default choices list). ``path``: draft model (``draft-model``) or trained heads. ``None``
+    keeps the drafter's own default.
+    """
+
+    name: str
+    path: str | None = None
+    layers: int = 6
+    heads: int = 3
+    tree: str = "chain"
+    depth: int | None = None
+    budget: int | None = None
+    topk: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, **defaults: object) -> DrafterSpec:
+        """``NAME[:key=value,...]``; ``defaults`` fill keys the string does not set."""
+        name, _, rest = text.partition(":")
+        if name not in DRAFTER_NAMES:
+            raise ValueError(f"unknown drafter {name!r}; choose one of {list(DRAFTER_NAMES)}")
+        types = {f.name: f.type for f in fields(cls)}
+        values = {k: v for k, v in defaults.items() if v is not None}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or key not in types or key == "name":
+                raise ValueError(f"bad drafter option {item!r} in {text!r}; keys: {sorted(set(types) - {'name'})}")
+            values[key] = int(value) if str(types[key]).startswith("int") else value
+        spec = cls(name, **values)
+        if spec.tree not in ("chain", "dynamic", "static"):
+            raise ValueError(f"unknown tree shape {spec.tree!r}; choose chain, dynamic or static")
+        return spec
+
+
+def build_drafter(spec: DrafterSpec, target: TargetModel) -> Drafter | None:
+    """The drafter for ``spec`` on top of ``target``; ``none`` means autoregressive decoding (``None``)."""
+    tree = default_choices() if spec.tree == "static" else spec.tree
+    sizes = {"depth": spec.depth, "budget": spec.budget, "topk": spec.topk}
+    shape = {"tree": tree, **{k: v for k, v in sizes.items() if v is not None}}
+    if spec.name == "none":
+        return None
+    if spec.name == "ngram":
+        ngram = {"max_depth": spec.depth, "max_nodes": spec.budget}
+        return NgramDrafter(**{k: v for k, v in ngram.items() if v is not None})
+    if spec.name == "self":
+        return SelfSpeculativeDrafter(target.model, spec.layers, backend=target.backend, **shape)
+    if spec.name == "draft-model":
+        if spec.path is None:
+            raise ValueError("the draft-model drafter needs a model: --draft-model PATH (or draft-model:path=...)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=target.dtype).to(target.device).eval()
+        except OSError as err:
+            raise ValueError(f"unknown draft model {spec.path!r}: {err}") from None
+        return DraftModelDrafter(model, backend=target.backend, **shape)
+    if spec.name == "medusa":
+        return _medusa(spec, target)
+    raise ValueError(f"unknown drafter {spec.name!r}; choose one of {list(DRAFTER_NAMES)}")
+
+
+def _medusa(spec: DrafterSpec, target: TargetModel) -> MedusaDrafter:
+    """Trained heads from ``spec.path``, else untrained heads (they run, with low acceptance)."""
+    if spec.tree == "dynamic":
+        shape = {"budget": spec.budget or 16, "depth": spec.depth, "topk": spec.topk or 4}
+    elif spec.tree == "chain":
+        shape = {"choices": chain_choices(spec.depth or spec.heads)}
+    else:
+        shape = {}  # the heads' own static tree (medusa_choices)
+    shape = {k: v for k, v in shape.items() if v is not None}
+    if spec.path is not None:
+        return MedusaDrafter.from_pretrained(spec.path, target, **shape)
+    return MedusaDrafter.untrained(target, num_heads=spec.heads, share_lm_head=True, **shape)
+
+
+def make_drafter(name: str, **kwargs: object) -> Drafter | None:
+    """Model-free drafters by name (``none``, ``ngram``); model-based ones need :func:`build_drafter`."""
     if name == "none":
         return None
-    if name not in DRAFTERS:
-        raise ValueError(f"unknown drafter {name!r}; choose one of {['none', *sorted(DRAFTERS)]}")
-    return DRAFTERS[name](**kwargs)
+    if name == "ngram":
+        return NgramDrafter(**kwargs)
+    DrafterSpec.parse(name)  # raises for unknown names
+    raise ValueError(f"drafter {name!r} needs the target model: use build_drafter(DrafterSpec.parse(...), target)")
 
 
-__all__ = ["DRAFTERS", "NgramDrafter", "make_drafter"]
+__all__ = [
+    "DRAFTER_NAMES", "DraftModelDrafter", "DrafterSpec", "MedusaDrafter", "NgramDrafter", "SelfSpeculativeDrafter",
+    "build_drafter", "make_drafter",
+]

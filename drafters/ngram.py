@@ -44,6 +44,7 @@ class NgramDrafter:
     """
 
     vocab_size: int | None = None
+    needs_hidden = False
 
     def __init__(
         self,
@@ -86,7 +87,7 @@ class NgramDrafter:
             return 1
         return max(1, min(self.max_depth, int(math.log(self.node_cost) / math.log(alpha))))
 
-    def accept(self, seq_id: int, tokens: torch.Tensor) -> None:
+    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         state = self._state.get(seq_id)
         if state is None or state.drafted_depth == 0:
             return

@@ -10,7 +10,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.drafters import make_drafter
+from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.prompts import Prompt, encode_prompt
 from specdec.sampling import GREEDY, SamplingParams
@@ -56,7 +56,7 @@ def run_bench(
     target: TargetModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
-    drafters: Sequence[str],
+    drafters: Mapping[str, DrafterSpec],
     max_new_tokens: int = 128,
     chat: bool = True,
     num_blocks: int = 256,
@@ -73,8 +73,8 @@ def run_bench(
     eos = eos_token_ids(model, tokenizer)
     cache = target.new_cache(num_blocks, block_size)
     runs = [_Run("specdec_ar", SpeculativeEngine(target, cache, None, eos))]
-    runs += [_Run(d, SpeculativeEngine(target, cache, make_drafter(d), eos, acceptance=acceptance))
-             for d in drafters if d != "none"]
+    runs += [_Run(name, SpeculativeEngine(target, cache, build_drafter(spec, target), eos, acceptance=acceptance))
+             for name, spec in drafters.items() if spec.name != "none"]
     encoded = [encode_prompt(tokenizer, p.text, chat) for p in prompts]
     _warm_up(model, runs, encoded[0])
     base_tokens, base_seconds = 0, 0.0
@@ -136,14 +136,15 @@ def _summarize(run: _Run, categories: Sequence[str]) -> dict:
 def format_table(report: dict) -> str:
     """The report as a plain-text table (one row per method, then per-category speedups)."""
     cats = sorted({c for r in report["runs"] for c in r["per_category"]})
-    head = f"{'method':<12} {'tok/s':>7} {'speedup':>8} {'tau':>5} {'same':>6}  "
+    width = max(12, *(len(r["name"]) for r in report["runs"]))
+    head = f"{'method':<{width}} {'tok/s':>7} {'speedup':>8} {'tau':>5} {'same':>6}  "
     head += " ".join(f"{c[:8]:>8}" for c in cats)
     lines = [head, "-" * len(head)]
-    lines.append(f"{report['baseline']['name']:<12} {report['baseline']['tokens_per_s']:>7.2f} {1.0:>8.2f}")
+    lines.append(f"{report['baseline']['name']:<{width}} {report['baseline']['tokens_per_s']:>7.2f} {1.0:>8.2f}")
     for r in report["runs"]:
         per = " ".join(f"{r['per_category'][c]['speedup']:>8.2f}" for c in cats)
         same = "-" if r["identical_to_baseline"] is None else f"{r['identical_to_baseline']}/{r['n_prompts']}"
-        row = f"{r['name']:<12} {r['tokens_per_s']:>7.2f} {r['speedup']:>8.2f} {r['tau']:>5.2f} {same:>6}  {per}"
+        row = f"{r['name']:<{width}} {r['tokens_per_s']:>7.2f} {r['speedup']:>8.2f} {r['tau']:>5.2f} {same:>6}  {per}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import torch
 
 from specdec.attention import select_backend
 from specdec.bench import format_table, run_bench, write_report
-from specdec.drafters import DRAFTERS, make_drafter
+from specdec.drafters import DRAFTER_NAMES, DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.kv_cache import OutOfBlocks
 from specdec.plots import plot_report
@@ -24,7 +24,6 @@ from specdec.sampling import SamplingParams
 from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model_and_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-DRAFTER_CHOICES = ["none", *sorted(DRAFTERS)]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -44,6 +43,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--acceptance", choices=["exact", "typical_lossy"], default="exact",
                    help="exact: output follows the target's distribution; typical_lossy: Medusa's rule (lossy)")
+    p.add_argument("--draft-model", default=None, help="draft model path or id (drafter draft-model)")
+    p.add_argument("--draft-layers", type=int, default=None, help="target layers the self drafter runs")
+    p.add_argument("--drafter-path", default=None, help="trained drafter weights (heads)")
+    p.add_argument("--tree", choices=["chain", "dynamic", "static"], default=None, help="draft tree shape")
+    p.add_argument("--tree-budget", type=int, default=None, help="nodes per tree, root included")
+    p.add_argument("--tree-depth", type=int, default=None, help="draft depth")
+    p.add_argument("--tree-topk", type=int, default=None, help="children per expanded node (dynamic tree)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt, streaming, then one statistics line")
     gen.add_argument("prompt")
-    gen.add_argument("--drafter", default="ngram", help=f"one of {DRAFTER_CHOICES}")
+    gen.add_argument("--drafter", default="ngram", help=f"NAME[:key=value,...], NAME one of {list(DRAFTER_NAMES)}")
     _common(gen)
     bench = sub.add_parser("bench", help="HF greedy vs specdec autoregressive vs drafters on a prompt set")
     bench.add_argument("--prompts", default=None, help="JSON list or JSONL file (default: the built-in set)")
-    bench.add_argument("--drafter", nargs="+", default=["ngram"], help=f"drafters to run, from {DRAFTER_CHOICES}")
+    bench.add_argument("--drafter", nargs="+", default=["ngram"],
+                       help=f"drafter specs to run, NAME[:key=value,...] with NAME in {list(DRAFTER_NAMES)}")
     bench.add_argument("--limit", type=int, default=None, help="first K prompts")
     bench.add_argument("--per-category", type=int, default=None, help="first K prompts of each category")
     bench.add_argument("--out", default="report.json")
@@ -69,9 +76,16 @@ def _load(args: argparse.Namespace) -> tuple[TargetModel, object]:
     return TargetModel(model, backend), tokenizer
 
 
+def _spec(text: str, args: argparse.Namespace) -> DrafterSpec:
+    path = args.draft_model if text.startswith("draft-model") else args.drafter_path
+    return DrafterSpec.parse(text, path=path, layers=args.draft_layers, tree=args.tree, depth=args.tree_depth,
+                             budget=args.tree_budget, topk=args.tree_topk)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    drafter = make_drafter(args.drafter)  # fail fast on an unknown name, before loading the model
+    spec = _spec(args.drafter, args)  # fail fast on a bad spec, before loading the model
     target, tokenizer = _load(args)
+    drafter = build_drafter(spec, target)
     ids = encode_prompt(tokenizer, args.prompt, args.chat)
     sampling = _sampling(args)
     engine = SpeculativeEngine(
@@ -100,13 +114,12 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     sampling = _sampling(args)
-    for name in args.drafter:
-        make_drafter(name)
+    specs = [_spec(text, args) for text in args.drafter]
     prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit, args.per_category)
     target, tokenizer = _load(args)
     report = run_bench(
-        target, tokenizer, prompts, args.drafter, args.max_new_tokens, args.chat, args.num_blocks, args.block_size,
-        sampling, args.acceptance,
+        target, tokenizer, prompts, dict(zip(args.drafter, specs, strict=True)), args.max_new_tokens, args.chat,
+        args.num_blocks, args.block_size, sampling, args.acceptance,
     )
     print(format_table(report))
     write_report(report, args.out)

@@ -119,8 +119,6 @@ class SpeculativeEngine:
             out = self._append(history, prompt.numel(), [first], max_new_tokens, on_tokens)
             while not self._done(out, max_new_tokens):
                 verdict = self._step(seq, history[: prompt.numel() + len(out)], stats, sampling, gen)
-                if self.drafter is not None:
-                    self.drafter.accept(seq, verdict.tokens)
                 out += self._append(history, prompt.numel() + len(out), verdict.tokens.tolist(),
                                     max_new_tokens - len(out), on_tokens)
         finally:
@@ -132,13 +130,21 @@ class SpeculativeEngine:
         return GenerationResult(out, "eos" if out[-1] in self.eos else "length", stats)
 
     # ------------------------------------------------------------------ steps
+    @property
+    def _needs_hidden(self) -> bool:
+        return self.drafter is not None and self.drafter.needs_hidden
+
     def _prefill(self, seq: int, prompt: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> int:
-        """Run the prompt as a chain, commit it, return the target's first token."""
+        """Run the prompt as a chain, commit it, tell the drafter, return the target's first token."""
         tree = TokenTree.chain(prompt)
         self.cache.reserve(seq, tree.num_nodes + self.max_tree_nodes)
-        logits = self.target.forward(self.cache, [seq], [tree], last_only=True).logits[-1]
+        out = self.target.forward(self.cache, [seq], [tree], last_only=True, return_hidden=self._needs_hidden)
         self.cache.commit(seq, range(tree.num_nodes), keep_reserved=self.max_tree_nodes)
-        return int(logits.argmax()) if sampling.greedy else int(sample(process_logits(logits, sampling), gen))
+        logits = out.logits[-1]
+        first = int(logits.argmax()) if sampling.greedy else int(sample(process_logits(logits, sampling), gen))
+        if self.drafter is not None:
+            self.drafter.accept(seq, torch.tensor([first]), out.hidden)
+        return first
 
     def _step(
         self, seq: int, history: torch.Tensor, stats: RequestStats, sampling: SamplingParams, gen: torch.Generator
@@ -148,9 +154,11 @@ class SpeculativeEngine:
         t1 = time.perf_counter()
         tree = draft.tree
         self.cache.reserve(seq, tree.num_nodes)
-        logits = self.target.forward(self.cache, [seq], [tree]).logits
-        verdict = self._accept(draft, logits, sampling, gen)
+        out = self.target.forward(self.cache, [seq], [tree], return_hidden=self._needs_hidden)
+        verdict = self._accept(draft, out.logits, sampling, gen)
         self.cache.commit(seq, verdict.path, keep_reserved=self.max_tree_nodes)
+        if self.drafter is not None:
+            self.drafter.accept(seq, verdict.tokens, None if out.hidden is None else out.hidden[verdict.path])
         stats.draft_s += t1 - t0
         stats.verify_s += time.perf_counter() - t1
         has_children = bool((tree.parents == verdict.path[-1]).any())

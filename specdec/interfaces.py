@@ -38,10 +38,12 @@ class Drafter(Protocol):
     """Proposes token trees for a batch of sequences and is told what the target accepted.
 
     ``vocab_size`` is the size of the drafter's vocabulary, or ``None`` for model-free drafters; the engine refuses
-    a drafter whose vocabulary differs from the target's.
+    a drafter whose vocabulary differs from the target's. ``needs_hidden`` asks the engine for the target's last
+    hidden states (Medusa / EAGLE-style heads), taken from the verification pass itself.
     """
 
     vocab_size: int | None
+    needs_hidden: bool
 
     def propose(
         self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor], sampling: SamplingParams = GREEDY
@@ -51,8 +53,14 @@ class Drafter(Protocol):
         with ``sampling`` (see :func:`specdec.sampling.process_logits`) and report them in ``Draft.probs``."""
         ...
 
-    def accept(self, seq_id: int, tokens: torch.Tensor) -> None:
-        """``tokens [A + 1]`` int64: the accepted draft tokens then the bonus token, appended to the history."""
+    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        """New tokens were appended to the history: ``tokens [A + 1]`` int64 (the first token after prefill; after
+        a step, the accepted draft tokens then the bonus token).
+
+        ``hidden [S, H]`` (only if ``needs_hidden``): the target's last hidden states of the span whose KV was
+        just committed — the prompt after prefill, the root plus the accepted draft tokens after a step. Row ``j``
+        is the state that predicted the token after span token ``j``; its last row predicted ``tokens[-1]``.
+        """
         ...
 
     def release(self, seq_id: int) -> None:

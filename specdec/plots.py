@@ -39,7 +39,8 @@ def plot_report(report: dict, out_dir: str | Path, stem: str = "bench") -> list[
     ax.set_xlabel("tree depth")
     ax.set_ylabel("acceptance rate (conditional)")
     ax.set_ylim(0, 1.05)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.set_title("Acceptance by depth")
     fig.tight_layout()
     depth = out_dir / f"{stem}_acceptance_by_depth.png"

@@ -44,10 +44,13 @@ class TargetOutput:
     Attributes:
         logits: ``[T, V]`` float, next-token logits of every tree node (or of the kept rows, see ``forward``).
         batch: the :class:`TreeBatch` that was verified.
+        hidden: ``[T, H]`` the model's last hidden state (after the final norm: what the LM head reads) for every
+            token, when asked for; ``None`` otherwise. Same forward pass, no extra compute.
     """
 
     logits: torch.Tensor
     batch: TreeBatch
+    hidden: torch.Tensor | None = None
 
 
 def embedded_model_dir() -> Path:
@@ -97,7 +100,8 @@ class TargetModel:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.backend = backend or select_backend(device=self.device)
-        self.num_layers: int = cfg.num_hidden_layers
+        layers = getattr(model.get_decoder(), "layers", None)  # a truncated view may run fewer than the config's
+        self.num_layers: int = len(layers) if isinstance(layers, torch.nn.ModuleList) else cfg.num_hidden_layers
         self.num_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size: int = cfg.vocab_size
@@ -125,12 +129,18 @@ class TargetModel:
 
     @torch.inference_mode()
     def forward(
-        self, cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequence[TokenTree], last_only: bool = False
+        self,
+        cache: PagedKVCache,
+        seq_ids: Sequence[int],
+        trees: Sequence[TokenTree],
+        last_only: bool = False,
+        return_hidden: bool = False,
     ) -> TargetOutput:
         """Verify ``trees[b]`` on top of sequence ``seq_ids[b]``; blocks must already be reserved.
 
         Writes every node's K/V into ``cache`` (at committed length + node index); commits nothing.
         ``last_only`` keeps only the logits of each tree's last node (prefill of a chain): ``logits [B, V]``.
+        ``return_hidden`` also returns the last hidden state of every token (``hidden [T, H]``).
         """
         batch = build_tree_batch(cache, seq_ids, trees)
         ctx = ForwardContext(cache, batch, self.backend, self.backend.plan(batch, cache.block_size))
@@ -142,9 +152,11 @@ class TargetModel:
                 position_ids=batch.positions.unsqueeze(0),
                 use_cache=False,
                 logits_to_keep=keep,
+                output_hidden_states=return_hidden,
                 specdec=ctx,
             )
-        return TargetOutput(out.logits[0], batch)
+        hidden = out.hidden_states[-1][0] if return_hidden else None
+        return TargetOutput(out.logits[0], batch, hidden)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:

@@ -17,6 +17,7 @@ class NoisyOracleDrafter:
     tokens, then random tokens; other branches are random. Exercises every acceptance length and aliasing."""
 
     vocab_size = 64
+    needs_hidden = False
 
     def __init__(self, reference: list[int], seed: int, max_nodes: int = 12) -> None:
         self.reference, self.rng, self.max_nodes = reference, random.Random(seed), max_nodes
@@ -41,7 +42,7 @@ class NoisyOracleDrafter:
             drafts.append(Draft(TokenTree(torch.tensor(tokens), torch.tensor(parents))))
         return drafts
 
-    def accept(self, seq_id, tokens):
+    def accept(self, seq_id, tokens, hidden=None):
         self.accepted.append(tokens)
 
     def release(self, seq_id):
@@ -98,9 +99,10 @@ def test_stats_count_steps_and_depths(tiny_target):
     spec = SpeculativeEngine(tiny_target, cache, drafter).generate(prompt, 25)
     s = spec.stats
     assert s.new_tokens == 25
-    assert s.steps == len(drafter.accepted)
+    assert len(drafter.accepted) == s.steps + 1  # told about the prefill token, then once per step
+    assert drafter.accepted[0].numel() == 1
     # the first token comes from prefill, later ones from steps (the last step may be clipped at max_new_tokens)
-    assert s.step_tokens >= 24 and s.step_tokens == sum(t.numel() for t in drafter.accepted)
+    assert s.step_tokens >= 24 and s.step_tokens == sum(t.numel() for t in drafter.accepted[1:])
     assert sum(s.accepted_hist) == s.steps
     assert all(0.0 <= a <= 1.0 for a in s.acceptance_by_depth)
     assert s.depth_tried[0] >= s.depth_accepted[0]
@@ -111,6 +113,7 @@ def test_stats_count_steps_and_depths(tiny_target):
 
 class _BadDrafter:
     vocab_size = None
+    needs_hidden = False
 
     def __init__(self, draft):
         self.draft = draft
@@ -118,7 +121,7 @@ class _BadDrafter:
     def propose(self, seq_ids, histories, sampling=None):
         return [self.draft(h) for h in histories]
 
-    def accept(self, seq_id, tokens):
+    def accept(self, seq_id, tokens, hidden=None):
         pass
 
     def release(self, seq_id):

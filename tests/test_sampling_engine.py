@@ -23,6 +23,7 @@ class RandomTreeDrafter:
     each) and reports ``q`` as the draft probabilities, processed with the request's sampling parameters."""
 
     vocab_size = V
+    needs_hidden = False
 
     def __init__(self, seed: int) -> None:
         self.logits = torch.randn(V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -40,7 +41,7 @@ class RandomTreeDrafter:
             drafts.append(Draft(tree, q.expand(5, V).clone(), without_replacement=True))
         return drafts
 
-    def accept(self, seq_id, tokens):
+    def accept(self, seq_id, tokens, hidden=None):
         pass
 
     def release(self, seq_id):

@@ -1,0 +1,148 @@
+"""Draft-model and self-speculative drafters, and the shared tree builders."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from specdec.drafters import DrafterSpec, DraftModelDrafter, SelfSpeculativeDrafter, build_drafter
+from specdec.drafters.self_spec import truncated_view
+from specdec.engine import SpeculativeEngine
+from specdec.sampling import SamplingParams, process_logits
+from specdec.target import TargetModel
+from specdec.tree_builders import best_first_tree, choices_tree, default_choices
+
+from .conftest import tiny_llama
+
+SHAPES = {"chain": "chain", "dynamic": "dynamic", "static": default_choices()}
+
+
+@pytest.fixture(scope="module")
+def deep_model():
+    return tiny_llama(layers=4, seed=21)
+
+
+@pytest.fixture(scope="module")
+def deep_target(deep_model):
+    return TargetModel(deep_model)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("kind", ["self", "other", "itself"])
+def test_greedy_output_equals_autoregressive(deep_model, deep_target, shape, kind):
+    prompt = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(len(shape) + len(kind)))
+    cache = deep_target.new_cache(96, 4)
+    ar = SpeculativeEngine(deep_target, cache).generate(prompt, 24)
+    options = {"tree": SHAPES[shape], "depth": 3, "budget": 8, "topk": 2, "num_blocks": 64, "block_size": 4}
+    if kind == "self":
+        drafter = SelfSpeculativeDrafter(deep_model, 2, **options)
+    else:
+        draft = deep_model if kind == "itself" else tiny_llama(layers=1, seed=5)
+        drafter = DraftModelDrafter(draft, **options)
+    spec = SpeculativeEngine(deep_target, cache, drafter, max_tree_nodes=16).generate(prompt, 24)
+    assert spec.tokens == ar.tokens
+    assert cache.allocator.num_free == 96 and drafter.cache.allocator.num_free == 64
+    if kind == "itself":  # a perfect drafter: every draft token accepted (chains), or nearly (trees)
+        assert spec.stats.tau >= (4.0 if shape == "chain" else 2.5)
+
+
+def test_draft_state_after_a_rejection_equals_a_fresh_drafter(deep_model):
+    draft = tiny_llama(layers=2, seed=9)
+    history = torch.randint(0, 64, (11,), generator=torch.Generator().manual_seed(1))
+    drafter = DraftModelDrafter(draft, tree="chain", depth=4, num_blocks=32, block_size=4)
+    [proposal] = drafter.propose([0], [history])
+    drafted = proposal.tree.tokens[1:].tolist()
+    accepted = torch.tensor([drafted[0], (drafted[1] + 1) % 64])  # first draft accepted, second replaced (bonus)
+    drafter.accept(0, accepted)
+    history = torch.cat([history, accepted])
+    [after] = drafter.propose([0], [history])
+    fresh = DraftModelDrafter(draft, tree="chain", depth=4, num_blocks=32, block_size=4)
+    [fresh_proposal] = fresh.propose([7], [history])
+    assert after.tree.tokens.tolist() == fresh_proposal.tree.tokens.tolist()
+    n = drafter.cache.num_tokens(drafter._seqs[0])
+    assert n == fresh.cache.num_tokens(fresh._seqs[7]) == history.numel() - 1  # only real history is committed
+    for mine, theirs in ((drafter.cache.k, fresh.cache.k), (drafter.cache.v, fresh.cache.v)):
+        ours = mine.flatten(1, 2)[:, drafter.cache.slots(drafter._seqs[0], torch.arange(n))]
+        ref = theirs.flatten(1, 2)[:, fresh.cache.slots(fresh._seqs[7], torch.arange(n))]
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    drafter.release(0)
+    fresh.release(7)
+    assert drafter.cache.allocator.num_free == 32
+
+
+def test_truncated_view_shares_weights_and_leaves_the_target_alone(deep_model):
+    view = truncated_view(deep_model, 2)
+    assert len(view.model.layers) == 2 and len(deep_model.model.layers) == 4
+    assert view.model.layers[1] is deep_model.model.layers[1] and view.lm_head is deep_model.lm_head
+    params = {p.data_ptr() for p in deep_model.parameters()}
+    assert all(p.data_ptr() in params for p in view.parameters())
+    with pytest.raises(ValueError, match=r"draft layers must be in \[1, 4\], got 5"):
+        truncated_view(deep_model, 5)
+
+
+def test_vocabulary_mismatch_is_refused(deep_target):
+    drafter = DraftModelDrafter(tiny_llama(vocab=80, layers=1), num_blocks=8)
+    with pytest.raises(ValueError, match="tokenizer mismatch: the drafter's vocabulary has 80 tokens"):
+        SpeculativeEngine(deep_target, deep_target.new_cache(8, 4), drafter)
+
+
+def test_specs_build_drafters(deep_target):
+    assert isinstance(build_drafter(DrafterSpec.parse("self:layers=2,tree=dynamic,budget=6"), deep_target),
+                      SelfSpeculativeDrafter)
+    assert build_drafter(DrafterSpec.parse("medusa:heads=2,tree=chain"), deep_target).vocab_size == 64
+    with pytest.raises(ValueError, match="needs a model"):
+        build_drafter(DrafterSpec.parse("draft-model"), deep_target)
+    with pytest.raises(ValueError, match="unknown tree shape 'bush'"):
+        DrafterSpec.parse("self:tree=bush")
+
+
+def test_chain_sampling_preserves_the_target_distribution():
+    """First two tokens' joint with a sampled draft chain (draft probabilities reported) vs the exact target."""
+    vocab, prompt, trials = 8, [1, 5, 2, 7, 3], 2500
+    target = TargetModel(tiny_llama(vocab=vocab, seed=11))
+    drafter = DraftModelDrafter(tiny_llama(vocab=vocab, layers=1, seed=12), tree="chain", depth=2, num_blocks=16)
+    params = SamplingParams(1.0)
+    with torch.inference_mode():
+        p1 = process_logits(target.model(torch.tensor([prompt])).logits[0, -1], params)
+        p2 = process_logits(target.model(torch.tensor([prompt + [a] for a in range(vocab)])).logits[:, -1], params)
+    expected = (p1[:, None] * p2).flatten() * trials
+    cache = target.new_cache(16, 4)
+    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+    accepted = 0
+    for i in range(trials):
+        result = SpeculativeEngine(target, cache, drafter, max_tree_nodes=4).generate(
+            prompt, 3, sampling=SamplingParams(1.0, seed=i))
+        counts[result.tokens[0] * vocab + result.tokens[1]] += 1
+        accepted += int(result.stats.step_tokens > result.stats.steps)
+    assert chisquare(counts, expected * counts.sum() / expected.sum()).pvalue > 1e-3
+    assert accepted > trials // 10
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 24), st.integers(0, 5), st.integers(1, 4), st.integers(0, 2**31))
+def test_best_first_tree_respects_budget_and_depth(budget, depth, topk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    calls = []
+
+    def expand(paths):
+        calls.append(len(paths))
+        return torch.randn(len(paths), 16, generator=gen).log_softmax(-1)
+
+    tree, scores = best_first_tree(3, expand, budget, depth, topk)
+    assert tree.num_nodes <= budget and (tree.max_depth <= depth)
+    assert int(tree.tokens[0]) == 3 and scores.numel() == tree.num_nodes
+    assert all(int(tree.parents[i]) < i for i in range(1, tree.num_nodes))
+    assert all(c <= topk for c in calls)  # frontier width
+    for i in range(1, tree.num_nodes):  # a child is never more likely than its parent
+        assert scores[i] <= scores[int(tree.parents[i])] + 1e-12
+
+
+def test_choices_tree_takes_each_nodes_ranked_children():
+    table = torch.tensor([[0.1, 0.5, 0.4], [0.6, 0.3, 0.1]]).log()
+
+    def expand(paths):
+        return torch.stack([table[len(p) % 2] for p in paths])
+
+    tree = choices_tree(9, [(0,), (1,), (0, 0), (0, 1)], expand)
+    assert tree.tokens.tolist() == [9, 1, 2, 0, 1] and tree.parents.tolist() == [-1, 0, 0, 1, 1]
