@@ -14,9 +14,16 @@ def plot_report(report: dict, out_dir: str | Path, stem: str = "bench") -> list[
     """Write ``{stem}_speedup_by_category.png`` and ``{stem}_acceptance_by_depth.png``; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        _speedup_by_category(report, out_dir / f"{stem}_speedup_by_category.png"),
+        _acceptance_by_depth(report, out_dir / f"{stem}_acceptance_by_depth.png"),
+    ]
+
+
+def _speedup_by_category(report: dict, path: Path) -> Path:
     runs = report["runs"]
     cats = sorted({c for r in runs for c in r["per_category"]})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cats) + 5), 4))
     width = 0.8 / max(1, len(runs))
     for i, r in enumerate(runs):
         xs = [j + i * width for j in range(len(cats))]
@@ -24,26 +31,26 @@ def plot_report(report: dict, out_dir: str | Path, stem: str = "bench") -> list[
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats)
     ax.set_ylabel(f"speedup vs {report['baseline']['name']} (median)")
-    ax.legend()
-    ax.set_title("Speedup by category")
-    fig.tight_layout()
-    speed = out_dir / f"{stem}_speedup_by_category.png"
-    fig.savefig(speed, dpi=100)
-    plt.close(fig)
+    return _finish(fig, ax, "Speedup by category", path)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
+
+def _acceptance_by_depth(report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for r in report["runs"]:
         acc = r["acceptance_by_depth"]
         if acc:
             ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{r['name']} (tau {r['tau']:.2f})")
     ax.set_xlabel("tree depth")
     ax.set_ylabel("acceptance rate (conditional)")
     ax.set_ylim(0, 1.05)
+    return _finish(fig, ax, "Acceptance by depth", path)
+
+
+def _finish(fig, ax, title: str, path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    ax.set_title("Acceptance by depth")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title)
     fig.tight_layout()
-    depth = out_dir / f"{stem}_acceptance_by_depth.png"
-    fig.savefig(depth, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [speed, depth]
+    return path
