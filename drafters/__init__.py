@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from transformers import AutoModelForCausalLM
 
 from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.self_spec import SelfSpeculativeDrafter
@@ -19,7 +20,7 @@ from specdec.interfaces import Drafter
 from specdec.target import TargetModel
 from specdec.tree_builders import chain_choices, default_choices
 
-DRAFTER_NAMES = ("none", "ngram", "draft-model", "self", "medusa")
+DRAFTER_NAMES = ("none", "ngram", "draft-model", "self", "medusa", "eagle")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def build_drafter(spec: DrafterSpec, target: TargetModel) -> Drafter | None:
         return DraftModelDrafter(model, backend=target.backend, **shape)
     if spec.name == "medusa":
         return _medusa(spec, target)
+    if spec.name == "eagle":
+        if spec.tree == "static":
+            raise ValueError("the eagle drafter builds chain or dynamic trees, not static ones")
+        if spec.path is not None:
+            return EagleDrafter.from_pretrained(spec.path, target, backend=target.backend, **shape)
+        return EagleDrafter.untrained(target, backend=target.backend, **shape)
     raise ValueError(f"unknown drafter {spec.name!r}; choose one of {list(DRAFTER_NAMES)}")
 
 
@@ -109,6 +116,7 @@ def make_drafter(name: str, **kwargs: object) -> Drafter | None:
 
 
 __all__ = [
-    "DRAFTER_NAMES", "DraftModelDrafter", "DrafterSpec", "MedusaDrafter", "NgramDrafter", "SelfSpeculativeDrafter",
+    "DRAFTER_NAMES", "DraftModelDrafter", "DrafterSpec", "EagleDrafter", "MedusaDrafter", "NgramDrafter",
+    "SelfSpeculativeDrafter",
     "build_drafter", "make_drafter",
 ]

@@ -53,7 +53,8 @@ def test_bench_writes_the_documented_json(tiny_model_dir, tmp_path, capsys):
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["generate", "hi", "--drafter", "nope"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "specdec: error: unknown drafter 'nope'; choose one of ['none', 'ngram', 'draft-model', 'self', 'medusa']"
+        "specdec: error: unknown drafter 'nope'; choose one of "
+        "['none', 'ngram', 'draft-model', 'self', 'medusa', 'eagle']"
     )
     assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
     assert "unknown model" in capsys.readouterr().err

@@ -91,6 +91,9 @@ def test_specs_build_drafters(deep_target):
     assert isinstance(build_drafter(DrafterSpec.parse("self:layers=2,tree=dynamic,budget=6"), deep_target),
                       SelfSpeculativeDrafter)
     assert build_drafter(DrafterSpec.parse("medusa:heads=2,tree=chain"), deep_target).vocab_size == 64
+    assert build_drafter(DrafterSpec.parse("eagle:tree=dynamic,budget=6"), deep_target).needs_hidden
+    with pytest.raises(ValueError, match="chain or dynamic"):
+        build_drafter(DrafterSpec.parse("eagle:tree=static"), deep_target)
     with pytest.raises(ValueError, match="needs a model"):
         build_drafter(DrafterSpec.parse("draft-model"), deep_target)
     with pytest.raises(ValueError, match="unknown tree shape 'bush'"):

@@ -1,0 +1,302 @@
+"""EAGLE-style feature drafter: a one-layer head predicts the target's next last-hidden-state ("feature").
+
+The head's input at history position ``t`` is the pair (target feature ``h_t``, token ``x_{t+1}``):
+``fc(cat(embed(x_{t+1}), h_t))`` goes through ONE decoder layer of the target's own architecture (the library class,
+e.g. ``LlamaDecoderLayer``, RoPE'd by the library's rotary embedding), whose output is the predicted feature
+``h_{t+1}``; the target's LM head turns it into next-token logits (Li et al., 2024, "EAGLE"). The embedding and the
+LM head are the target's (shared, never saved).
+
+The layer attends through the paged tree attention (:mod:`specdec.attention`) with its own one-layer cache. As in
+:mod:`specdec.drafters.draft_model`, only real history pairs are committed: pairs the head has not seen yet are
+caught up in one chain forward at ``propose``; the last one (feature of the token before the root, root) is the
+tree's root node, whose predicted feature gives the depth-1 children. Deeper draft nodes take their parent's
+PREDICTED feature with their own token; each tree level re-forwards the union tree without committing.
+
+Tree shapes: ``"chain"`` (``depth`` tokens; argmax at temperature 0, sampled from the processed head distribution
+above and reported in ``Draft.probs``) and ``"dynamic"`` (EAGLE-2 best-first, deterministic, ``probs=None``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+from transformers import AutoConfig
+
+from specdec.attention import ATTENTION_NAME, AttentionBackend, ForwardContext, build_tree_batch, select_backend
+from specdec.interfaces import Draft
+from specdec.kv_cache import PagedKVCache
+from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
+from specdec.tree import TokenTree
+from specdec.tree_builders import best_first_tree
+
+if TYPE_CHECKING:
+    from specdec.target import TargetModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+Path_ = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    """Shape of an EAGLE head.
+
+    Attributes:
+        hidden_size: ``H``, the target's hidden size.
+        vocab_size: ``V``, the target's vocabulary size.
+        layer_config: the target's text config as a JSON dict (``model_type`` included): rebuilds the decoder layer.
+    """
+
+    hidden_size: int
+    vocab_size: int
+    layer_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_target(cls, target: TargetModel) -> EagleConfig:
+        cfg = target.model.config.get_text_config()
+        return cls(cfg.hidden_size, cfg.vocab_size, json.loads(cfg.to_json_string(use_diff=False)))
+
+    def text_config(self):
+        """A fresh transformers config object for the layer (its own object: the head switches its attention)."""
+        d = dict(self.layer_config)
+        d.pop("transformers_version", None)
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+class EagleHead(nn.Module):
+    """``fc = Linear(2H, H)`` then one decoder layer; predicts the next feature.
+
+    Args:
+        config: sizes and the layer's config.
+        target: supplies the input embeddings and LM head (used, never registered or saved) and the decoder-layer
+            and rotary-embedding classes; the head is built on the target's device and dtype.
+    """
+
+    def __init__(self, config: EagleConfig, target: TargetModel) -> None:
+        super().__init__()
+        embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+        if tuple(lm_head.weight.shape) != (config.vocab_size, config.hidden_size):
+            raise ValueError(f"EAGLE head needs an LM head of shape {(config.vocab_size, config.hidden_size)}, "
+                             f"the target's is {tuple(lm_head.weight.shape)}")
+        decoder = target.model.get_decoder()
+        layer_cls, rotary_cls = type(decoder.layers[0]), type(decoder.rotary_emb)
+        self.config = config
+        self.layer_config = config.text_config()
+        factory = {"dtype": lm_head.weight.dtype, "device": lm_head.weight.device}
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, **factory)
+        self.layer = layer_cls(self.layer_config, layer_idx=0).to(**factory)
+        self.rotary = rotary_cls(config=self.layer_config).to(lm_head.weight.device)  # inv_freq keeps float32
+        object.__setattr__(self, "embed_tokens", embed)  # shared with the target: not submodules
+        object.__setattr__(self, "lm_head", lm_head)
+
+    @contextlib.contextmanager
+    def _paged_attention(self) -> Iterator[None]:
+        cfg = self.layer.self_attn.config  # the attention module reads its own config object
+        previous = cfg._attn_implementation
+        cfg._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            cfg._attn_implementation = previous
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                specdec: ForwardContext) -> torch.Tensor:
+        """Predicted features ``[T, H]`` (head dtype) for pairs ``features [T, H]`` float, ``tokens [T]`` int64
+        (the token after each feature's), at RoPE ``positions [T]`` int64; K/V go to ``specdec``'s cache."""
+        dtype = self.fc.weight.dtype
+        x = self.fc(torch.cat([self.embed_tokens(tokens).to(dtype), features.to(dtype)], dim=-1))[None]
+        pos = positions[None]
+        with self._paged_attention():
+            out = self.layer(x, attention_mask=None, position_ids=pos, position_embeddings=self.rotary(x, pos),
+                             use_cache=False, specdec=specdec)
+        return (out[0] if isinstance(out, tuple) else out)[0]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` next-token logits from predicted ``features [..., H]`` via the target's LM head."""
+        return self.lm_head(features.to(self.lm_head.weight.dtype))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (fc + layer; no embedding, no LM head) to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        save_model(self, str(path / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, target: TargetModel) -> EagleHead:
+        """Load a head saved by :meth:`save_pretrained` onto ``target`` (cast to its dtype; strict key check)."""
+        path = Path(path)
+        config = EagleConfig(**json.loads((path / CONFIG_FILE).read_text()))
+        head = cls(config, target)
+        head.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        return head.eval()
+
+
+class EagleDrafter:
+    """Drafts with an :class:`EagleHead` on the target's features (``needs_hidden = True``).
+
+    Args:
+        head: the head (on the target's device).
+        tree: ``"chain"`` or ``"dynamic"``.
+        depth: chain length / dynamic depth limit.
+        budget, topk: dynamic tree size (root included) and children per expanded node.
+        num_blocks, block_size: the head's own one-layer KV cache.
+        backend: attention backend (default: the target's, via :meth:`untrained` / :meth:`from_pretrained`).
+    """
+
+    needs_hidden = True
+
+    def __init__(self, head: EagleHead, tree: str = "chain", depth: int = 4, budget: int = 16, topk: int = 4,
+                 num_blocks: int = 512, block_size: int = 16, backend: AttentionBackend | None = None) -> None:
+        if tree not in ("chain", "dynamic"):
+            raise ValueError(f"unknown tree shape {tree!r}; use 'chain' or 'dynamic'")
+        if depth < 1 or budget < 1 or topk < 1:
+            raise ValueError(f"depth, budget and topk must be positive, got {depth}, {budget}, {topk}")
+        self.head = head.eval()
+        w = head.fc.weight
+        self.backend = backend or select_backend(device=w.device)
+        cfg = head.layer_config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.cache = PagedKVCache(1, kv_heads, head_dim, num_blocks, block_size, dtype=w.dtype, device=w.device,
+                                  move_kv=self.backend.move_kv)
+        self.vocab_size: int | None = head.config.vocab_size
+        self.tree, self.depth, self.budget, self.topk = tree, depth, budget, topk
+        self._seqs: dict[int, int] = {}  # engine sequence id -> draft cache sequence id
+        self._feats: dict[int, torch.Tensor] = {}  # [P, H] target features of the pairs not yet committed
+        self._rng: dict[int, torch.Generator] = {}
+
+    @classmethod
+    def untrained(cls, target: TargetModel, **kwargs) -> EagleDrafter:
+        """A randomly initialised head sized from ``target``; ``kwargs`` go to the constructor."""
+        kwargs.setdefault("backend", target.backend)
+        return cls(EagleHead(EagleConfig.from_target(target), target), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, target: TargetModel, **kwargs) -> EagleDrafter:
+        """A head saved with :meth:`EagleHead.save_pretrained`; ``kwargs`` go to the constructor."""
+        kwargs.setdefault("backend", target.backend)
+        return cls(EagleHead.from_pretrained(path, target), **kwargs)
+
+    @property
+    def max_nodes(self) -> int:
+        return self.depth + 1 if self.tree == "chain" else self.budget
+
+    # ------------------------------------------------------------------ protocol
+    @torch.inference_mode()
+    def propose(self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor],
+                sampling: SamplingParams = GREEDY) -> list[Draft]:
+        """One draft per sequence; ``histories[b] [L_b]`` int64, last token = root (see the module docstring)."""
+        return [self._propose_one(s, h, sampling) for s, h in zip(seq_ids, histories, strict=True)]
+
+    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        """Queue the target's features ``hidden [S, H]`` (row ``j`` predicted the token after span token ``j``);
+        with the history's tokens they form the pairs caught up at the next ``propose``."""
+        if hidden is None or hidden.ndim != 2 or hidden.shape[0] == 0:
+            raise ValueError("EagleDrafter.accept needs the target's hidden states [S, H] (needs_hidden is True)")
+        rows = hidden.detach().to(self.head.fc.weight.dtype)
+        old = self._feats.get(seq_id)
+        self._feats[seq_id] = rows.clone() if old is None else torch.cat([old, rows])
+
+    def release(self, seq_id: int) -> None:
+        dseq = self._seqs.pop(seq_id, None)
+        if dseq is not None:
+            self.cache.release(dseq)
+        self._feats.pop(seq_id, None)
+        self._rng.pop(seq_id, None)
+
+    # ------------------------------------------------------------------ drafting
+    def _propose_one(self, seq_id: int, history: torch.Tensor, sampling: SamplingParams) -> Draft:
+        if seq_id not in self._feats:
+            raise ValueError(f"EagleDrafter has no features for sequence {seq_id}: call accept(seq_id, tokens, "
+                             "hidden) with the target's hidden states after prefill first")
+        dseq = self._seqs.get(seq_id)
+        if dseq is None:
+            dseq = self._seqs[seq_id] = self.cache.add_sequence()
+        root_in, root_out = self._catch_up(seq_id, dseq, history)
+        root = int(history[-1])
+        if self.tree == "chain":
+            return self._chain(dseq, root, root_in, root_out, sampling, self._generator(seq_id, sampling))
+        expand = self._expander(dseq, root, root_in, root_out)
+        tree, _ = best_first_tree(root, expand, self.budget, self.depth, self.topk)
+        return Draft(tree)
+
+    def _catch_up(self, seq_id: int, dseq: int, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed pairs ``(h_t, x_{t+1})`` for ``t`` from the committed length to ``L - 2``; commit all but the last
+        (the root pair). Returns the root's input feature ``[H]`` and its predicted feature ``[H]``."""
+        committed = self.cache.num_tokens(dseq)
+        feats = self._feats[seq_id]  # pairs committed .. committed + P - 1
+        tokens = history[committed + 1 :].to(self.cache.k.device)
+        if feats.shape[0] != tokens.numel() or tokens.numel() == 0:
+            raise ValueError(f"sequence {seq_id}: {feats.shape[0]} pending features for {tokens.numel()} pending "
+                             "history tokens; every history token after the first needs the target's feature")
+        self.cache.reserve(dseq, tokens.numel() + self.max_nodes)
+        out = self._run(dseq, TokenTree.chain(tokens), feats)
+        self.cache.commit(dseq, range(tokens.numel() - 1), keep_reserved=self.max_nodes)
+        self._feats[seq_id] = feats[-1:]
+        return feats[-1], out[-1]
+
+    def _run(self, dseq: int, tree: TokenTree, features: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``[N, H]`` for ``tree`` (rooted at the first uncommitted position) with input
+        ``features [N, H]``; writes K/V at the tree's slots, commits nothing."""
+        self.cache.reserve(dseq, tree.num_nodes)
+        batch = build_tree_batch(self.cache, [dseq], [tree])
+        ctx = ForwardContext(self.cache, batch, self.backend, self.backend.plan(batch, self.cache.block_size))
+        return self.head(features, batch.input_ids, batch.positions, ctx)
+
+    def _path_tree(self, root: int, root_in: torch.Tensor, pred: dict[Path_, torch.Tensor],
+                   paths: list[Path_]) -> tuple[TokenTree, torch.Tensor, dict[Path_, int]]:
+        """Union tree of ``paths`` and each node's input feature (root: real; others: parent's prediction)."""
+        nodes = sorted({p[:d] for p in paths for d in range(1, len(p) + 1)}, key=lambda p: (len(p), p))
+        index: dict[Path_, int] = {(): 0}
+        tokens, parents, feats = [root], [-1], [root_in]
+        for p in nodes:
+            index[p] = len(tokens)
+            tokens.append(p[-1])
+            parents.append(index[p[:-1]])
+            feats.append(pred[p[:-1]])
+        return TokenTree(torch.tensor(tokens), torch.tensor(parents)), torch.stack(feats), index
+
+    def _chain(self, dseq: int, root: int, root_in: torch.Tensor, root_out: torch.Tensor, sampling: SamplingParams,
+               gen: torch.Generator) -> Draft:
+        path: Path_ = ()
+        pred = {(): root_out}
+        rows = [torch.zeros(self.head.config.vocab_size, dtype=root_out.dtype, device=root_out.device)]
+        for d in range(self.depth):
+            logits = self.head.logits(pred[path])
+            q = process_logits(logits, sampling)
+            path += (int(logits.argmax()) if sampling.greedy else int(sample(q, gen)),)
+            rows.append(q.to(rows[0].dtype))
+            if d + 1 < self.depth:
+                tree, feats, index = self._path_tree(root, root_in, pred, [path])
+                pred[path] = self._run(dseq, tree, feats)[index[path]]
+        tree = TokenTree.chain([root, *path])
+        return Draft(tree, None if sampling.greedy else torch.stack(rows))
+
+    def _expander(self, dseq: int, root: int, root_in: torch.Tensor, root_out: torch.Tensor):
+        pred: dict[Path_, torch.Tensor] = {(): root_out}
+
+        def expand(paths: list[Path_]) -> torch.Tensor:
+            if paths != [()]:
+                tree, feats, index = self._path_tree(root, root_in, pred, paths)
+                out = self._run(dseq, tree, feats)
+                pred.update({p: out[index[p]] for p in paths})
+            return self.head.logits(torch.stack([pred[p] for p in paths])).log_softmax(-1)
+
+        return expand
+
+    def _generator(self, seq_id: int, sampling: SamplingParams) -> torch.Generator:
+        gen = self._rng.get(seq_id)
+        if gen is None:
+            seed = None if sampling.seed is None else sampling.seed + 1_000_003  # independent of the verifier's
+            gen = self._rng[seq_id] = SamplingParams(1.0, seed=seed).generator(self.cache.k.device)
+        return gen
