@@ -21,16 +21,16 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import AutoConfig
 
 from specdec.attention import ATTENTION_NAME, AttentionBackend, ForwardContext, build_tree_batch, select_backend
+from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.interfaces import Draft
 from specdec.kv_cache import PagedKVCache
 from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
@@ -40,8 +40,6 @@ from specdec.tree_builders import best_first_tree
 if TYPE_CHECKING:
     from specdec.target import TargetModel
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 Path_ = tuple[int, ...]
 
@@ -126,18 +124,14 @@ class EagleHead(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` (fc + layer; no embedding, no LM head) to ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_model(self, str(path / WEIGHTS_FILE))
+        save_checkpoint(self, self.config, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, target: TargetModel) -> EagleHead:
         """Load a head saved by :meth:`save_pretrained` onto ``target`` (cast to its dtype; strict key check)."""
-        path = Path(path)
-        config = EagleConfig(**json.loads((path / CONFIG_FILE).read_text()))
-        head = cls(config, target)
-        head.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        config, state = read_checkpoint(path)
+        head = cls(EagleConfig(**config), target)
+        head.load_state_dict(state, strict=True)
         return head.eval()
 
 

@@ -12,16 +12,15 @@ is exact (greedy-identical at temperature 0, target-distributed above) for any h
 from __future__ import annotations
 
 import heapq
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_model
 from torch import nn
 
+from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.interfaces import Draft
 from specdec.sampling import GREEDY, SamplingParams
 from specdec.tree_builders import best_first_tree, static_tree
@@ -29,8 +28,6 @@ from specdec.tree_builders import best_first_tree, static_tree
 if TYPE_CHECKING:
     from specdec.target import TargetModel
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -134,18 +131,14 @@ class MedusaHeads(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` to folder ``path`` (a shared LM head is not saved)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_model(self, str(path / WEIGHTS_FILE))
+        save_checkpoint(self, self.config, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, lm_head: nn.Module | None = None) -> MedusaHeads:
         """Load heads saved by :meth:`save_pretrained` (weights keep their saved dtype; strict key check).
         ``lm_head`` is the target's LM head, required if the heads share it, else unused."""
-        path = Path(path)
-        config = MedusaConfig(**json.loads((path / CONFIG_FILE).read_text()))
-        state = load_file(str(path / WEIGHTS_FILE))
+        raw_config, state = read_checkpoint(path)
+        config = MedusaConfig(**raw_config)
         heads = cls(config, lm_head if config.share_lm_head else None)
         if state:
             heads.to(next(iter(state.values())).dtype)

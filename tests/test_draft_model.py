@@ -169,3 +169,8 @@ def test_choices_tree_takes_each_nodes_ranked_children():
 
     tree = choices_tree(9, [(0,), (1,), (0, 0), (0, 1)], expand)
     assert tree.tokens.tolist() == [9, 1, 2, 0, 1] and tree.parents.tolist() == [-1, 0, 0, 1, 1]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, deep_target):
+    with pytest.raises(ValueError, match="not a drafter checkpoint"):
+        build_drafter(DrafterSpec.parse(f"medusa:path={tmp_path}"), deep_target)
