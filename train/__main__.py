@@ -1,7 +1,8 @@
 """``python -m specdec.train <command>``: training-side tools.
 
-Commands: ``data`` (self-distillation data, see :mod:`specdec.train.data`). Trainers (``medusa``, ``eagle``,
-``draft``) are meant to be added as further subcommands. Bad input is reported as one ``error:`` line, exit 2.
+Commands: ``data`` (self-distillation data, see :mod:`specdec.train.data`) and ``medusa`` (Medusa heads, see
+:mod:`specdec.train.medusa`). Further trainers (``eagle``, ``draft``) are meant to be added as
+subcommands. Bad input is reported as one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -33,6 +34,28 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
 
+def add_medusa_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("medusa", help="train Medusa heads on self-distillation data")
+    p.add_argument("--data", required=True, help="distillation data folder (from the 'data' command)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints step_N, metrics.jsonl, wandb)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--heads", type=int, default=3, help="number of Medusa heads (= max draft depth)")
+    p.add_argument("--share-lm-head", action="store_true", help="heads end in the target's own LM head")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512, help="max response tokens used per example")
+    p.add_argument("--kd-weight", type=float, default=0.0, help="weight of the KL term against the target")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between verifier (tau) evaluations")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = only the last)")
+    p.add_argument("--eval-holdout", type=int, default=4, help="last N examples held out as eval prompts")
+    p.add_argument("--eval-max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-wandb", action="store_true", help="no W&B run (default: offline unless WANDB_API_KEY)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -43,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m specdec.train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
+    add_medusa_parser(sub)
     return parser
 
 
@@ -62,10 +86,25 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"wrote {len(prompts)} examples to {out} (see {out / 'manifest.json'})")
 
 
+def cmd_medusa(args: argparse.Namespace) -> None:
+    from specdec.target import load_model_and_tokenizer
+    from specdec.train.medusa import MedusaTrainConfig, train_medusa
+
+    config = MedusaTrainConfig(
+        data_dir=args.data, out_dir=args.out, num_heads=args.heads, share_lm_head=args.share_lm_head, lr=args.lr,
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight,
+        eval_every=args.eval_every, save_every=args.save_every, eval_holdout=args.eval_holdout,
+        eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, wandb=not args.no_wandb, resume=args.resume,
+    )
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    out = train_medusa(model, tokenizer, config)
+    print(f"trained Medusa heads: {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"data": cmd_data}[args.command](args)
+        {"data": cmd_data, "medusa": cmd_medusa}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specdec.train: error: {err}", file=sys.stderr)
         return 2
