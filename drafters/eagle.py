@@ -291,6 +291,5 @@ class EagleDrafter:
     def _generator(self, seq_id: int, sampling: SamplingParams) -> torch.Generator:
         gen = self._rng.get(seq_id)
         if gen is None:
-            seed = None if sampling.seed is None else sampling.seed + 1_000_003  # independent of the verifier's
-            gen = self._rng[seq_id] = SamplingParams(1.0, seed=seed).generator(self.cache.k.device)
+            gen = self._rng[seq_id] = sampling.draft_generator(self.cache.k.device)
         return gen

@@ -51,6 +51,17 @@ class SamplingParams:
         return gen
 
 
+    def draft_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator for a drafter's own samples: seeded from ``seed`` but a different stream than
+        :meth:`generator`, so draft and verification randomness are independent (fresh seed if ``seed`` is None)."""
+        gen = torch.Generator(device=device)
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed + 1_000_003)
+        return gen
+
+
 GREEDY = SamplingParams()
 
 
