@@ -43,3 +43,33 @@ def smollm2():
     from specdec.target import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None, torch.float32)
+
+
+def first_two_tokens_pvalue(target, drafter, prompt, trials, params, max_tree_nodes=8):
+    """Chi-square p-value of the first two generated tokens' joint (``trials`` seeded speculative runs) against the
+    exact target joint computed by enumerating the first token; also returns how many runs accepted a draft token.
+
+    The vocabulary must be small (the joint has ``V**2`` cells); the target cache is checked for leaks."""
+    from scipy.stats import chisquare
+
+    from specdec.engine import SpeculativeEngine
+    from specdec.sampling import SamplingParams, process_logits
+
+    vocab = target.vocab_size
+    with torch.inference_mode():
+        p1 = process_logits(target.model(torch.tensor([prompt])).logits[0, -1], params)
+        p2 = process_logits(target.model(torch.tensor([prompt + [a] for a in range(vocab)])).logits[:, -1], params)
+    expected = (p1[:, None] * p2).flatten()
+    cache = target.new_cache(16, 4)
+    engine = SpeculativeEngine(target, cache, drafter, max_tree_nodes=max_tree_nodes)
+    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+    accepted = 0
+    for i in range(trials):
+        run = SamplingParams(params.temperature, params.top_k, params.top_p, seed=i)
+        result = engine.generate(prompt, 3, sampling=run)
+        counts[result.tokens[0] * vocab + result.tokens[1]] += 1
+        accepted += int(result.stats.step_tokens > result.stats.steps)
+    assert cache.allocator.num_free == 16
+    assert counts[expected == 0].sum() == 0, "a token pair with zero target probability was generated"
+    keep = expected > 0
+    return chisquare(counts[keep], expected[keep] * counts[keep].sum() / expected[keep].sum()).pvalue, accepted
