@@ -105,18 +105,8 @@ def _medusa(spec: DrafterSpec, target: TargetModel) -> MedusaDrafter:
     return MedusaDrafter.untrained(target, num_heads=spec.heads, share_lm_head=True, **shape)
 
 
-def make_drafter(name: str, **kwargs: object) -> Drafter | None:
-    """Model-free drafters by name (``none``, ``ngram``); model-based ones need :func:`build_drafter`."""
-    if name == "none":
-        return None
-    if name == "ngram":
-        return NgramDrafter(**kwargs)
-    DrafterSpec.parse(name)  # raises for unknown names
-    raise ValueError(f"drafter {name!r} needs the target model: use build_drafter(DrafterSpec.parse(...), target)")
-
-
 __all__ = [
     "DRAFTER_NAMES", "DraftModelDrafter", "DrafterSpec", "EagleDrafter", "MedusaDrafter", "NgramDrafter",
     "SelfSpeculativeDrafter",
-    "build_drafter", "make_drafter",
+    "build_drafter",
 ]

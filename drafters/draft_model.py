@@ -28,7 +28,7 @@ from specdec.interfaces import Draft
 from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
-from specdec.tree_builders import best_first_tree, choices_tree
+from specdec.tree_builders import best_first_tree, choices_tree, union_tree
 
 
 class DraftModelDrafter:
@@ -137,7 +137,7 @@ class DraftModelDrafter:
         def expand(paths: list[tuple[int, ...]]) -> torch.Tensor:
             if paths == [()]:
                 return root_logits.log_softmax(-1)[None]
-            tree, index = _union_tree(root, paths)
+            tree, index = union_tree(root, paths)
             return self._forward_last(dseq, tree, [index[p] for p in paths]).log_softmax(-1)
 
         return expand
@@ -148,14 +148,3 @@ class DraftModelDrafter:
             gen = self._rng[seq_id] = sampling.draft_generator(self.model.device)
         return gen
 
-
-def _union_tree(root: int, paths: list[tuple[int, ...]]) -> tuple[TokenTree, dict[tuple[int, ...], int]]:
-    """The smallest tree under ``root`` containing every path (paths are token tuples below the root)."""
-    nodes = sorted({p[:d] for p in paths for d in range(1, len(p) + 1)}, key=lambda p: (len(p), p))
-    index = {(): 0}
-    tokens, parents = [root], [-1]
-    for p in nodes:
-        index[p] = len(tokens)
-        tokens.append(p[-1])
-        parents.append(index[p[:-1]])
-    return TokenTree(torch.tensor(tokens), torch.tensor(parents)), index

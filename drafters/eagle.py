@@ -35,7 +35,7 @@ from specdec.interfaces import Draft
 from specdec.kv_cache import PagedKVCache
 from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
 from specdec.tree import TokenTree
-from specdec.tree_builders import best_first_tree
+from specdec.tree_builders import best_first_tree, union_tree
 
 if TYPE_CHECKING:
     from specdec.target import TargetModel
@@ -250,15 +250,10 @@ class EagleDrafter:
     def _path_tree(self, root: int, root_in: torch.Tensor, pred: dict[Path_, torch.Tensor],
                    paths: list[Path_]) -> tuple[TokenTree, torch.Tensor, dict[Path_, int]]:
         """Union tree of ``paths`` and each node's input feature (root: real; others: parent's prediction)."""
-        nodes = sorted({p[:d] for p in paths for d in range(1, len(p) + 1)}, key=lambda p: (len(p), p))
-        index: dict[Path_, int] = {(): 0}
-        tokens, parents, feats = [root], [-1], [root_in]
-        for p in nodes:
-            index[p] = len(tokens)
-            tokens.append(p[-1])
-            parents.append(index[p[:-1]])
-            feats.append(pred[p[:-1]])
-        return TokenTree(torch.tensor(tokens), torch.tensor(parents)), torch.stack(feats), index
+        tree, index = union_tree(root, paths)
+        by_node = sorted(index, key=index.__getitem__)  # path prefixes in node order; () is the root
+        feats = [root_in] + [pred[p[:-1]] for p in by_node[1:]]
+        return tree, torch.stack(feats), index
 
     def _chain(self, dseq: int, root: int, root_in: torch.Tensor, root_out: torch.Tensor, sampling: SamplingParams,
                gen: torch.Generator) -> Draft:

@@ -101,3 +101,16 @@ def default_choices() -> list[tuple[int, ...]]:
     """A 15-node static tree (Medusa-style, sorted): wide near the root, a top-1 spine to depth 4."""
     return [(0,), (1,), (2,), (3,), (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
             (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0, 0)]
+
+
+def union_tree(root: int, paths: Sequence[tuple[int, ...]]) -> tuple[TokenTree, dict[tuple[int, ...], int]]:
+    """The smallest tree under ``root`` containing every path (token tuples below the root), nodes ordered by
+    ``(depth, path)``, and the node index of every path prefix (``()`` -> 0)."""
+    nodes = sorted({p[:d] for p in paths for d in range(1, len(p) + 1)}, key=lambda p: (len(p), p))
+    index = {(): 0}
+    tokens, parents = [root], [-1]
+    for p in nodes:
+        index[p] = len(tokens)
+        tokens.append(p[-1])
+        parents.append(index[p[:-1]])
+    return TokenTree(torch.tensor(tokens), torch.tensor(parents)), index

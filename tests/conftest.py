@@ -73,3 +73,11 @@ def first_two_tokens_pvalue(target, drafter, prompt, trials, params, max_tree_no
     assert counts[expected == 0].sum() == 0, "a token pair with zero target probability was generated"
     keep = expected > 0
     return chisquare(counts[keep], expected[keep] * counts[keep].sum() / expected[keep].sum()).pvalue, accepted
+
+
+def assert_same_committed_kv(cache_a, seq_a, cache_b, seq_b, n):
+    """K and V of logical positions ``[0, n)`` agree (all layers) between two paged caches."""
+    for a, b in ((cache_a.k, cache_b.k), (cache_a.v, cache_b.v)):
+        ours = a.flatten(1, 2)[:, cache_a.slots(seq_a, torch.arange(n))]
+        ref = b.flatten(1, 2)[:, cache_b.slots(seq_b, torch.arange(n))]
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)

@@ -19,7 +19,7 @@ from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
 from specdec.tree_builders import best_first_tree, choices_tree, default_choices
 
-from .conftest import first_two_tokens_pvalue, tiny_llama
+from .conftest import assert_same_committed_kv, first_two_tokens_pvalue, tiny_llama
 
 SHAPES = {"chain": "chain", "dynamic": "dynamic", "static": default_choices()}
 
@@ -68,10 +68,7 @@ def test_draft_state_after_a_rejection_equals_a_fresh_drafter(deep_model):
     assert after.tree.tokens.tolist() == fresh_proposal.tree.tokens.tolist()
     n = drafter.cache.num_tokens(drafter._seqs[0])
     assert n == fresh.cache.num_tokens(fresh._seqs[7]) == history.numel() - 1  # only real history is committed
-    for mine, theirs in ((drafter.cache.k, fresh.cache.k), (drafter.cache.v, fresh.cache.v)):
-        ours = mine.flatten(1, 2)[:, drafter.cache.slots(drafter._seqs[0], torch.arange(n))]
-        ref = theirs.flatten(1, 2)[:, fresh.cache.slots(fresh._seqs[7], torch.arange(n))]
-        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    assert_same_committed_kv(drafter.cache, drafter._seqs[0], fresh.cache, fresh._seqs[7], n)
     drafter.release(0)
     fresh.release(7)
     assert drafter.cache.allocator.num_free == 32

@@ -11,7 +11,7 @@ from specdec.engine import SpeculativeEngine
 from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
 
-from .conftest import first_two_tokens_pvalue, tiny_llama
+from .conftest import assert_same_committed_kv, first_two_tokens_pvalue, tiny_llama
 
 OPTIONS = {"depth": 3, "budget": 8, "topk": 2, "num_blocks": 64, "block_size": 4}
 
@@ -92,10 +92,7 @@ def test_draft_state_after_a_rejection_equals_a_fresh_drafter(target):
     assert after.tree.tokens.tolist() == fresh_proposal.tree.tokens.tolist()
     n = drafter.cache.num_tokens(drafter._seqs[0])
     assert n == fresh.cache.num_tokens(fresh._seqs[7]) == new_history.numel() - 2  # real pairs, root excluded
-    for mine, theirs in ((drafter.cache.k, fresh.cache.k), (drafter.cache.v, fresh.cache.v)):
-        ours = mine.flatten(1, 2)[:, drafter.cache.slots(drafter._seqs[0], torch.arange(n))]
-        ref = theirs.flatten(1, 2)[:, fresh.cache.slots(fresh._seqs[7], torch.arange(n))]
-        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    assert_same_committed_kv(drafter.cache, drafter._seqs[0], fresh.cache, fresh._seqs[7], n)
     drafter.release(0)
     fresh.release(7)
     assert drafter.cache.allocator.num_free == 32 and fresh.cache.allocator.num_free == 32

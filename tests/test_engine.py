@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from specdec.drafters import NgramDrafter, make_drafter
+from specdec.drafters import DrafterSpec, NgramDrafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft
 from specdec.kv_cache import OutOfBlocks
@@ -163,4 +163,4 @@ def test_vocabulary_mismatch_and_unknown_drafter(tiny_target):
     with pytest.raises(ValueError, match="tokenizer mismatch: the drafter's vocabulary has 65 tokens, the target's 64"):
         SpeculativeEngine(tiny_target, tiny_target.new_cache(4, 4), Other(None))
     with pytest.raises(ValueError, match="unknown drafter 'medusa2'"):
-        make_drafter("medusa2")
+        DrafterSpec.parse("medusa2")
