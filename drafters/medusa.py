@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from specdec.checkpoint import read_checkpoint, save_checkpoint
+from specdec.draft_vocab import check_vocab_ids, expand_logits
 from specdec.interfaces import Draft
 from specdec.sampling import GREEDY, SamplingParams
 from specdec.tree_builders import best_first_tree, static_tree
@@ -43,6 +44,8 @@ class MedusaConfig:
             ``False``, as in Medusa-1 and its released checkpoints: a per-head LM head (initialised from the
             target's) lets each head specialise and gives better acceptance; sharing saves ``K * V * H``
             parameters (for SmolLM2-135M, 28M per head), at the cost of expressiveness.
+        draft_vocab_size: ``N``, the heads score only ``N`` target tokens (:mod:`specdec.draft_vocab`; the ids
+            are the saved ``vocab_ids`` buffer); 0 = the full vocabulary.
     """
 
     hidden_size: int
@@ -50,10 +53,13 @@ class MedusaConfig:
     num_heads: int
     num_layers: int = 1
     share_lm_head: bool = False
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if min(self.hidden_size, self.vocab_size, self.num_heads) < 1 or self.num_layers < 0:
             raise ValueError(f"bad Medusa config: need positive sizes and num_layers >= 0, got {self}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [0, {self.vocab_size}], got {self.draft_vocab_size}")
 
 
 class ResBlock(nn.Module):
@@ -83,9 +89,13 @@ class MedusaHeads(nn.Module):
         The target's LM head (``Linear(H, V)``, ``weight [V, H]``). Required when ``config.share_lm_head``: it is
         then used as is, never registered, saved, moved or cast here (the target owns it). Otherwise it only
         initialises each head's own LM head (copied); ``None`` leaves them randomly initialised.
+    vocab_ids : torch.Tensor, optional
+        Shape ``[N]``, int64, sorted: the draft vocabulary, required iff ``config.draft_vocab_size`` (``N``). The
+        heads' LM heads then have ``N`` rows (initialised from / sliced out of the target's rows ``vocab_ids``).
     """
 
-    def __init__(self, config: MedusaConfig, lm_head: nn.Module | None = None) -> None:
+    def __init__(self, config: MedusaConfig, lm_head: nn.Module | None = None,
+                 vocab_ids: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         h, v = config.hidden_size, config.vocab_size
@@ -93,18 +103,27 @@ class MedusaHeads(nn.Module):
             raise ValueError(f"LM head weight has shape {tuple(lm_head.weight.shape)}, the heads need {(v, h)}")
         if config.share_lm_head and lm_head is None:
             raise ValueError("share_lm_head=True needs the target's LM head (lm_head=...)")
+        if (vocab_ids is None) != (config.draft_vocab_size == 0) or (
+                vocab_ids is not None and vocab_ids.numel() != config.draft_vocab_size):
+            raise ValueError(f"draft_vocab_size={config.draft_vocab_size} needs exactly that many vocab_ids")
+        self.register_buffer("vocab_ids", None if vocab_ids is None else check_vocab_ids(vocab_ids.clone(), v))
         factory = {} if lm_head is None else {"dtype": lm_head.weight.dtype, "device": lm_head.weight.device}
+        rows = None
+        if lm_head is not None:
+            rows = lm_head.weight.detach() if vocab_ids is None else lm_head.weight.detach()[vocab_ids]
         heads = []
         for _ in range(config.num_heads):
             layers: list[nn.Module] = [ResBlock(h, **factory) for _ in range(config.num_layers)]
             if not config.share_lm_head:
-                own = nn.Linear(h, v, bias=False, **factory)
-                if lm_head is not None:
-                    own.weight.data.copy_(lm_head.weight.detach())
+                own = nn.Linear(h, config.draft_vocab_size or v, bias=False, **factory)
+                if rows is not None:
+                    own.weight.data.copy_(rows)
                 layers.append(own)
             heads.append(nn.Sequential(*layers))
         self.heads = nn.ModuleList(heads)
-        object.__setattr__(self, "shared_lm_head", lm_head if config.share_lm_head else None)  # not a submodule
+        # The shared projection (the target's LM head, or its draft-vocabulary rows) is not a submodule: the target
+        # owns it, so it is never saved, moved or cast here.
+        object.__setattr__(self, "shared_weight", rows if config.share_lm_head else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every head's logits.
@@ -117,17 +136,22 @@ class MedusaHeads(nn.Module):
         Returns
         -------
         torch.Tensor
-            Shape ``[..., K, V]``, float (the LM heads' dtype): ``[..., k, :]`` are head ``k + 1``'s logits, for
-            the token ``k + 1`` places after the one ``hidden`` predicts.
+            Shape ``[..., K, N]``, float (the LM heads' dtype): ``[..., k, :]`` are head ``k + 1``'s logits, for
+            the token ``k + 1`` places after the one ``hidden`` predicts, over the draft vocabulary (``N = V``
+            without one; see :meth:`full_logits`).
         """
         out = []
         for head in self.heads:
             first = next(head.parameters(), None)
             h = head(hidden if first is None else hidden.to(first.dtype))
-            if self.shared_lm_head is not None:
-                h = self.shared_lm_head(h.to(self.shared_lm_head.weight.dtype))
+            if self.shared_weight is not None:
+                h = nn.functional.linear(h.to(self.shared_weight.dtype), self.shared_weight)
             out.append(h)
         return torch.stack(out, dim=-2)
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` over the target's whole vocabulary: ``[..., K, V]``, ``-inf`` outside the draft vocab."""
+        return expand_logits(self(hidden), self.vocab_ids, self.config.vocab_size)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` to folder ``path`` (a shared LM head is not saved)."""
@@ -139,9 +163,10 @@ class MedusaHeads(nn.Module):
         ``lm_head`` is the target's LM head, required if the heads share it, else unused."""
         raw_config, state = read_checkpoint(path)
         config = MedusaConfig(**raw_config)
-        heads = cls(config, lm_head if config.share_lm_head else None)
-        if state:
-            heads.to(next(iter(state.values())).dtype)
+        heads = cls(config, lm_head if config.share_lm_head else None, state.get("vocab_ids"))
+        dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
+        if dtypes:
+            heads.to(dtypes[0])
         heads.load_state_dict(state, strict=True)  # copies into fresh (aligned) parameters
         return heads.eval()
 
@@ -253,7 +278,7 @@ class MedusaDrafter:
         if missing:
             raise ValueError(f"MedusaDrafter has no hidden state for sequence(s) {missing}: call accept(seq_id, "
                              "tokens, hidden) with the target's hidden states after prefill first")
-        logits = self.heads(torch.stack([self._hidden[s] for s in seq_ids]))  # [B, K, V]
+        logits = self.heads.full_logits(torch.stack([self._hidden[s] for s in seq_ids]))  # [B, K, V]
         drafts = []
         for head_logits, history in zip(logits, histories, strict=True):
             root = int(history[-1])

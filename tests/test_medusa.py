@@ -55,6 +55,9 @@ class OracleHeads(nn.Module):
                     logits[b, k, self.reference[p + 2 + k]] = 5.0
         return logits
 
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self(hidden)  # no draft vocabulary
+
 
 # ---------------------------------------------------------------------- heads
 
@@ -145,7 +148,8 @@ def test_save_load_gives_identical_proposals(target, tmp_path, share):
     _perturb(drafter.heads).save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "config.json").read_text()) == {
-        "hidden_size": 32, "vocab_size": 64, "num_heads": 3, "num_layers": 1, "share_lm_head": share}
+        "hidden_size": 32, "vocab_size": 64, "num_heads": 3, "num_layers": 1, "share_lm_head": share,
+        "draft_vocab_size": 0}
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     assert ((64, 32) in shapes.values()) != share  # a shared LM head is never saved

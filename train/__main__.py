@@ -1,8 +1,8 @@
 """``python -m specdec.train <command>``: training-side tools.
 
-Commands: ``data`` (self-distillation data, see :mod:`specdec.train.data`) and ``medusa`` (Medusa heads, see
-:mod:`specdec.train.medusa`). Further trainers (``eagle``, ``draft``) are meant to be added as
-subcommands. Bad input is reported as one ``error:`` line, exit 2.
+Commands: ``data`` (self-distillation data, :mod:`specdec.train.data`), ``medusa`` (Medusa heads,
+:mod:`specdec.train.medusa`), ``eagle`` (EAGLE-style head, :mod:`specdec.train.eagle`), ``draft`` (small draft LM,
+:mod:`specdec.train.draft_lm`). Bad input is reported as one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from specdec.train.loop import LoopConfig
 
 DEFAULT_OUT = "out/distill"
 
@@ -21,6 +23,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: self-instruct and gsm8k)")
     p.add_argument("--field", default=None, help="text field of a PATH / HF source")
     p.add_argument("--data-dir", default="../shared/data", help="folder of the built-in sources")
+    p.add_argument("--max-per-source", type=int, default=None, help="at most N prompts of each source")
     p.add_argument("--limit", type=int, default=None, help="number of prompts (after shuffling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (shards + manifest.json); reruns resume")
@@ -34,17 +37,19 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
 
-def add_medusa_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("medusa", help="train Medusa heads on self-distillation data")
-    p.add_argument("--data", required=True, help="distillation data folder (from the 'data' command)")
+def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
+    """Arguments every trainer shares (:class:`specdec.train.loop.LoopConfig`, data, model)."""
+    p.add_argument("--data", required=True, action="append",
+                   help="distillation data folder (from the 'data' command); repeat to train on several")
     p.add_argument("--out", required=True, help="output folder (checkpoints step_N, metrics.jsonl, wandb)")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--heads", type=int, default=3, help="number of Medusa heads (= max draft depth)")
-    p.add_argument("--share-lm-head", action="store_true", help="heads end in the target's own LM head")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (warmup, then cosine to 10%%)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512, help="max response tokens used per example")
-    p.add_argument("--kd-weight", type=float, default=0.0, help="weight of the KL term against the target")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="score only the N most frequent response tokens (0 = the full vocabulary)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between verifier (tau) evaluations")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = only the last)")
     p.add_argument("--eval-holdout", type=int, default=4, help="last N examples held out as eval prompts")
@@ -54,6 +59,41 @@ def add_medusa_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def loop_config(args: argparse.Namespace, project: str) -> LoopConfig:
+    return LoopConfig(
+        out_dir=args.out, steps=args.steps, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
+        eval_every=args.eval_every, save_every=args.save_every, eval_max_new_tokens=args.eval_max_new_tokens,
+        seed=args.seed, wandb=not args.no_wandb, wandb_project=project, resume=args.resume,
+    )
+
+
+def add_medusa_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("medusa", help="train Medusa heads on self-distillation data")
+    add_loop_args(p, lr=1e-3)
+    p.add_argument("--heads", type=int, default=3, help="number of Medusa heads (= max draft depth)")
+    p.add_argument("--share-lm-head", action="store_true", help="heads end in the target's own LM head")
+    p.add_argument("--kd-weight", type=float, default=0.0, help="weight of the KL term against the target")
+
+
+def add_eagle_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eagle", help="train an EAGLE-style feature head on self-distillation data")
+    add_loop_args(p, lr=1e-3)
+    p.add_argument("--unroll", type=int, default=3, help="training-time-test passes (1 = teacher forcing)")
+    p.add_argument("--kd-weight", type=float, default=0.1, help="weight of the KD term through the LM head")
+    p.add_argument("--noise", type=float, default=0.2, help="width of the uniform noise on input features")
+
+
+def add_draft_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("draft", help="distill a small draft LM (forward KL / TV, optionally on-policy)")
+    add_loop_args(p, lr=1e-4)
+    p.add_argument("--draft-model", default=None, help="HF id or folder (default: the target's first --layers)")
+    p.add_argument("--layers", type=int, default=4, help="layers of the target copied into the draft model")
+    p.add_argument("--loss", default="forward_kl", choices=["forward_kl", "tv"])
+    p.add_argument("--on-policy", type=float, default=0.0, help="fraction of steps on the draft's own samples")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of on-policy samples")
+    p.add_argument("--on-policy-tokens", type=int, default=64)
 
 
 def _cuda() -> bool:
@@ -67,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
     add_medusa_parser(sub)
+    add_eagle_parser(sub)
+    add_draft_parser(sub)
     return parser
 
 
@@ -75,7 +117,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     from specdec.train.data import DataConfig, generate_distillation_data, load_instruction_prompts
 
     config = DataConfig(
-        sources=tuple(args.source or ("self-instruct", "gsm8k")), field=args.field, data_dir=args.data_dir,
+        sources=tuple(args.source or ("self-instruct", "gsm8k")), field=args.field, max_per_source=args.max_per_source,
+        data_dir=args.data_dir,
         limit=args.limit, seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         temperature=args.temperature, store_hidden=args.store_hidden, topk_logits=args.topk_logits,
         out_dir=args.out, shard_size=args.shard_size, model=args.model,
@@ -91,20 +134,48 @@ def cmd_medusa(args: argparse.Namespace) -> None:
     from specdec.train.medusa import MedusaTrainConfig, train_medusa
 
     config = MedusaTrainConfig(
-        data_dir=args.data, out_dir=args.out, num_heads=args.heads, share_lm_head=args.share_lm_head, lr=args.lr,
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight,
-        eval_every=args.eval_every, save_every=args.save_every, eval_holdout=args.eval_holdout,
-        eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, wandb=not args.no_wandb, resume=args.resume,
+        data_dir=tuple(args.data), loop=loop_config(args, "specdec-medusa"), num_heads=args.heads,
+        share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
+        seq_len=args.seq_len, kd_weight=args.kd_weight, eval_holdout=args.eval_holdout,
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     out = train_medusa(model, tokenizer, config)
     print(f"trained Medusa heads: {out}")
 
 
+def cmd_eagle(args: argparse.Namespace) -> None:
+    from specdec.target import load_model_and_tokenizer
+    from specdec.train.eagle import EagleTrainConfig, train_eagle
+
+    config = EagleTrainConfig(
+        data_dir=tuple(args.data), loop=loop_config(args, "specdec-eagle"), draft_vocab_size=args.draft_vocab,
+        unroll=args.unroll, batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight,
+        noise=args.noise, eval_holdout=args.eval_holdout,
+    )
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    out = train_eagle(model, tokenizer, config)
+    print(f"trained EAGLE head: {out}")
+
+
+def cmd_draft(args: argparse.Namespace) -> None:
+    from specdec.target import load_model_and_tokenizer
+    from specdec.train.draft_lm import DraftTrainConfig, train_draft_lm
+
+    config = DraftTrainConfig(
+        data_dir=tuple(args.data), loop=loop_config(args, "specdec-draft"), draft=args.draft_model, layers=args.layers,
+        loss=args.loss, on_policy=args.on_policy, temperature=args.temperature,
+        on_policy_tokens=args.on_policy_tokens, batch_size=args.batch_size, seq_len=args.seq_len,
+        eval_holdout=args.eval_holdout,
+    )
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    out = train_draft_lm(model, tokenizer, config)
+    print(f"trained draft model: {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"data": cmd_data, "medusa": cmd_medusa}[args.command](args)
+        {"data": cmd_data, "medusa": cmd_medusa, "eagle": cmd_eagle, "draft": cmd_draft}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specdec.train: error: {err}", file=sys.stderr)
         return 2

@@ -57,7 +57,8 @@ BUILTIN_SOURCES = {
     "gsm8k": "gsm8k/train.jsonl",
 }
 # Settings that change what is stored: a resumed run must use the same ones.
-_RESUME_KEYS = ("sources", "field", "seed", "max_new_tokens", "temperature", "store_hidden", "topk_logits", "model")
+_RESUME_KEYS = ("sources", "field", "max_per_source", "seed", "max_new_tokens", "temperature", "store_hidden",
+                "topk_logits", "model")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class DataConfig:
             (``owner/name``, read from the local cache) whose text column is ``field``.
         field: text column of a file / HF source (default: the first of instruction, question, prompt, text).
         data_dir: folder of the built-in sources; relative paths are tried against the cwd, then the project root.
+        max_per_source: keep at most this many prompts of each source (drawn with ``seed``) before mixing, so a
+            small source (175 self-instruct tasks) is not drowned by a large one (7,473 GSM8K questions).
         limit: keep the first ``limit`` prompts after shuffling (``None`` = all).
         seed: shuffles the prompt order (and seeds sampling when ``temperature > 0``).
         max_new_tokens / batch_size / temperature: generation settings; ``temperature = 0`` is greedy.
@@ -81,6 +84,7 @@ class DataConfig:
 
     sources: tuple[str, ...] = ("self-instruct", "gsm8k")
     field: str | None = None
+    max_per_source: int | None = None
     data_dir: str = "../shared/data"
     limit: int | None = None
     seed: int = 0
@@ -100,8 +104,9 @@ class DataConfig:
                             ("shard_size", self.shard_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        for name, value in (("limit", self.limit), ("max_per_source", self.max_per_source)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.temperature < 0 or self.topk_logits < 0:
             raise ValueError("temperature and topk_logits must be >= 0")
 
@@ -163,8 +168,14 @@ def _load_source(source: str, config: DataConfig) -> list[str]:
 
 
 def load_instruction_prompts(config: DataConfig) -> list[str]:
-    """All prompts of ``config.sources`` (empty ones dropped), shuffled with ``config.seed``, cut to ``limit``."""
-    prompts = [p for source in config.sources for p in _load_source(source, config) if p.strip()]
+    """All prompts of ``config.sources`` (empty ones dropped; at most ``max_per_source`` of each, drawn with
+    ``config.seed``), shuffled with ``config.seed``, cut to ``limit``."""
+    prompts = []
+    for source in config.sources:
+        texts = [p for p in _load_source(source, config) if p.strip()]
+        if config.max_per_source is not None and len(texts) > config.max_per_source:
+            texts = random.Random(config.seed).sample(texts, config.max_per_source)
+        prompts += texts
     random.Random(config.seed).shuffle(prompts)
     return prompts[: config.limit] if config.limit else prompts
 
@@ -345,16 +356,24 @@ def generate_distillation_data(model: PreTrainedModel, tokenizer: PreTrainedToke
     return out_dir
 
 
-def load_distillation_data(out_dir: str | Path) -> Dataset:
-    """All shards of ``out_dir`` concatenated, in prompt order.
+def load_distillation_data(out_dir: str | Path | Sequence[str | Path]) -> Dataset:
+    """All shards of ``out_dir`` (or of several such folders, in the order given) concatenated, in prompt order.
 
     ``.with_format("numpy", dtype=None)`` gives the arrays as stored (float16); the plain numpy format upcasts to
     float32, ``.with_format("torch")`` gives tensors."""
-    out_dir = Path(out_dir)
-    manifest_path = out_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"no distillation data in {out_dir} (manifest.json missing)")
-    shards = json.loads(manifest_path.read_text())["shards"]
-    if not shards:
-        raise ValueError(f"no shards in {out_dir}")
-    return concatenate_datasets([load_from_disk(str(out_dir / s["name"])) for s in shards])
+    dirs = [Path(out_dir)] if isinstance(out_dir, (str, Path)) else [Path(d) for d in out_dir]
+    parts = []
+    for folder in dirs:
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise ValueError(f"no distillation data in {folder} (manifest.json missing)")
+        shards = json.loads(manifest_path.read_text())["shards"]
+        if not shards:
+            raise ValueError(f"no shards in {folder}")
+        parts += [load_from_disk(str(folder / s["name"])) for s in shards]
+    if not parts:
+        raise ValueError("no distillation data folders given")
+    columns = {tuple(sorted(p.column_names)) for p in parts}
+    if len(columns) > 1:
+        raise ValueError(f"distillation data folders {[str(d) for d in dirs]} hold different columns: {columns}")
+    return concatenate_datasets(parts)

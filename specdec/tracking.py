@@ -1,4 +1,4 @@
-"""Experiment tracking for the trainers: a thin layer over Weights & Biases.
+"""Experiment tracking for training and experiments: a thin layer over Weights & Biases.
 
 Runs are **offline by default**: without ``WANDB_API_KEY`` in the environment ``wandb.init`` gets
 ``mode="offline"`` (files only, sync later with ``wandb sync``); with a key it runs online. An explicit
