@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from specdec.attention import select_backend
-from specdec.bench import format_table, run_bench, write_report
+from specdec.bench import format_table, write_report
 from specdec.drafters import DRAFTER_NAMES, DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
+from specdec.experiment import Grid, run_experiment
 from specdec.kv_cache import OutOfBlocks
 from specdec.plots import plot_report
-from specdec.prompts import builtin_prompts_path, encode_prompt, load_prompts
+from specdec.prompts import Prompt, builtin_prompts_path, encode_prompt, load_hf_prompts, load_prompts
 from specdec.sampling import SamplingParams
 from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model_and_tokenizer
 
@@ -52,6 +53,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-topk", type=int, default=None, help="children per expanded node (dynamic tree)")
 
 
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """Where prompts come from: a file (default: the built-in set) or a Hugging Face dataset."""
+    p.add_argument("--prompts", default=None,
+                   help="JSON list or JSONL file (prompt or Spec-Bench question_id/category/turns records; "
+                        "default: the built-in set)")
+    p.add_argument("--dataset", default=None, help="Hugging Face dataset id instead of --prompts (e.g. gsm8k)")
+    p.add_argument("--dataset-config", default=None, help="dataset configuration name (e.g. main)")
+    p.add_argument("--split", default="test", help="dataset split")
+    p.add_argument("--field", default=None, help="dataset text column (default: question, prompt, ...)")
+    p.add_argument("--limit", type=int, default=None, help="K prompts (a dataset: a fixed sample of K rows)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the dataset sample")
+    p.add_argument("--per-category", type=int, default=None, help="first K prompts of each category")
+    p.add_argument("--multi-turn", action="store_true", help="run every turn, earlier answers in the context")
+
+
+def load_prompt_set(args: argparse.Namespace) -> list[Prompt]:
+    if args.dataset is not None:
+        if args.prompts is not None:
+            raise ValueError("give --prompts or --dataset, not both")
+        return load_hf_prompts(args.dataset, args.split, args.field, args.dataset_config, args.limit,
+                               args.sample_seed)
+    return load_prompts(args.prompts or builtin_prompts_path(), args.limit, args.per_category)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding with token trees.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,11 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--drafter", default="ngram", help=f"NAME[:key=value,...], NAME one of {list(DRAFTER_NAMES)}")
     _common(gen)
     bench = sub.add_parser("bench", help="HF greedy vs specdec autoregressive vs drafters on a prompt set")
-    bench.add_argument("--prompts", default=None, help="JSON list or JSONL file (default: the built-in set)")
     bench.add_argument("--drafter", nargs="+", default=["ngram"],
                        help=f"drafter specs to run, NAME[:key=value,...] with NAME in {list(DRAFTER_NAMES)}")
-    bench.add_argument("--limit", type=int, default=None, help="first K prompts")
-    bench.add_argument("--per-category", type=int, default=None, help="first K prompts of each category")
+    add_prompt_args(bench)
     bench.add_argument("--out", default="report.json")
     _common(bench)
     return parser
@@ -76,10 +99,20 @@ def _load(args: argparse.Namespace) -> tuple[TargetModel, object]:
     return TargetModel(model, backend), tokenizer
 
 
+def spec_defaults(args: argparse.Namespace) -> dict:
+    """Drafter-spec keys set by flags (``--tree``, ``--tree-budget``, ...); a spec string's own keys win."""
+    return {"layers": args.draft_layers, "tree": args.tree, "depth": args.tree_depth, "budget": args.tree_budget,
+            "topk": args.tree_topk}
+
+
+def spec_paths(args: argparse.Namespace) -> dict[str, str]:
+    """Default ``path`` per drafter name from ``--draft-model`` / ``--drafter-path``."""
+    paths = {"draft-model": args.draft_model, "medusa": args.drafter_path, "eagle": args.drafter_path}
+    return {k: v for k, v in paths.items() if v is not None}
+
+
 def _spec(text: str, args: argparse.Namespace) -> DrafterSpec:
-    path = args.draft_model if text.startswith("draft-model") else args.drafter_path
-    return DrafterSpec.parse(text, path=path, layers=args.draft_layers, tree=args.tree, depth=args.tree_depth,
-                             budget=args.tree_budget, topk=args.tree_topk)
+    return DrafterSpec.parse(text, path=spec_paths(args).get(text.partition(":")[0]), **spec_defaults(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -113,14 +146,15 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    sampling = _sampling(args)
-    specs = [_spec(text, args) for text in args.drafter]
-    prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit, args.per_category)
+    grid = Grid(drafters=tuple(args.drafter), temperatures=(args.temperature,), max_new_tokens=args.max_new_tokens,
+                multi_turn=args.multi_turn, chat=args.chat, top_k=args.top_k, top_p=args.top_p, seed=args.seed or 0,
+                acceptance=args.acceptance, num_blocks=args.num_blocks, block_size=args.block_size,
+                spec_defaults=spec_defaults(args), paths=spec_paths(args))
+    grid.methods()  # fail fast on a bad spec, before loading the model
+    prompts = load_prompt_set(args)
     target, tokenizer = _load(args)
-    report = run_bench(
-        target, tokenizer, prompts, dict(zip(args.drafter, specs, strict=True)), args.max_new_tokens, args.chat,
-        args.num_blocks, args.block_size, sampling, args.acceptance,
-    )
+    result = run_experiment(target, tokenizer, prompts, grid)
+    [report] = result.reports
     print(format_table(report))
     write_report(report, args.out)
     out = Path(args.out)

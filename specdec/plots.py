@@ -1,4 +1,4 @@
-"""PNG plots of a bench report: speedup by category and acceptance rate by tree depth."""
+"""PNG plots of bench / experiment reports: speedup by category, acceptance rate by tree depth, tau vs budget."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def _acceptance_by_depth(report: dict, path: Path) -> Path:
     ax.set_ylabel("acceptance rate (conditional)")
     ax.set_ylim(0, 1.05)
     return _finish(fig, ax, "Acceptance by depth", path)
+
+
+def plot_tau_vs_budget(series: dict[str, list[tuple[int, float]]], path: str | Path,
+                       ylabel: str = "tau (tokens per target forward)") -> Path:
+    """One line per drafter: ``series[name] = [(tree budget, tau), ...]`` (e.g. dynamic trees of 4..64 nodes)."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, points in sorted(series.items()):
+        points = sorted(points)
+        ax.plot([b for b, _ in points], [t for _, t in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree budget (nodes, root included)")
+    ax.set_ylabel(ylabel)
+    return _finish(fig, ax, "tau vs tree budget", Path(path))
 
 
 def _finish(fig, ax, title: str, path: Path) -> Path:

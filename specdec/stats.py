@@ -11,6 +11,9 @@ Definitions (shared by inference, benchmarks and training):
 
 from __future__ import annotations
 
+import random
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -84,6 +87,21 @@ class RequestStats:
             f"tau {self.tau:.2f} over {self.steps} steps | draft {self.draft_s:.2f}s verify {self.verify_s:.2f}s "
             f"prefill {self.prefill_s:.2f}s"
         )
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
+            seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean over prompts and a percentile-bootstrap confidence interval (fixed
+    ``seed``, so a report is reproducible). One value gives ``(v, v, v)``; none raises ``ValueError``."""
+    if not values:
+        raise ValueError("mean_ci needs at least one value")
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return mean, mean, mean
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return mean, means[int(tail * (resamples - 1))], means[int((1 - tail) * (resamples - 1))]
 
 
 def _grow(xs: list[int], n: int) -> None:

@@ -10,12 +10,12 @@ import torch
 
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.target import TargetModel
+from specdec.tracking import read_offline_run
 from specdec.train import data as D
 from specdec.train import medusa as M
 from specdec.train.__main__ import main as train_main
 from specdec.train.loop import LoopConfig, batch_indices, example_features, latest_checkpoint, read_metrics
 from specdec.train.medusa import MedusaTrainConfig, train_medusa
-from specdec.tracking import read_offline_run
 from tests.conftest import tiny_llama
 from tests.test_train_data import char_tokenizer
 

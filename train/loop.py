@@ -26,13 +26,13 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specdec import tracking
 from specdec.checkpoint import read_checkpoint
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Drafter
 from specdec.prompts import encode_prompt
 from specdec.stats import RequestStats
 from specdec.target import TargetModel
-from specdec import tracking
 
 
 @dataclass(frozen=True)
