@@ -8,6 +8,8 @@ drafter is named by a spec string ``NAME[:key=value,...]``, e.g. ``ngram``, ``se
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +23,19 @@ from specdec.target import TargetModel
 from specdec.tree_builders import chain_choices, default_choices
 
 DRAFTER_NAMES = ("none", "ngram", "draft-model", "self", "medusa", "eagle")
+SHIPPED = "shipped"  # ``path=shipped``: the weights trained for the embedded SmolLM2-135M-Instruct
+
+
+def shipped_weights(name: str) -> Path:
+    """Folder of the trained ``name`` (``eagle`` or ``medusa``) heads shipped for SmolLM2-135M-Instruct."""
+    path = Path(str(resources.files("specdec") / "weights" / "smollm2-135m-instruct" / name))
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"no shipped {name} weights (looked in {path})")
+    return path
+
+
+def _resolve(spec: DrafterSpec) -> str | None:
+    return str(shipped_weights(spec.name)) if spec.path == SHIPPED else spec.path
 
 
 @dataclass(frozen=True)
@@ -28,8 +43,9 @@ class DrafterSpec:
     """Options of one drafter (the edge-level config; library classes take plain arguments).
 
     ``tree``: ``chain``, ``dynamic`` (best-first, ``budget`` nodes, ``depth`` levels, ``topk`` per node) or
-    ``static`` (the default choices list). ``path``: draft model (``draft-model``) or trained heads. ``None``
-    keeps the drafter's own default.
+    ``static`` (the default choices list). ``path``: draft model (``draft-model``) or trained heads
+    (``shipped`` = the heads trained for the embedded SmolLM2-135M-Instruct). ``None`` keeps the drafter's own
+    default.
     """
 
     name: str
@@ -86,7 +102,7 @@ def build_drafter(spec: DrafterSpec, target: TargetModel) -> Drafter | None:
         if spec.tree == "static":
             raise ValueError("the eagle drafter builds chain or dynamic trees, not static ones")
         if spec.path is not None:
-            return EagleDrafter.from_pretrained(spec.path, target, backend=target.backend, **shape)
+            return EagleDrafter.from_pretrained(_resolve(spec), target, backend=target.backend, **shape)
         return EagleDrafter.untrained(target, backend=target.backend, **shape)
     raise ValueError(f"unknown drafter {spec.name!r}; choose one of {list(DRAFTER_NAMES)}")
 
@@ -101,7 +117,7 @@ def _medusa(spec: DrafterSpec, target: TargetModel) -> MedusaDrafter:
         shape = {}  # the heads' own static tree (medusa_choices)
     shape = {k: v for k, v in shape.items() if v is not None}
     if spec.path is not None:
-        return MedusaDrafter.from_pretrained(spec.path, target, **shape)
+        return MedusaDrafter.from_pretrained(_resolve(spec), target, **shape)
     return MedusaDrafter.untrained(target, num_heads=spec.heads, share_lm_head=True, **shape)
 
 

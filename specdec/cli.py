@@ -27,7 +27,8 @@ from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) -> None:
+    """Model, cache, sampling and drafter-shape flags shared by the commands (and experiments/run.py)."""
     p.add_argument("--model", default=None, help=f"HF model id or path (default: embedded {DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -38,7 +39,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="wrap prompts in the model's chat template")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=512, help="KV cache blocks (capacity = blocks x block size)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless: identical to the target)")
+    if many_temperatures:
+        p.add_argument("--temperature", type=float, nargs="+", default=None,
+                       help="one run per temperature (0 = greedy, checked token by token against the baseline)")
+    else:
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless: identical to the target)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     p.add_argument("--seed", type=int, default=None)
@@ -83,17 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt, streaming, then one statistics line")
     gen.add_argument("prompt")
     gen.add_argument("--drafter", default="ngram", help=f"NAME[:key=value,...], NAME one of {list(DRAFTER_NAMES)}")
-    _common(gen)
+    add_model_args(gen)
     bench = sub.add_parser("bench", help="HF greedy vs specdec autoregressive vs drafters on a prompt set")
     bench.add_argument("--drafter", nargs="+", default=["ngram"],
                        help=f"drafter specs to run, NAME[:key=value,...] with NAME in {list(DRAFTER_NAMES)}")
     add_prompt_args(bench)
     bench.add_argument("--out", default="report.json")
-    _common(bench)
+    add_model_args(bench)
     return parser
 
 
-def _load(args: argparse.Namespace) -> tuple[TargetModel, object]:
+def load_target(args: argparse.Namespace) -> tuple[TargetModel, object]:
+    """The target (with the chosen attention backend) and its tokenizer, from ``--model/--dtype/--device``."""
     backend = select_backend(args.attention, args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, DTYPES[args.dtype], args.device)
     return TargetModel(model, backend), tokenizer
@@ -117,7 +123,7 @@ def _spec(text: str, args: argparse.Namespace) -> DrafterSpec:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     spec = _spec(args.drafter, args)  # fail fast on a bad spec, before loading the model
-    target, tokenizer = _load(args)
+    target, tokenizer = load_target(args)
     drafter = build_drafter(spec, target)
     ids = encode_prompt(tokenizer, args.prompt, args.chat)
     sampling = _sampling(args)
@@ -152,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 spec_defaults=spec_defaults(args), paths=spec_paths(args))
     grid.methods()  # fail fast on a bad spec, before loading the model
     prompts = load_prompt_set(args)
-    target, tokenizer = _load(args)
+    target, tokenizer = load_target(args)
     result = run_experiment(target, tokenizer, prompts, grid)
     [report] = result.reports
     print(format_table(report))
