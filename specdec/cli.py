@@ -24,6 +24,8 @@ from specdec.prompts import Prompt, builtin_prompts_path, encode_prompt, load_hf
 from specdec.sampling import SamplingParams
 from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model_and_tokenizer
 
+# The fastest drafter for the embedded SmolLM2-135M-Instruct in docs/results/shipped.json (same-run bench).
+BEST_SHIPPED = "eagle:path=shipped,tree=dynamic,budget=8,depth=5,topk=4"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -87,11 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt, streaming, then one statistics line")
     gen.add_argument("prompt")
-    gen.add_argument("--drafter", default="ngram", help=f"NAME[:key=value,...], NAME one of {list(DRAFTER_NAMES)}")
+    gen.add_argument("--drafter", default=None,
+                     help=f"NAME[:key=value,...], NAME one of {list(DRAFTER_NAMES)} (default: {BEST_SHIPPED} on the "
+                          "embedded model, ngram on any other)")
     add_model_args(gen)
     bench = sub.add_parser("bench", help="HF greedy vs specdec autoregressive vs drafters on a prompt set")
-    bench.add_argument("--drafter", nargs="+", default=["ngram"],
-                       help=f"drafter specs to run, NAME[:key=value,...] with NAME in {list(DRAFTER_NAMES)}")
+    bench.add_argument("--drafter", nargs="+", default=None,
+                       help=f"drafter specs to run, NAME[:key=value,...] with NAME in {list(DRAFTER_NAMES)} "
+                            f"(default: ngram and, on the embedded model, {BEST_SHIPPED})")
     add_prompt_args(bench)
     bench.add_argument("--out", default="report.json")
     add_model_args(bench)
@@ -121,7 +126,13 @@ def _spec(text: str, args: argparse.Namespace) -> DrafterSpec:
     return DrafterSpec.parse(text, path=spec_paths(args).get(text.partition(":")[0]), **spec_defaults(args))
 
 
+def default_drafters(args: argparse.Namespace) -> list[str]:
+    """The best shipped drafter on the embedded model (its weights were trained for it), else n-gram."""
+    return [BEST_SHIPPED] if args.model is None else ["ngram"]
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    args.drafter = args.drafter or default_drafters(args)[0]
     spec = _spec(args.drafter, args)  # fail fast on a bad spec, before loading the model
     target, tokenizer = load_target(args)
     drafter = build_drafter(spec, target)
@@ -152,7 +163,8 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    grid = Grid(drafters=tuple(args.drafter), temperatures=(args.temperature,), max_new_tokens=args.max_new_tokens,
+    drafters = args.drafter or ["ngram", *(d for d in default_drafters(args) if d != "ngram")]
+    grid = Grid(drafters=tuple(drafters), temperatures=(args.temperature,), max_new_tokens=args.max_new_tokens,
                 multi_turn=args.multi_turn, chat=args.chat, top_k=args.top_k, top_p=args.top_p, seed=args.seed or 0,
                 acceptance=args.acceptance, num_blocks=args.num_blocks, block_size=args.block_size,
                 spec_defaults=spec_defaults(args), paths=spec_paths(args))

@@ -98,3 +98,19 @@ def test_greedy_output_with_a_draft_vocab_equals_autoregressive(target, kind):
         spec = SpeculativeEngine(target, cache, drafter, max_tree_nodes=16).generate(prompt, 16)
         assert spec.tokens == ar.tokens
     assert cache.allocator.num_free == 96
+
+
+def test_export_casts_floats_and_keeps_the_vocabulary(target, tmp_path):
+    from safetensors import safe_open
+
+    from specdec.checkpoint import export_checkpoint
+
+    base = EagleConfig.from_target(target)
+    config = EagleConfig(base.hidden_size, base.vocab_size, base.layer_config, VOCAB_IDS.numel())
+    EagleHead(config, target, VOCAB_IDS).save_pretrained(tmp_path / "fp64")
+    export_checkpoint(tmp_path / "fp64", tmp_path / "fp16")
+    with safe_open(str(tmp_path / "fp16" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert dtypes.pop("vocab_ids") == torch.int64 and set(dtypes.values()) == {torch.float16}
+    loaded = EagleHead.from_pretrained(tmp_path / "fp16", target)  # cast back to the target's dtype
+    assert loaded.fc.weight.dtype == target.dtype and torch.equal(loaded.vocab_ids, VOCAB_IDS)

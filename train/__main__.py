@@ -1,8 +1,9 @@
 """``python -m specdec.train <command>``: training-side tools.
 
 Commands: ``data`` (self-distillation data, :mod:`specdec.train.data`), ``medusa`` (Medusa heads,
-:mod:`specdec.train.medusa`), ``eagle`` (EAGLE-style head, :mod:`specdec.train.eagle`), ``draft`` (small draft LM,
-:mod:`specdec.train.draft_lm`). Bad input is reported as one ``error:`` line, exit 2.
+:mod:`specdec.train.medusa`), ``eagle`` (EAGLE-style head, :mod:`specdec.train.eagle`), ``draft`` (small draft
+LM, :mod:`specdec.train.draft_lm`), ``export`` (a checkpoint in float16/bfloat16, as shipped). Bad input is
+reported as one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def add_medusa_parser(sub: argparse._SubParsersAction) -> None:
     add_loop_args(p, lr=1e-3)
     p.add_argument("--heads", type=int, default=3, help="number of Medusa heads (= max draft depth)")
     p.add_argument("--share-lm-head", action="store_true", help="heads end in the target's own LM head")
+    p.add_argument("--head-layers", type=int, default=1, help="residual blocks per head")
     p.add_argument("--kd-weight", type=float, default=0.0, help="weight of the KL term against the target")
 
 
@@ -96,6 +98,13 @@ def add_draft_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-policy-tokens", type=int, default=64)
 
 
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="copy a head checkpoint with its weights cast to float16/bfloat16")
+    p.add_argument("checkpoint", help="a step_N folder (config.json + model.safetensors)")
+    p.add_argument("out", help="destination folder")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -109,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_medusa_parser(sub)
     add_eagle_parser(sub)
     add_draft_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -135,8 +145,8 @@ def cmd_medusa(args: argparse.Namespace) -> None:
 
     config = MedusaTrainConfig(
         data_dir=tuple(args.data), loop=loop_config(args, "specdec-medusa"), num_heads=args.heads,
-        share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab, batch_size=args.batch_size,
-        seq_len=args.seq_len, kd_weight=args.kd_weight, eval_holdout=args.eval_holdout,
+        num_layers=args.head_layers, share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab,
+        batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight, eval_holdout=args.eval_holdout,
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     out = train_medusa(model, tokenizer, config)
@@ -172,10 +182,22 @@ def cmd_draft(args: argparse.Namespace) -> None:
     print(f"trained draft model: {out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from specdec.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"data": cmd_data, "medusa": cmd_medusa, "eagle": cmd_eagle, "draft": cmd_draft}[args.command](args)
+        commands = {"data": cmd_data, "medusa": cmd_medusa, "eagle": cmd_eagle, "draft": cmd_draft,
+                    "export": cmd_export}
+        commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specdec.train: error: {err}", file=sys.stderr)
         return 2
