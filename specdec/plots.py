@@ -59,6 +59,27 @@ def plot_tau_vs_budget(series: dict[str, list[tuple[int, float]]], path: str | P
     return _finish(fig, ax, "tau vs tree budget", Path(path))
 
 
+def plot_training_curves(runs: dict[str, list[dict]], path: str | Path, smooth: int = 20) -> Path:
+    """Training curves of one or more runs (``metrics.jsonl`` records, the same numbers W&B receives): the
+    training loss (moving average over ``smooth`` steps) and the verifier's tau on held-out prompts, by step."""
+    fig, (loss_ax, tau_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, records in sorted(runs.items()):
+        train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+        if train:
+            values = [v for _, v in train]
+            avg = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
+                   for i in range(len(values))]
+            loss_ax.plot([s for s, _ in train], avg, label=name)
+        evals = [(r["step"], r["eval/tau"]) for r in records if "eval/tau" in r]
+        tau_ax.plot([s for s, _ in evals], [t for _, t in evals], marker="o", label=name)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel(f"training loss ({smooth}-step average)")
+    loss_ax.set_title("Loss")
+    tau_ax.set_xlabel("step")
+    tau_ax.set_ylabel("tau on held-out prompts (real verifier)")
+    return _finish(fig, tau_ax, "tau while training", Path(path))
+
+
 def _finish(fig, ax, title: str, path: Path) -> Path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -24,20 +24,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.self_spec import truncated_view
-from specdec.target import TargetModel, eos_token_ids
-from specdec.train.data import load_distillation_data
+from specdec.target import TargetModel
 from specdec.train.loop import (
     LoopConfig,
     Trainee,
     batch_indices,
     eval_prompt_ids,
     example_features,
-    split_rows,
+    prepare_training,
     train_loop,
 )
 
@@ -143,11 +141,8 @@ def build_draft(target_model: PreTrainedModel, config: DraftTrainConfig) -> PreT
 
 def train_draft_lm(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: DraftTrainConfig) -> Path:
     """Distill a draft LM from ``target_model`` on ``config.data_dir``; returns the final checkpoint folder."""
-    set_seed(config.loop.seed)
-    data = load_distillation_data(config.data_dir).with_format("numpy", dtype=None)
-    train_rows, held_out = split_rows([data[i] for i in range(len(data))], config.eval_holdout, config.data_dir)
-    eos_ids = eos_token_ids(target_model, tokenizer)
-    target_model.eval().requires_grad_(False)
+    data = prepare_training(target_model, tokenizer, config.data_dir, config.eval_holdout, config.loop.seed)
+    train_rows, eos_ids = data.train, data.eos_ids
     target = TargetModel(target_model)
     draft = build_draft(target_model, config)
 
@@ -180,6 +175,6 @@ def train_draft_lm(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         module.load_state_dict(saved.state_dict(), strict=True)
 
-    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, held_out)
+    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, data.held_out)
     trainee = Trainee(draft, loss, drafter, load)
     return train_loop(trainee, target_model, prompts, eos_ids, config.loop, asdict(config))

@@ -24,20 +24,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.draft_vocab import draft_index, frequent_tokens
+from specdec.draft_vocab import draft_index
 from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead
-from specdec.target import TargetModel, eos_token_ids
-from specdec.train.data import load_distillation_data
+from specdec.target import TargetModel
 from specdec.train.loop import (
     LoopConfig,
     Trainee,
     batch_indices,
     eval_prompt_ids,
     example_features,
-    split_rows,
+    prepare_training,
     train_loop,
 )
 
@@ -197,16 +195,11 @@ def eagle_loss(head: EagleHead, batch: PairBatch, unroll: int, kd_weight: float,
 def train_eagle(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EagleTrainConfig) -> Path:
     """Train an EAGLE head for ``target_model`` on ``config.data_dir``; returns the final checkpoint folder
     (``out_dir/step_{steps}``, loadable with ``EagleDrafter.from_pretrained(path, TargetModel(target_model))``)."""
-    set_seed(config.loop.seed)
-    data = load_distillation_data(config.data_dir).with_format("numpy", dtype=None)
-    train_rows, held_out = split_rows([data[i] for i in range(len(data))], config.eval_holdout, config.data_dir)
-    eos_ids = eos_token_ids(target_model, tokenizer)
-    target_model.eval().requires_grad_(False)
+    data = prepare_training(target_model, tokenizer, config.data_dir, config.eval_holdout, config.loop.seed,
+                            config.draft_vocab_size)
+    train_rows, vocab_ids = data.train, data.vocab_ids
     target = TargetModel(target_model)
     vocab = target.vocab_size
-    vocab_ids = None
-    if config.draft_vocab_size:
-        vocab_ids = frequent_tokens((r["response_ids"] for r in train_rows), config.draft_vocab_size, vocab, eos_ids)
     head_config = EagleConfig.from_target(target)
     head_config = EagleConfig(head_config.hidden_size, vocab, head_config.layer_config,
                               0 if vocab_ids is None else vocab_ids.numel())
@@ -222,5 +215,6 @@ def train_eagle(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         return EagleDrafter(module, tree=config.eval_tree, depth=config.eval_depth, budget=config.eval_budget,
                             topk=config.eval_topk, backend=target.backend)
 
-    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, held_out)
-    return train_loop(Trainee(head, loss, drafter), target_model, prompts, eos_ids, config.loop, asdict(config))
+    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, data.held_out)
+    return train_loop(Trainee(head, loss, drafter), target_model, prompts, data.eos_ids, config.loop,
+                      asdict(config))

@@ -23,16 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec import tracking
 from specdec.checkpoint import read_checkpoint
+from specdec.draft_vocab import frequent_tokens
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Drafter
 from specdec.prompts import encode_prompt
 from specdec.stats import RequestStats
-from specdec.target import TargetModel
+from specdec.target import TargetModel, eos_token_ids
+from specdec.train.data import load_distillation_data
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,34 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> l
         perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         out.append(int(perm[pos]))
     return out
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What every trainer starts from: training rows, held-out rows (their prompts join the evaluation), the
+    target's EOS ids and, when asked for, the draft vocabulary (``[N]`` int64, :mod:`specdec.draft_vocab`)."""
+
+    train: list[dict]
+    held_out: list[dict]
+    eos_ids: list[int]
+    vocab_ids: torch.Tensor | None
+
+
+def prepare_training(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     data_dir: str | Sequence[str], holdout: int, seed: int, draft_vocab_size: int = 0
+                     ) -> TrainingData:
+    """Seed everything, freeze the target, load ``data_dir`` and split off ``holdout`` rows; with
+    ``draft_vocab_size`` the ``N`` most frequent training-response tokens (plus EOS) form the draft vocabulary."""
+    set_seed(seed)
+    target_model.eval().requires_grad_(False)
+    data = load_distillation_data(data_dir).with_format("numpy", dtype=None)
+    train, held_out = split_rows([data[i] for i in range(len(data))], holdout, data_dir)
+    eos_ids = eos_token_ids(target_model, tokenizer)
+    vocab_ids = None
+    if draft_vocab_size:
+        vocab = target_model.config.get_text_config().vocab_size
+        vocab_ids = frequent_tokens((r["response_ids"] for r in train), draft_vocab_size, vocab, eos_ids)
+    return TrainingData(train, held_out, eos_ids, vocab_ids)
 
 
 def split_rows(rows: Sequence[Any], holdout: int, data_dir: str | Sequence[str]) -> tuple[list[Any], list[Any]]:

@@ -20,20 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.draft_vocab import draft_index, frequent_tokens
+from specdec.draft_vocab import draft_index
 from specdec.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
-from specdec.target import eos_token_ids
-from specdec.train.data import load_distillation_data
 from specdec.train.loop import (
     LoopConfig,
     Trainee,
     batch_indices,
     eval_prompt_ids,
     example_features,
-    split_rows,
+    prepare_training,
     train_loop,
 )
 
@@ -113,17 +110,11 @@ def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor, lengths: Sequen
 def train_medusa(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MedusaTrainConfig) -> Path:
     """Train Medusa heads for ``target_model`` on ``config.data_dir``; returns the final checkpoint folder
     (``out_dir/step_{steps}``, loadable with ``MedusaDrafter.from_pretrained(path, TargetModel(target_model))``)."""
-    set_seed(config.loop.seed)
-    data = load_distillation_data(config.data_dir).with_format("numpy", dtype=None)
-    train_rows, held_out = split_rows([data[i] for i in range(len(data))], config.eval_holdout, config.data_dir)
-    eos_ids = eos_token_ids(target_model, tokenizer)
-
-    target_model.eval().requires_grad_(False)
+    data = prepare_training(target_model, tokenizer, config.data_dir, config.eval_holdout, config.loop.seed,
+                            config.draft_vocab_size)
+    train_rows, vocab_ids = data.train, data.vocab_ids
     lm_head = target_model.get_output_embeddings()
     vocab = target_model.config.get_text_config().vocab_size
-    vocab_ids = None
-    if config.draft_vocab_size:
-        vocab_ids = frequent_tokens((r["response_ids"] for r in train_rows), config.draft_vocab_size, vocab, eos_ids)
     head_config = MedusaConfig(lm_head.weight.shape[1], vocab, config.num_heads, config.num_layers,
                                config.share_lm_head, 0 if vocab_ids is None else vocab_ids.numel())
     heads = MedusaHeads(head_config, lm_head, vocab_ids).to(lm_head.weight.device, torch.float32)
@@ -141,5 +132,5 @@ def train_medusa(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         return medusa_loss(heads(hidden), labels, [f[1].numel() for f in feats], teacher, config.kd_weight)
 
     trainee = Trainee(heads, loss, lambda module: MedusaDrafter(module))
-    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, held_out)
-    return train_loop(trainee, target_model, prompts, eos_ids, config.loop, asdict(config))
+    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, data.held_out)
+    return train_loop(trainee, target_model, prompts, data.eos_ids, config.loop, asdict(config))
