@@ -15,15 +15,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/specdec generate "Rewrite this sentence in formal English, keeping every detail: hey guys, the meeting got moved to 3pm tomorrow in room 204, so dont be late and bring the budget slides ok?" --drafter ngram --max-new-tokens 96
-	$(BIN)/specdec bench --per-category 1 --max-new-tokens 64 --drafter ngram --out out/demo_bench.json
+	$(BIN)/specdec generate "Rewrite this sentence in formal English, keeping every detail: hey guys, the meeting got moved to 3pm tomorrow in room 204, so dont be late and bring the budget slides ok?" --max-new-tokens 96
+	$(BIN)/specdec bench --per-category 1 --max-new-tokens 64 --out out/demo_bench.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/specdec bench --max-new-tokens 128 --drafter ngram --out out/bench.json
+	$(BIN)/specdec bench --max-new-tokens 128 --out out/bench.json
 
 clean:
 	rm -rf $(VENV) out
