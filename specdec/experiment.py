@@ -67,9 +67,11 @@ class Grid:
         for text in self.drafters:
             spec = self._parse(text)
             if self.budgets and spec.tree == "dynamic":
+                name, _, options = text.partition(":")
+                kept = [o for o in options.split(",") if o and not o.startswith("budget=")]  # the sweep sets it
                 for budget in self.budgets:
-                    name = f"{text}{',' if ':' in text else ':'}budget={budget}"
-                    out[name] = self._parse(name)
+                    full = f"{name}:{','.join([*kept, f'budget={budget}'])}"
+                    out[full] = self._parse(full)
             else:
                 out[text] = spec
         return out
