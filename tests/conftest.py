@@ -81,3 +81,16 @@ def assert_same_committed_kv(cache_a, seq_a, cache_b, seq_b, n):
         ours = a.flatten(1, 2)[:, cache_a.slots(seq_a, torch.arange(n))]
         ref = b.flatten(1, 2)[:, cache_b.slots(seq_b, torch.arange(n))]
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def crash_on_call(fn, n: int):
+    """``fn`` wrapped to raise ``KeyboardInterrupt`` on its ``n``-th call (a training run dying mid-way)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapped

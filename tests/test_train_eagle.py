@@ -21,7 +21,7 @@ from specdec.train.eagle import (
     unroll_mask,
 )
 from specdec.train.loop import LoopConfig, read_metrics
-from tests.conftest import tiny_llama
+from tests.conftest import crash_on_call, tiny_llama
 from tests.test_train_data import char_tokenizer
 from tests.test_train_medusa import PROMPTS
 
@@ -103,15 +103,8 @@ def test_resume_continues_with_the_same_losses(setup, tmp_path, monkeypatch):
     model, tokenizer, data = setup
     common = {"steps": 4, "save_every": 2, "eval_every": 0, "unroll": 2}
     train_eagle(model, tokenizer, cfg(data, tmp_path / "full", **common))
-    calls, real_loss = [], E.eagle_loss
-
-    def crash_on_third_step(*args, **kwargs):  # the run dies after the step-2 checkpoint
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(E, "eagle_loss", crash_on_third_step)
+    real_loss = E.eagle_loss
+    monkeypatch.setattr(E, "eagle_loss", crash_on_call(real_loss, 3))  # dies after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         train_eagle(model, tokenizer, cfg(data, tmp_path / "part", **common))
     monkeypatch.setattr(E, "eagle_loss", real_loss)

@@ -16,7 +16,7 @@ from specdec.train import medusa as M
 from specdec.train.__main__ import main as train_main
 from specdec.train.loop import LoopConfig, batch_indices, example_features, latest_checkpoint, read_metrics
 from specdec.train.medusa import MedusaTrainConfig, train_medusa
-from tests.conftest import tiny_llama
+from tests.conftest import crash_on_call, tiny_llama
 from tests.test_train_data import char_tokenizer
 
 WORDS = ["sea", "sky", "cat", "dog", "tree", "sun", "moon", "star", "rain", "wind"]
@@ -65,15 +65,8 @@ def test_resume_continues_with_the_same_losses(setup, tmp_path, monkeypatch):
     common = {"steps": 4, "save_every": 2, "eval_every": 0, "kd_weight": 0.5, "seq_len": 12, "batch_size": 2}
     train_medusa(model, tokenizer, cfg(data, tmp_path / "full", **common))
     full = read_metrics(tmp_path / "full")
-    calls, real_loss = [], M.medusa_loss
-
-    def crash_on_third_step(*args, **kwargs):  # the run dies after the step-2 checkpoint
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(M, "medusa_loss", crash_on_third_step)
+    real_loss = M.medusa_loss
+    monkeypatch.setattr(M, "medusa_loss", crash_on_call(real_loss, 3))  # dies after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         train_medusa(model, tokenizer, cfg(data, tmp_path / "part", **common))
     monkeypatch.setattr(M, "medusa_loss", real_loss)
