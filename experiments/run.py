@@ -23,9 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from specdec.cli import add_model_args, add_prompt_args, load_prompt_set, load_target, spec_defaults, spec_paths
+from specdec.app.cli import add_model_args, add_prompt_args, spec_defaults, spec_paths
+from specdec.app.experiment import Grid, format_tables, log_to_wandb, run_experiment, write_outputs
+from specdec.app.loaders import load_prompt_set, load_target
 from specdec.drafters import DRAFTER_NAMES
-from specdec.experiment import Grid, format_tables, log_to_wandb, run_experiment, write_outputs
 from specdec.kv_cache import OutOfBlocks
 
 LIST_KEYS = {"drafter", "budget", "temperature"}

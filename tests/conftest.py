@@ -40,7 +40,7 @@ def tiny_target(tiny_model) -> TargetModel:
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in float32, loaded once per session."""
-    from specdec.target import load_model_and_tokenizer
+    from specdec.app.loaders import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None, torch.float32)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from specdec.cli import main
+from specdec.app.cli import main
 
 from .conftest import tiny_llama
 

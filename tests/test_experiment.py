@@ -1,4 +1,4 @@
-"""Experiment runner (experiments/run.py, specdec.experiment) on a tiny random model saved with the SmolLM2
+"""Experiment runner (experiments/run.py, specdec.app.experiment) on a tiny random model saved with the SmolLM2
 tokenizer: documented JSON fields, valid PNGs, an offline W&B run holding the same tau, multi-turn prompts, YAML
 grids, bootstrap intervals, and an equality check that catches a wrong drafter result."""
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec.bench import check_greedy, hf_generate
+from specdec.app.bench import check_greedy, hf_generate
+from specdec.app.prompts import encode_prompt
+from specdec.app.tracking import read_offline_run
 from specdec.engine import SpeculativeEngine
-from specdec.prompts import encode_prompt
 from specdec.stats import mean_ci
-from specdec.tracking import read_offline_run
 
 from .test_cli import tiny_model_dir  # noqa: F401 - fixture
 
@@ -162,7 +162,7 @@ def test_mean_ci_bootstrap():
 
 
 def test_prompt_sets_multi_turn_and_hf_dataset_errors(tmp_path):
-    from specdec.prompts import load_hf_prompts, load_prompts
+    from specdec.app.prompts import load_hf_prompts, load_prompts
 
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
@@ -185,7 +185,7 @@ def test_prompt_sets_multi_turn_and_hf_dataset_errors(tmp_path):
 
 
 def test_conversation_encoding_holds_earlier_answers(smollm2):
-    from specdec.prompts import encode_conversation
+    from specdec.app.prompts import encode_conversation
 
     _, tokenizer = smollm2
     ids = encode_conversation(tokenizer, ["Hi", "And?"], ["Hello there"])

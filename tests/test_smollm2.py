@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
 from specdec.drafters import NgramDrafter
 from specdec.engine import SpeculativeEngine
-from specdec.prompts import builtin_prompts_path, encode_prompt, load_prompts
 from specdec.target import TargetModel, eos_token_ids
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from specdec.app.tracking import read_offline_run
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.target import TargetModel
-from specdec.tracking import read_offline_run
 from specdec.train import data as D
 from specdec.train import medusa as M
 from specdec.train.__main__ import main as train_main

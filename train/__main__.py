@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from specdec.target import load_model_and_tokenizer
+    from specdec.app.loaders import load_model_and_tokenizer
     from specdec.train.data import DataConfig, generate_distillation_data, load_instruction_prompts
 
     config = DataConfig(
@@ -140,7 +140,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_medusa(args: argparse.Namespace) -> None:
-    from specdec.target import load_model_and_tokenizer
+    from specdec.app.loaders import load_model_and_tokenizer
     from specdec.train.medusa import MedusaTrainConfig, train_medusa
 
     config = MedusaTrainConfig(
@@ -154,7 +154,7 @@ def cmd_medusa(args: argparse.Namespace) -> None:
 
 
 def cmd_eagle(args: argparse.Namespace) -> None:
-    from specdec.target import load_model_and_tokenizer
+    from specdec.app.loaders import load_model_and_tokenizer
     from specdec.train.eagle import EagleTrainConfig, train_eagle
 
     config = EagleTrainConfig(
@@ -168,7 +168,7 @@ def cmd_eagle(args: argparse.Namespace) -> None:
 
 
 def cmd_draft(args: argparse.Namespace) -> None:
-    from specdec.target import load_model_and_tokenizer
+    from specdec.app.loaders import load_model_and_tokenizer
     from specdec.train.draft_lm import DraftTrainConfig, train_draft_lm
 
     config = DraftTrainConfig(

@@ -48,7 +48,7 @@ from datasets import Sequence as DSequence
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.prompts import encode_prompt
+from specdec.app.prompts import encode_prompt
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_SOURCES = {

@@ -27,12 +27,12 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec import tracking
+from specdec.app import tracking
+from specdec.app.prompts import encode_prompt
 from specdec.checkpoint import read_checkpoint
 from specdec.draft_vocab import frequent_tokens
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Drafter
-from specdec.prompts import encode_prompt
 from specdec.stats import RequestStats
 from specdec.target import TargetModel, eos_token_ids
 from specdec.train.data import load_distillation_data

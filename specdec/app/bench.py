@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specdec.app.prompts import Prompt, encode_conversation, encode_prompt
 from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
-from specdec.prompts import Prompt, encode_conversation, encode_prompt
 from specdec.sampling import GREEDY, SamplingParams
 from specdec.stats import RequestStats, mean_ci
 from specdec.target import TargetModel, eos_token_ids

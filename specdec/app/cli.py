@@ -13,22 +13,21 @@ from pathlib import Path
 
 import torch
 
-from specdec.attention import select_backend
-from specdec.bench import format_table, write_report
+from specdec.app.bench import format_table, write_report
+from specdec.app.experiment import Grid, run_experiment
+from specdec.app.loaders import DEFAULT_MODEL, DTYPES, load_prompt_set, load_target
+from specdec.app.plots import plot_report
+from specdec.app.prompts import encode_prompt
 from specdec.drafters import DRAFTER_NAMES, DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
-from specdec.experiment import Grid, run_experiment
 from specdec.kv_cache import OutOfBlocks
-from specdec.plots import plot_report
-from specdec.prompts import Prompt, builtin_prompts_path, encode_prompt, load_hf_prompts, load_prompts
 from specdec.sampling import SamplingParams
-from specdec.target import DEFAULT_MODEL, TargetModel, eos_token_ids, load_model_and_tokenizer
+from specdec.target import eos_token_ids
 
 # Measured on the 2-core CPU (docs/results/exp_t0): n-gram is the fastest drafter for the embedded SmolLM2
 # (1.55x HF greedy); of the trained heads shipped for it, Medusa with a 4-node tree is the fastest (1.12x).
 DEFAULT_DRAFTER = "ngram"
 SHIPPED_DRAFTERS = ("medusa:path=shipped,tree=dynamic,budget=4", "eagle:path=shipped,tree=dynamic,budget=8,depth=5")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) -> None:
@@ -77,15 +76,6 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multi-turn", action="store_true", help="run every turn, earlier answers in the context")
 
 
-def load_prompt_set(args: argparse.Namespace) -> list[Prompt]:
-    if args.dataset is not None:
-        if args.prompts is not None:
-            raise ValueError("give --prompts or --dataset, not both")
-        return load_hf_prompts(args.dataset, args.split, args.field, args.dataset_config, args.limit,
-                               args.sample_seed)
-    return load_prompts(args.prompts or builtin_prompts_path(), args.limit, args.per_category)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding with token trees.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,13 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="report.json")
     add_model_args(bench)
     return parser
-
-
-def load_target(args: argparse.Namespace) -> tuple[TargetModel, object]:
-    """The target (with the chosen attention backend) and its tokenizer, from ``--model/--dtype/--device``."""
-    backend = select_backend(args.attention, args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, DTYPES[args.dtype], args.device)
-    return TargetModel(model, backend), tokenizer
 
 
 def spec_defaults(args: argparse.Namespace) -> dict:

@@ -1,6 +1,6 @@
 """One experiment runner: drafters x tree settings x temperatures on a prompt set, against HF ``generate``.
 
-:func:`run_experiment` runs :func:`specdec.bench.run_bench` once per temperature (each with its own HF baseline,
+:func:`run_experiment` runs :func:`specdec.app.bench.run_bench` once per temperature (each with its own HF baseline,
 measured in the same process on the same prompts, interleaved prompt by prompt) over the methods of a
 :class:`Grid`; :func:`write_outputs` writes JSON lines (one record per request, one per method summary), the
 summary JSON and PNG plots; :func:`log_to_wandb` sends the same to Weights & Biases (offline without an API key).
@@ -18,11 +18,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from specdec import tracking
-from specdec.bench import format_table, run_bench
+from specdec.app import tracking
+from specdec.app.bench import format_table, run_bench
+from specdec.app.plots import plot_report, plot_tau_vs_budget
+from specdec.app.prompts import Prompt
 from specdec.drafters import DrafterSpec
-from specdec.plots import plot_report, plot_tau_vs_budget
-from specdec.prompts import Prompt
 from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
 
@@ -145,7 +145,7 @@ def write_outputs(result: ExperimentResult, out_dir: str | Path) -> list[Path]:
 
 
 def format_tables(result: ExperimentResult) -> str:
-    """One table per temperature (:func:`specdec.bench.format_table`)."""
+    """One table per temperature (:func:`specdec.app.bench.format_table`)."""
     parts = []
     for report in result.reports:
         parts.append(f"temperature {report['sampling']['temperature']:g}, baseline {report['baseline']['name']}")
@@ -157,7 +157,7 @@ def log_to_wandb(result: ExperimentResult, out_dir: str | Path, pngs: Sequence[P
                  enabled: bool = True, project: str = "specdec-experiments") -> Any | None:
     """One W&B run: ``config``; per-request metrics (one history row each); per method and temperature the
     summary metrics (``T{t}/{method}/tau`` ...); the request and summary tables; the PNG plots. Offline unless
-    ``WANDB_API_KEY`` is set (:mod:`specdec.tracking`); ``enabled=False`` does nothing. Returns the finished run."""
+    ``WANDB_API_KEY`` is set (:mod:`specdec.app.tracking`); ``enabled=False`` does nothing. Returns the finished run."""
     run = tracking.start_run(project, config, enabled, out_dir)
     if run is None:
         return None
