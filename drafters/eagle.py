@@ -148,12 +148,12 @@ class EagleHead(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` (fc + layer; no embedding, no LM head) to ``path``."""
-        save_checkpoint(self, self.config, path)
+        save_checkpoint(self, self.config, path, kind="eagle")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, target: TargetModel) -> EagleHead:
         """Load a head saved by :meth:`save_pretrained` onto ``target`` (cast to its dtype; strict key check)."""
-        config, state = read_checkpoint(path)
+        config, state = read_checkpoint(path, kind="eagle")
         head = cls(EagleConfig(**config), target, state.get("vocab_ids"))
         head.load_state_dict(state, strict=True)
         return head.eval()

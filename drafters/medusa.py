@@ -155,13 +155,13 @@ class MedusaHeads(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` to folder ``path`` (a shared LM head is not saved)."""
-        save_checkpoint(self, self.config, path)
+        save_checkpoint(self, self.config, path, kind="medusa")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, lm_head: nn.Module | None = None) -> MedusaHeads:
         """Load heads saved by :meth:`save_pretrained` (weights keep their saved dtype; strict key check).
         ``lm_head`` is the target's LM head, required if the heads share it, else unused."""
-        raw_config, state = read_checkpoint(path)
+        raw_config, state = read_checkpoint(path, kind="medusa")
         config = MedusaConfig(**raw_config)
         heads = cls(config, lm_head if config.share_lm_head else None, state.get("vocab_ids"))
         dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
