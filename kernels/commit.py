@@ -15,21 +15,31 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .checks import check_cache_pair
+
 _BLOCK = 1024  # elements of one slot row (Hkv * D) handled per program
+
+
+@triton.jit
+def _slot_row(slot_ptr, move, layer, offs, stride_l, stride_b, stride_s, stride_h,
+              PAGE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Element offsets of row ``offs`` (flattened ``[Hkv, D]``) of flat slot ``slot_ptr[move]`` in ``layer``."""
+    slot = tl.load(slot_ptr + move).to(tl.int64)
+    return (layer * stride_l + (slot // PAGE) * stride_b + (slot % PAGE) * stride_s
+            + (offs // HEAD_DIM) * stride_h + offs % HEAD_DIM)
 
 
 @triton.jit
 def _commit_gather_kernel(
     k_ptr, v_ptr, k_scratch_ptr, v_scratch_ptr, src_ptr,
-    num_moves, stride_layer,
-    ROW: tl.constexpr, BLOCK: tl.constexpr,
+    num_moves, stride_l, stride_b, stride_s, stride_h,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
     move = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < ROW
-    src = tl.load(src_ptr + move)
-    cache_off = layer * stride_layer + src * ROW + offs
+    cache_off = _slot_row(src_ptr, move, layer, offs, stride_l, stride_b, stride_s, stride_h, PAGE, HEAD_DIM)
     scratch_off = (layer * num_moves + move) * ROW + offs
     tl.store(k_scratch_ptr + scratch_off, tl.load(k_ptr + cache_off, mask=ok), mask=ok)
     tl.store(v_scratch_ptr + scratch_off, tl.load(v_ptr + cache_off, mask=ok), mask=ok)
@@ -38,36 +48,31 @@ def _commit_gather_kernel(
 @triton.jit
 def _commit_scatter_kernel(
     k_ptr, v_ptr, k_scratch_ptr, v_scratch_ptr, dst_ptr,
-    num_moves, stride_layer,
-    ROW: tl.constexpr, BLOCK: tl.constexpr,
+    num_moves, stride_l, stride_b, stride_s, stride_h,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
     move = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < ROW
-    dst = tl.load(dst_ptr + move)
-    cache_off = layer * stride_layer + dst * ROW + offs
+    cache_off = _slot_row(dst_ptr, move, layer, offs, stride_l, stride_b, stride_s, stride_h, PAGE, HEAD_DIM)
     scratch_off = (layer * num_moves + move) * ROW + offs
     tl.store(k_ptr + cache_off, tl.load(k_scratch_ptr + scratch_off, mask=ok), mask=ok)
     tl.store(v_ptr + cache_off, tl.load(v_scratch_ptr + scratch_off, mask=ok), mask=ok)
 
 
+def _as_layers(c: torch.Tensor) -> torch.Tensor:
+    return c.unsqueeze(0) if isinstance(c, torch.Tensor) and c.dim() == 4 else c
+
+
 def _validate(k_cache, v_cache, src_slots, dst_slots) -> None:
     """Check shapes, dtypes and devices, then (one device sync) that slots are in range and dst is unique."""
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(c, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(c).__name__}")
-        if c.dim() != 5:
-            raise ValueError(f"{name} must be [L, num_blocks, block_size, Hkv, D], got {tuple(c.shape)}")
-        if not c.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
-    if k_cache.dtype != v_cache.dtype:
-        raise TypeError(f"k_cache dtype {k_cache.dtype} differs from v_cache dtype {v_cache.dtype}")
+    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
+        check_cache_pair(k_cache, v_cache, 4, "[num_blocks, block_size, Hkv, D] (one layer)")
+    else:
+        check_cache_pair(k_cache, v_cache, 5, "[L, num_blocks, block_size, Hkv, D] or one layer "
+                         "[num_blocks, block_size, Hkv, D]")
     dev = k_cache.device
-    if v_cache.device != dev:
-        raise ValueError(f"v_cache is on {v_cache.device} but k_cache is on {dev}")
     for name, t in (("src_slots", src_slots), ("dst_slots", dst_slots)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -82,7 +87,7 @@ def _validate(k_cache, v_cache, src_slots, dst_slots) -> None:
     m = dst_slots.numel()
     if m == 0:
         return
-    num_slots = k_cache.shape[1] * k_cache.shape[2]
+    num_slots = _as_layers(k_cache).shape[1] * _as_layers(k_cache).shape[2]
     lo = torch.minimum(src_slots.min(), dst_slots.min())
     hi = torch.maximum(src_slots.max(), dst_slots.max())
     distinct = torch.unique(dst_slots).numel()
@@ -102,7 +107,9 @@ def commit_kv(k_cache, v_cache, src_slots, dst_slots) -> None:
     Parameters
     ----------
     k_cache, v_cache : torch.Tensor
-        ``[L, num_blocks, block_size, Hkv, D]``, any float dtype, contiguous; modified in place.
+        ``[L, num_blocks, block_size, Hkv, D]`` (all layers) or one layer ``[num_blocks, block_size, Hkv, D]``,
+        any float dtype; strided views with unit last-dim stride and equal K/V strides are fine (e.g.
+        ``kv[:, 0]`` / ``kv[:, 1]`` of a per-layer ``[NB, 2, BS, H, D]`` tensor). Modified in place.
     src_slots : torch.Tensor
         ``[M]`` int64 flat slot ids (``block_id * block_size + offset``) to read.
     dst_slots : torch.Tensor
@@ -116,26 +123,28 @@ def commit_kv(k_cache, v_cache, src_slots, dst_slots) -> None:
         raise RuntimeError("commit_kv got CPU tensors but the Triton kernels were not built for the "
                            "interpreter: set TRITON_INTERPRET=1 before importing specdec.kernels, "
                            "or use commit_kv_reference")
-    layers = k_cache.shape[0]
-    row = k_cache.shape[3] * k_cache.shape[4]
+    k5, v5 = _as_layers(k_cache), _as_layers(v_cache)
+    layers, _, page, hkv, d = k5.shape
+    row = hkv * d
     block = min(_BLOCK, triton.next_power_of_2(row))
     src = src_slots.contiguous()
     dst = dst_slots.contiguous()
-    k_scratch = torch.empty((layers, m, row), dtype=k_cache.dtype, device=k_cache.device)
+    k_scratch = torch.empty((layers, m, row), dtype=k5.dtype, device=k5.device)
     v_scratch = torch.empty_like(k_scratch)
     grid = (m, layers, triton.cdiv(row, block))
-    args = (k_cache, v_cache, k_scratch, v_scratch)
-    _commit_gather_kernel[grid](*args, src, m, k_cache.stride(0), ROW=row, BLOCK=block)
-    _commit_scatter_kernel[grid](*args, dst, m, k_cache.stride(0), ROW=row, BLOCK=block)
+    args = (k5, v5, k_scratch, v_scratch)
+    strides = (m, k5.stride(0), k5.stride(1), k5.stride(2), k5.stride(3))
+    consts = dict(PAGE=page, HEAD_DIM=d, ROW=row, BLOCK=block)
+    _commit_gather_kernel[grid](*args, src, *strides, **consts)
+    _commit_scatter_kernel[grid](*args, dst, *strides, **consts)
 
 
 def commit_kv_reference(k_cache, v_cache, src_slots, dst_slots) -> None:
-    """Pure PyTorch :func:`commit_kv` (same arguments and checks): index gather, then ``index_copy_``."""
+    """Pure PyTorch :func:`commit_kv` (same arguments and checks): index gather, then an indexed write."""
     _validate(k_cache, v_cache, src_slots, dst_slots)
     if dst_slots.numel() == 0:
         return
-    layers, num_blocks, page = k_cache.shape[:3]
-    for cache in (k_cache, v_cache):
-        flat = cache.view(layers, num_blocks * page, *cache.shape[3:])
-        rows = flat.index_select(1, src_slots)  # a copy: the gather finishes before any write
-        flat.index_copy_(1, dst_slots, rows)
+    page = _as_layers(k_cache).shape[2]
+    for cache in (_as_layers(k_cache), _as_layers(v_cache)):
+        rows = cache[:, src_slots // page, src_slots % page]  # a copy: the gather finishes before any write
+        cache[:, dst_slots // page, dst_slots % page] = rows

@@ -286,9 +286,9 @@ def test_nan_guard_padded_rows_ctx0():
 
 
 def test_nan_guard_leading_fully_masked_tile():
-    """Identity mask (every node is its own root), ctx = 0, n = 40: nodes >= 32 see nothing in the
-    first 32-key tile. Each node must return exactly its own V row."""
-    n = 40
+    """Identity mask (every node is its own root), ctx = 0, n = BLOCK_N + 8: the last nodes see nothing in the
+    first key tile. Each node must return exactly its own V row."""
+    n = specdec.kernels.tile_config(64, 1, 16).block_n + 8
     args, kv, _ = build_case([0], [chain(n)], hq=2, hkv=2, d=16, page=4, seed=10,
                              masks=[torch.eye(n, dtype=torch.uint8)])
     out, _ = check_kernel(args)
@@ -332,7 +332,11 @@ BAD_INPUTS = [
     ("q_int", _set("q", lambda t: t.int()), TypeError, "q must be float32"),
     ("q_2d", _set("q", lambda t: t.flatten(1)), ValueError, r"q must be \[T, Hq, D\]"),
     ("k_dtype", _set("k_cache", lambda t: t.double()), TypeError, "k_cache dtype"),
-    ("k_noncontig", _set("k_cache", lambda t: t.transpose(0, 1)), ValueError, "k_cache must be contiguous"),
+    ("k_last_stride", _set("k_cache", lambda t: torch.cat([t, t], -1)[..., ::2]), ValueError,
+     r"k_cache must have unit stride in its last \(head_dim\)"),
+    ("kv_strides", _set("v_cache", lambda t: torch.stack([t, t], 1)[:, 0]), ValueError,
+     "k_cache strides .* and v_cache strides .* differ"),
+    ("num_splits", lambda a: {**a, "num_splits": 0}, ValueError, r"num_splits must be None .* \[1, 64\]"),
     ("v_shape", _set("v_cache", lambda t: t[:-1]), ValueError, "differ in shape"),
     ("head_dim", _set("q", lambda t: t[..., :8]), ValueError, "head_dim mismatch"),
     ("gqa", _set("q", lambda t: t[:, :3]), ValueError, "multiple of Hkv"),
@@ -484,8 +488,96 @@ def test_commit_rejects_bad_types():
     with pytest.raises(ValueError, match="dst_slots is on meta"):
         specdec.kernels.commit_kv(k, v, ok, ok.to("meta"))
     with pytest.raises(ValueError, match=r"k_cache must be \[L, num_blocks"):
-        specdec.kernels.commit_kv(k[0], v[0], ok, ok)
-    with pytest.raises(ValueError, match="v_cache must be contiguous"):
-        specdec.kernels.commit_kv(k, v.transpose(1, 2), ok, ok)
+        specdec.kernels.commit_kv(k[0, 0], v[0, 0], ok, ok)
+    with pytest.raises(ValueError, match="v_cache must have unit stride in its last"):
+        specdec.kernels.commit_kv(k, torch.cat([v, v], -1)[..., ::2], ok, ok)
+    with pytest.raises(ValueError, match="k_cache strides .* differ"):
+        specdec.kernels.commit_kv(k, torch.stack([v, v], 2)[:, :, 0], ok, ok)
     with pytest.raises(TypeError, match="differs from v_cache dtype"):
         specdec.kernels.commit_kv(k, v.half(), ok, ok)
+
+
+# ------------------------------------------------------------------ strided per-layer cache views (server layouts)
+def _layout_views(k_cache, v_cache, layout):
+    """K/V views of one layer inside a server-style combined tensor holding the same values."""
+    if layout == "flashinfer_nb2":  # [NB, 2, BS, H, D]: k = kv[:, 0], v = kv[:, 1]
+        kv = torch.stack([k_cache, v_cache], 1)
+        return kv[:, 0], kv[:, 1]
+    if layout == "vllm_2nb":  # [2, NB, BS, H, D]: k = kv[0], v = kv[1]
+        kv = torch.stack([k_cache, v_cache], 0)
+        return kv[0], kv[1]
+    if layout == "layers_nb2":  # [L, NB, 2, BS, H, D], layer 1
+        kv = torch.randn(3, k_cache.shape[0], 2, *k_cache.shape[1:], device=k_cache.device, dtype=k_cache.dtype)
+        kv[1, :, 0], kv[1, :, 1] = k_cache, v_cache
+        return kv[1, :, 0], kv[1, :, 1]
+    assert layout == "hnd"  # FlashInfer HND [NB, H, BS, D] seen as [NB, BS, H, D]
+    return (k_cache.transpose(1, 2).contiguous().transpose(1, 2),
+            v_cache.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+LAYOUTS = ["flashinfer_nb2", "vllm_2nb", "layers_nb2", "hnd"]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_reads_strided_cache_views_of_server_layouts(layout, splits):
+    args, kv, trees = build_case([37, 5], [rand_tree(7, 8), star(4)], hq=4, hkv=2, d=16, page=4, seed=12)
+    k_view, v_view = _layout_views(args["k_cache"], args["v_cache"], layout)
+    assert layout == "vllm_2nb" or not k_view.is_contiguous()
+    strided = {**args, "k_cache": k_view, "v_cache": v_view}
+    out = specdec.kernels.paged_tree_attention(**strided, num_splits=splits)
+    torch.testing.assert_close(out, specdec.kernels.paged_tree_attention_reference(**strided), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double().cpu(), oracle(args, kv, trees), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["flashinfer_nb2", "hnd"])
+def test_commit_on_strided_per_layer_views_matches_contiguous(layout):
+    k, v, table = paged_kv(layers=1, seed=3)
+    src, dst = slots_of(table, [8, 11, 13], 4), slots_of(table, [7, 8, 9], 4)
+    want_k, want_v = run_both(k, v, src, dst)
+    for fn in (specdec.kernels.commit_kv, specdec.kernels.commit_kv_reference):
+        k_view, v_view = _layout_views(k[0].clone(), v[0].clone(), layout)
+        fn(k_view, v_view, src, dst)
+        assert torch.equal(k_view, want_k[0]) and torch.equal(v_view, want_v[0]), fn.__name__
+
+
+@pytest.mark.parametrize("layout", [None, "flashinfer_nb2", "hnd"])
+def test_write_kv_stores_rows_at_slots_and_skips_negative_slots(layout):
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache = torch.randn(6, 4, 2, 16, generator=gen), torch.randn(6, 4, 2, 16, generator=gen)
+    k_cache, v_cache = k_cache.to(DEVICE), v_cache.to(DEVICE)
+    qkv = torch.randn(5, 3, 2, 16, generator=gen).to(DEVICE)  # k, v as strided views of a fused projection
+    k_new, v_new = qkv[:, 1], qkv[:, 2]
+    slots = torch.tensor([9, -1, 0, 23, 14], device=DEVICE)
+    results = []
+    for fn in (specdec.kernels.write_kv, specdec.kernels.write_kv_reference):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        if layout is not None:
+            kc, vc = _layout_views(kc, vc, layout)
+        fn(kc, vc, slots, k_new, v_new)
+        results.append((kc, vc))
+    (kk, vk), (kr, vr) = results
+    assert torch.equal(kk, kr) and torch.equal(vk, vr)
+    flat_k, flat_v = kk.reshape(24, 2, 16), vk.reshape(24, 2, 16)
+    for t, s in enumerate([9, -1, 0, 23, 14]):
+        if s >= 0:
+            assert torch.equal(flat_k[s], k_new[t]) and torch.equal(flat_v[s], v_new[t])
+    untouched = torch.ones(24, dtype=torch.bool)
+    untouched[[9, 0, 23, 14]] = False
+    assert torch.equal(flat_k[untouched], k_cache.reshape(24, 2, 16)[untouched])
+
+
+def test_write_kv_rejects_bad_inputs():
+    kc, vc = torch.zeros(4, 4, 2, 16, device=DEVICE), torch.zeros(4, 4, 2, 16, device=DEVICE)
+    rows, slots = torch.zeros(3, 2, 16, device=DEVICE), torch.tensor([0, 1, 2], device=DEVICE)
+    for fn in (specdec.kernels.write_kv, specdec.kernels.write_kv_reference):
+        with pytest.raises(TypeError, match="slot_mapping must be a 1-D int64"):
+            fn(kc, vc, slots.int(), rows, rows)
+        with pytest.raises(ValueError, match=r"k must be \[T, Hkv, D\] = \[T, 2, 16\]"):
+            fn(kc, vc, slots, rows[:, :1], rows)
+        with pytest.raises(ValueError, match="slot_mapping has 2 entries but k has 3"):
+            fn(kc, vc, slots[:2], rows, rows)
+        with pytest.raises(ValueError, match="k_cache strides .* differ"):
+            fn(kc, torch.stack([vc, vc], 1)[:, 0], slots, rows, rows)
+    with pytest.raises(ValueError, match="slot ids must be < 16"):
+        specdec.kernels.write_kv_reference(kc, vc, torch.tensor([0, 1, 16], device=DEVICE), rows, rows)
