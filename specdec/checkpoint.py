@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 CONFIG_FILE = "config.json"
@@ -60,6 +60,19 @@ def read_config(path: str | Path, kind: str | None = None) -> dict[str, Any]:
     if kind is not None and stored is not None and stored != kind:
         raise ValueError(f"{path} is a {stored} checkpoint, not a {kind} one: use {stored}:path={path}")
     return config
+
+
+def check_checkpoint(path: str | Path, kind: str | None = None) -> None:
+    """Check a checkpoint folder without loading its tensors (config, kind, safetensors header): fast enough to
+    run before a model loads. Raises the errors :func:`read_checkpoint` would."""
+    path = Path(path)
+    read_config(path, kind)
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"corrupt drafter checkpoint: {path / WEIGHTS_FILE} is not a readable safetensors file "
+                         f"({err}); re-export or re-download it") from None
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:

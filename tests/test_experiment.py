@@ -29,10 +29,11 @@ PROMPTS = [
 ]
 REQUEST_FIELDS = {"kind", "temperature", "method", "prompt_index", "question_id", "category", "turn", "new_tokens",
                   "tau", "tokens_per_s", "baseline_tokens_per_s", "speedup", "draft_s", "verify_s",
-                  "acceptance_by_depth", "equality"}
+                  "acceptance_by_depth", "equality", "latency_s"}
 SUMMARY_FIELDS = {"kind", "temperature", "baseline", "name", "tokens_per_s", "speedup", "speedup_mean_ci", "tau",
                   "tau_mean_ci", "acceptance_by_depth", "accepted_length_hist", "draft_s", "verify_s",
-                  "identical_to_baseline", "differences", "n_prompts", "per_category"}
+                  "identical_to_baseline", "near_ties", "differences", "n_prompts", "per_category", "label",
+                  "latency_p50_s", "latency_p99_s"}
 
 
 def _runner():

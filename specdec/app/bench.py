@@ -1,11 +1,15 @@
 """``specdec bench``: HF ``generate`` greedy, specdec autoregressive and each drafter on the same prompts, in one
 process, interleaved prompt by prompt so machine noise hits every method alike.
 
-Speed is reported as the **median over prompts of (method tok/s) / (HF greedy tok/s on the same prompt)**.
+Speed is reported as the **median over prompts of (method tok/s) / (HF greedy tok/s on the same prompt)**. With a
+:class:`~specdec.app.journal.Journal` every finished prompt is saved as it completes: Ctrl-C returns a partial
+report (``complete=False``) and a rerun with the same journal resumes. ``batch_size > 1`` runs
+:mod:`specdec.app.batch_bench` instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -13,19 +17,52 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specdec.app.journal import Journal
 from specdec.app.prompts import Prompt, encode_conversation, encode_prompt
+from specdec.app.report import (
+    NEAR_TIE,
+    Baseline,
+    BenchReport,
+    CategorySummary,
+    EqualityCheck,
+    RequestRecord,
+    RunSummary,
+    short_label,
+)
 from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.sampling import GREEDY, SamplingParams
 from specdec.stats import RequestStats, mean_ci
 from specdec.target import TargetModel, eos_token_ids
 
-NEAR_TIE = 1e-4  # logit margin under which a greedy difference is a floating-point tie, not a bug
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How every method runs. ``model`` only identifies the run (a journal of another model is not resumed)."""
+
+    max_new_tokens: int = 128
+    chat: bool = True
+    num_blocks: int = 256
+    block_size: int = 16
+    sampling: SamplingParams = GREEDY
+    acceptance: str = "exact"
+    multi_turn: bool = False
+    batch_size: int = 1
+    model: str | None = None
+
+    @property
+    def baseline_name(self) -> str:
+        return "hf_greedy" if self.sampling.greedy else "hf_sample"
+
+    def journal_key(self, methods: Sequence[str], prompts: Sequence[Prompt]) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps([asdict(p) for p in prompts]).encode()).hexdigest()[:16]
+        return {**asdict(self), "methods": list(methods), "prompts": digest}
 
 
 @dataclass
@@ -54,20 +91,6 @@ def hf_generate(
         return out[0, ids.numel() :].tolist(), time.perf_counter() - t0
 
 
-@dataclass(frozen=True)
-class EqualityCheck:
-    """Greedy output of a method against the baseline's.
-
-    ``first_diff``: first differing position (``None`` = identical); ``margin``: the target's top-1 minus top-2
-    logit there (``None`` when identical); ``near_tie``: ``margin < tolerance``, the only excusable difference
-    (floating-point reordering may flip an exact tie)."""
-
-    identical: bool
-    first_diff: int | None = None
-    margin: float | None = None
-    near_tie: bool = False
-
-
 def check_greedy(model: PreTrainedModel, ids: torch.Tensor, ref: Sequence[int], out: Sequence[int],
                  tolerance: float = NEAR_TIE) -> EqualityCheck:
     """Compare ``out`` with the baseline ``ref`` for prompt ``ids [L]``; at a difference, measure the target's
@@ -85,133 +108,154 @@ def check_greedy(model: PreTrainedModel, ids: torch.Tensor, ref: Sequence[int], 
     return EqualityCheck(False, i, margin, margin < tolerance)
 
 
-def run_bench(
-    target: TargetModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Prompt],
-    drafters: Mapping[str, DrafterSpec],
-    max_new_tokens: int = 128,
-    chat: bool = True,
-    num_blocks: int = 256,
-    block_size: int = 16,
-    sampling: SamplingParams = GREEDY,
-    acceptance: str = "exact",
-    multi_turn: bool = False,
-) -> dict:
-    """Benchmark and return the report (see README for the JSON shape); ``report["requests"]`` holds one record
-    per (method, prompt, turn).
+def build_engines(target: TargetModel, tokenizer: PreTrainedTokenizerBase, drafters: Mapping[str, DrafterSpec],
+                  settings: BenchSettings, **engine_kwargs: Any) -> list[tuple[str, SpeculativeEngine]]:
+    """``specdec_ar`` (no drafter) then one engine per drafter spec, all on one shared cache."""
+    eos = eos_token_ids(target.model, tokenizer)
+    cache = target.new_cache(settings.num_blocks, settings.block_size)
+    engines = [("specdec_ar", SpeculativeEngine(target, cache, None, eos, **engine_kwargs))]
+    engines += [(name, SpeculativeEngine(target, cache, build_drafter(spec, target), eos,
+                                         acceptance=settings.acceptance, **engine_kwargs))
+                for name, spec in drafters.items() if spec.name != "none"]
+    return engines
+
+
+def run_bench(target: TargetModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
+              drafters: Mapping[str, DrafterSpec], settings: BenchSettings = BenchSettings(),
+              journal_path: str | Path | None = None) -> BenchReport:
+    """Benchmark every method on ``prompts``; the report's ``requests`` hold one record per (method, prompt, turn).
 
     With ``multi_turn`` every turn of each prompt runs, each method's own earlier answers in its context (the
-    baseline's in the baseline's). At temperature > 0 every method samples with ``sampling`` (seed
+    baseline's in the baseline's). At temperature > 0 every method samples with ``settings.sampling`` (seed
     ``sampling.seed + request index``) and ``identical_to_baseline`` is ``None``: outputs are compared as
-    distributions by the tests, not token by token.
-    """
-    model = target.model
-    eos = eos_token_ids(model, tokenizer)
-    cache = target.new_cache(num_blocks, block_size)
-    runs = [_Run("specdec_ar", SpeculativeEngine(target, cache, None, eos))]
-    runs += [_Run(name, SpeculativeEngine(target, cache, build_drafter(spec, target), eos, acceptance=acceptance))
-             for name, spec in drafters.items() if spec.name != "none"]
-    _warm_up(model, runs, encode_prompt(tokenizer, prompts[0].text, chat))
-    base_tokens, base_seconds, requests, categories, index = 0, 0.0, [], [], 0
-    for p_idx, prompt in enumerate(tqdm(prompts, desc="bench", unit="prompt")):
-        turns = list(prompt.all_turns if multi_turn else prompt.all_turns[:1])
-        answers: dict[str, list[str]] = {name: [] for name in ["baseline", *(r.name for r in runs)]}
-        for t in range(len(turns)):
-            params = sampling if sampling.greedy else replace(sampling, seed=(sampling.seed or 0) + index)
-            index += 1
-            ids = encode_conversation(tokenizer, turns[: t + 1], answers["baseline"], chat)
-            ref, seconds = hf_generate(model, ids, max_new_tokens, params)
-            base_tokens, base_seconds = base_tokens + len(ref), base_seconds + seconds
-            answers["baseline"].append(tokenizer.decode(ref, skip_special_tokens=True))
-            categories.append(prompt.category)
-            for run in runs:
-                own = encode_conversation(tokenizer, turns[: t + 1], answers[run.name], chat)
-                result = run.engine.generate(own, max_new_tokens, sampling=params)
-                answers[run.name].append(tokenizer.decode(result.tokens, skip_special_tokens=True))
-                run.stats.append(result.stats)
-                run.speedups.append(result.stats.tokens_per_s / (len(ref) / seconds))
-                check = check_greedy(model, ids, ref, result.tokens) if sampling.greedy else None
+    distributions by the tests, not token by token. Ctrl-C after at least one finished prompt returns the
+    partial report; before that it propagates."""
+    if settings.batch_size > 1:
+        from specdec.app.batch_bench import run_batched_bench
+
+        return run_batched_bench(target, tokenizer, prompts, drafters, settings)
+    runs = [_Run(name, engine) for name, engine in build_engines(target, tokenizer, drafters, settings)]
+    journal = None
+    if journal_path is not None:
+        journal = Journal(journal_path, settings.journal_key([r.name for r in runs], prompts))
+    acc = _Accumulator(runs)
+    _warm_up(target.model, runs, encode_prompt(tokenizer, prompts[0].text, settings.chat),
+             min(4, settings.max_new_tokens))
+    bar = tqdm(total=len(prompts), desc="bench", unit="prompt")
+    complete = True
+    try:
+        for p_idx, prompt in enumerate(prompts):
+            entry = journal.done.get(p_idx) if journal else None
+            if entry is None:
+                entry = _run_prompt(target.model, tokenizer, runs, prompt, settings, acc.n_requests)
+                if journal:
+                    journal.record(p_idx, entry)
+            acc.add(p_idx, prompt, entry)
+            bar.update(1)
+    except KeyboardInterrupt:
+        if not acc.n_done:
+            raise
+        complete = False
+    finally:
+        bar.close()
+    return acc.report(settings, complete, len(prompts))
+
+
+def _run_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, runs: Sequence[_Run], prompt: Prompt,
+                settings: BenchSettings, first_index: int) -> dict[str, Any]:
+    """Every turn of ``prompt`` for the baseline and every method: the journal entry of the prompt."""
+    turns = list(prompt.all_turns if settings.multi_turn else prompt.all_turns[:1])
+    answers: dict[str, list[str]] = {name: [] for name in ["baseline", *(r.name for r in runs)]}
+    entry: dict[str, Any] = {"baseline": [], "runs": {r.name: [] for r in runs}}
+    sampling = settings.sampling
+    for t in range(len(turns)):
+        params = sampling if sampling.greedy else replace(sampling, seed=(sampling.seed or 0) + first_index + t)
+        ids = encode_conversation(tokenizer, turns[: t + 1], answers["baseline"], settings.chat)
+        ref, seconds = hf_generate(model, ids, settings.max_new_tokens, params)
+        answers["baseline"].append(tokenizer.decode(ref, skip_special_tokens=True))
+        entry["baseline"].append({"tokens": len(ref), "seconds": seconds})
+        for run in runs:
+            own = encode_conversation(tokenizer, turns[: t + 1], answers[run.name], settings.chat)
+            result = run.engine.generate(own, settings.max_new_tokens, sampling=params)
+            answers[run.name].append(tokenizer.decode(result.tokens, skip_special_tokens=True))
+            check = check_greedy(model, ids, ref, result.tokens) if sampling.greedy else None
+            entry["runs"][run.name].append({
+                "stats": asdict(result.stats), "speedup": result.stats.tokens_per_s / (len(ref) / seconds),
+                "equality": None if check is None else asdict(check)})
+    return entry
+
+
+class _Accumulator:
+    """Finished prompts (run now or read from the journal) folded into the runs' lists and request records."""
+
+    def __init__(self, runs: Sequence[_Run]) -> None:
+        self.runs = runs
+        self.categories: list[str] = []
+        self.requests: list[RequestRecord] = []
+        self.base_tokens, self.base_seconds, self.n_done = 0, 0.0, 0
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.categories)
+
+    def add(self, p_idx: int, prompt: Prompt, entry: dict[str, Any]) -> None:
+        self.n_done += 1
+        for t, base in enumerate(entry["baseline"]):
+            self.base_tokens += base["tokens"]
+            self.base_seconds += base["seconds"]
+            self.categories.append(prompt.category)
+            for run in self.runs:
+                item = entry["runs"][run.name][t]
+                stats = RequestStats(**item["stats"])
+                check = None if item["equality"] is None else EqualityCheck(**item["equality"])
+                run.stats.append(stats)
+                run.speedups.append(item["speedup"])
                 run.checks.append(check)
-                requests.append(_record(run.name, p_idx, t, prompt, result.stats, len(ref) / seconds,
-                                        run.speedups[-1], check))
-    summaries = [_summarize(run, categories) for run in runs]
-    baseline = "hf_greedy" if sampling.greedy else "hf_sample"
-    return {
-        "baseline": {"name": baseline, "tokens_per_s": base_tokens / base_seconds},
-        "max_new_tokens": max_new_tokens,
-        "sampling": asdict(sampling),
-        "multi_turn": multi_turn,
-        "runs": summaries,
-        "requests": requests,
-    }
+                self.requests.append(RequestRecord(
+                    run.name, p_idx, prompt.question_id, prompt.category, t, stats.new_tokens, stats.tau,
+                    stats.tokens_per_s, base["tokens"] / base["seconds"], item["speedup"], stats.draft_s,
+                    stats.verify_s, stats.acceptance_by_depth, check))
+
+    def report(self, settings: BenchSettings, complete: bool, n_total: int) -> BenchReport:
+        baseline = Baseline(settings.baseline_name, self.base_tokens / self.base_seconds)
+        return BenchReport(baseline, settings.max_new_tokens, asdict(settings.sampling), settings.multi_turn,
+                           [summarize(r.name, r.stats, r.speedups, r.checks, self.categories) for r in self.runs],
+                           self.requests, settings.batch_size, complete, self.n_done, n_total)
 
 
-def _record(name: str, p_idx: int, turn: int, prompt: Prompt, stats: RequestStats, base_tps: float, speedup: float,
-            check: EqualityCheck | None) -> dict:
-    return {
-        "method": name, "prompt_index": p_idx, "question_id": prompt.question_id, "category": prompt.category,
-        "turn": turn, "new_tokens": stats.new_tokens, "tau": stats.tau, "tokens_per_s": stats.tokens_per_s,
-        "baseline_tokens_per_s": base_tps, "speedup": speedup, "draft_s": stats.draft_s, "verify_s": stats.verify_s,
-        "acceptance_by_depth": stats.acceptance_by_depth,
-        "equality": None if check is None else asdict(check),
-    }
-
-
-def _warm_up(model: PreTrainedModel, runs: Sequence[_Run], ids: torch.Tensor) -> None:
-    hf_generate(model, ids, 4)
+def _warm_up(model: PreTrainedModel, runs: Sequence[_Run], ids: torch.Tensor, tokens: int) -> None:
+    hf_generate(model, ids, tokens)
     for run in runs:
-        run.engine.generate(ids, 4)
+        run.engine.generate(ids, tokens)
 
 
-def _summarize(run: _Run, categories: Sequence[str]) -> dict:
+def summarize(name: str, stats: Sequence[RequestStats], speedups: Sequence[float],
+              checks: Sequence[EqualityCheck | None], categories: Sequence[str],
+              latencies: Sequence[float] = ()) -> RunSummary:
+    """One method's summary over its requests (``speedups`` per request; ``latencies`` only in batched runs)."""
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(categories):
         by_cat[c].append(i)
-    total = RequestStats.combine(run.stats)
-    greedy = all(c is not None for c in run.checks)
-    return {
-        "name": run.name,
-        "tokens_per_s": total.tokens_per_s,
-        "speedup": statistics.median(run.speedups),
-        "speedup_mean_ci": list(mean_ci(run.speedups)),
-        "tau": total.tau,
-        "tau_mean_ci": list(mean_ci([s.tau for s in run.stats])),
-        "acceptance_by_depth": total.acceptance_by_depth,
-        "accepted_length_hist": total.accepted_hist,
-        "draft_s": total.draft_s,
-        "verify_s": total.verify_s,
-        "identical_to_baseline": sum(c.identical for c in run.checks) if greedy else None,
-        "differences": [{"request": i, **asdict(c)} for i, c in enumerate(run.checks)
-                        if c is not None and not c.identical],
-        "n_prompts": len(run.stats),
-        "per_category": {
-            c: {
-                "speedup": statistics.median(run.speedups[i] for i in idx),
-                "tau": RequestStats.combine([run.stats[i] for i in idx]).tau,
-                "n": len(idx),
-            }
-            for c, idx in by_cat.items()
-        },
-    }
+    total = RequestStats.combine(list(stats))
+    greedy = all(c is not None for c in checks)
+    return RunSummary(
+        name=name, label=short_label(name), tokens_per_s=total.tokens_per_s, speedup=statistics.median(speedups),
+        speedup_mean_ci=mean_ci(list(speedups)), tau=total.tau, tau_mean_ci=mean_ci([s.tau for s in stats]),
+        acceptance_by_depth=total.acceptance_by_depth, accepted_length_hist=total.accepted_hist,
+        draft_s=total.draft_s, verify_s=total.verify_s,
+        identical_to_baseline=sum(c.identical for c in checks) if greedy else None,
+        near_ties=sum(c.near_tie for c in checks) if greedy else None,
+        differences=[{"request": i, **asdict(c)} for i, c in enumerate(checks) if c is not None and not c.identical],
+        n_prompts=len(stats),
+        per_category={c: CategorySummary(statistics.median(speedups[i] for i in idx),
+                                         RequestStats.combine([stats[i] for i in idx]).tau, len(idx))
+                      for c, idx in by_cat.items()},
+        latency_p50_s=_percentile(latencies, 50), latency_p99_s=_percentile(latencies, 99),
+    )
 
 
-def format_table(report: dict) -> str:
-    """The report as a plain-text table (one row per method, then per-category speedups)."""
-    cats = sorted({c for r in report["runs"] for c in r["per_category"]})
-    width = max(12, *(len(r["name"]) for r in report["runs"]))
-    head = f"{'method':<{width}} {'tok/s':>7} {'speedup':>8} {'tau':>5} {'same':>6}  "
-    head += " ".join(f"{c[:8]:>8}" for c in cats)
-    lines = [head, "-" * len(head)]
-    lines.append(f"{report['baseline']['name']:<{width}} {report['baseline']['tokens_per_s']:>7.2f} {1.0:>8.2f}")
-    for r in report["runs"]:
-        per = " ".join(f"{r['per_category'][c]['speedup']:>8.2f}" for c in cats)
-        same = "-" if r["identical_to_baseline"] is None else f"{r['identical_to_baseline']}/{r['n_prompts']}"
-        row = f"{r['name']:<{width}} {r['tokens_per_s']:>7.2f} {r['speedup']:>8.2f} {r['tau']:>5.2f} {same:>6}  {per}"
-        lines.append(row)
-    return "\n".join(lines)
-
-
-def write_report(report: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]

@@ -19,9 +19,11 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from specdec.app import tracking
-from specdec.app.bench import format_table, run_bench
+from specdec.app.args import parse_spec
+from specdec.app.bench import BenchSettings, run_bench
 from specdec.app.plots import plot_report, plot_tau_vs_budget
 from specdec.app.prompts import Prompt
+from specdec.app.report import BenchReport, format_table
 from specdec.drafters import DrafterSpec
 from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
@@ -41,6 +43,8 @@ class Grid:
         num_blocks / block_size: the target's KV cache.
         spec_defaults: drafter-spec keys applied where a spec string does not set them (CLI ``--tree`` ...).
         paths: default ``path`` per drafter name (CLI ``--draft-model``, ``--drafter-path``).
+        batch_size: requests run concurrently (1 = one at a time, interleaved per prompt with the baseline).
+        model: the model's id or folder (identifies a resumable run).
     """
 
     drafters: tuple[str, ...] = ("ngram",)
@@ -57,9 +61,16 @@ class Grid:
     block_size: int = 16
     spec_defaults: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 1
+    model: str | None = None
 
     def _parse(self, text: str) -> DrafterSpec:
-        return DrafterSpec.parse(text, path=self.paths.get(text.partition(":")[0]), **self.spec_defaults)
+        return parse_spec(text, self.paths, self.spec_defaults)
+
+    def settings(self, temperature: float) -> BenchSettings:
+        sampling = SamplingParams(temperature, self.top_k, self.top_p, self.seed)
+        return BenchSettings(self.max_new_tokens, self.chat, self.num_blocks, self.block_size, sampling,
+                             self.acceptance, self.multi_turn, self.batch_size, self.model)
 
     def methods(self) -> dict[str, DrafterSpec]:
         """Method name -> parsed spec, budgets expanded (raises ``ValueError`` for a bad spec)."""
@@ -79,50 +90,74 @@ class Grid:
 
 @dataclass(frozen=True)
 class ExperimentResult:
-    """``reports``: one :func:`run_bench` report per temperature (with its ``requests``); ``grid``: the input."""
+    """``reports``: one :func:`run_bench` report per temperature (with its ``requests``); ``grid``: the input.
+    ``complete`` is ``False`` when Ctrl-C stopped the run (the last report is partial, later ones missing)."""
 
     grid: Grid
-    reports: list[dict]
+    reports: list[BenchReport]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.reports) == len(self.grid.temperatures) and all(r.complete for r in self.reports)
 
     def records(self) -> list[dict]:
         """JSON-lines records: every request, then every method summary, each tagged with its temperature."""
         rows = []
         for report in self.reports:
-            temp = report["sampling"]["temperature"]
-            rows += [{"kind": "request", "temperature": temp, **r} for r in report["requests"]]
-            rows += [{"kind": "summary", "temperature": temp, "baseline": report["baseline"], **r}
-                     for r in report["runs"]]
+            data = report.to_json()
+            temp = report.temperature
+            rows += [{"kind": "request", "temperature": temp, **r} for r in data["requests"]]
+            rows += [{"kind": "summary", "temperature": temp, "baseline": data["baseline"], **r}
+                     for r in data["runs"]]
         return rows
 
 
+def journal_path(out_dir: str | Path, temperature: float) -> Path:
+    """Where the finished prompts of one temperature's run are kept until the experiment is written."""
+    return Path(out_dir) / f"T{temperature:g}.partial.jsonl"
+
+
 def run_experiment(target: TargetModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
-                   grid: Grid) -> ExperimentResult:
-    """Run every method of ``grid`` at every temperature on ``prompts``."""
+                   grid: Grid, out_dir: str | Path | None = None) -> ExperimentResult:
+    """Run every method of ``grid`` at every temperature on ``prompts``. With ``out_dir`` finished prompts are
+    journaled there (:func:`journal_path`): Ctrl-C returns the partial result and a rerun resumes."""
     if not prompts:
         raise ValueError("no prompts to run")
     methods = grid.methods()
-    reports = []
+    reports: list[BenchReport] = []
     for temperature in grid.temperatures:
-        sampling = SamplingParams(temperature, grid.top_k, grid.top_p, grid.seed)
-        reports.append(run_bench(target, tokenizer, prompts, methods, grid.max_new_tokens, grid.chat,
-                                 grid.num_blocks, grid.block_size, sampling, grid.acceptance, grid.multi_turn))
+        journal = None if out_dir is None else journal_path(out_dir, temperature)
+        try:
+            reports.append(run_bench(target, tokenizer, prompts, methods, grid.settings(temperature), journal))
+        except KeyboardInterrupt:
+            if not reports:
+                raise
+            break
+        if not reports[-1].complete:
+            break
     return ExperimentResult(grid, reports)
 
 
-def budget_series(report: dict, grid: Grid) -> dict[str, list[tuple[int, float]]]:
+def discard_journals(result: ExperimentResult, out_dir: str | Path) -> None:
+    """Remove the journals once a complete result is written."""
+    for temperature in result.grid.temperatures:
+        journal_path(out_dir, temperature).unlink(missing_ok=True)
+
+
+def budget_series(report: BenchReport, grid: Grid) -> dict[str, list[tuple[int, float]]]:
     """``{drafter spec as written: [(budget, tau), ...]}`` for the budget-expanded methods of ``report``."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     if not grid.budgets:
         return {}
-    for run in report["runs"]:
-        base, sep, budget = run["name"].rpartition("budget=")
+    for run in report.runs:
+        base, sep, budget = run.name.rpartition("budget=")
         if sep and budget.isdigit():
-            series[base.rstrip(",:")].append((int(budget), run["tau"]))
+            series[base.rstrip(",:")].append((int(budget), run.tau))
     return dict(series)
 
 
-def _stem(report: dict) -> str:
-    return f"T{report['sampling']['temperature']:g}"
+def _stem(report: BenchReport) -> str:
+    return f"T{report.temperature:g}"
 
 
 def write_outputs(result: ExperimentResult, out_dir: str | Path) -> list[Path]:
@@ -133,11 +168,11 @@ def write_outputs(result: ExperimentResult, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.jsonl", out_dir / "summary.json"]
     paths[0].write_text("".join(json.dumps(r) + "\n" for r in result.records()), encoding="utf-8")
-    summary = {"grid": asdict(result.grid),
-               "reports": [{k: v for k, v in r.items() if k != "requests"} for r in result.reports]}
+    summary = {"grid": asdict(result.grid), "complete": result.complete,
+               "reports": [r.to_json(requests=False) for r in result.reports]}
     paths[1].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     for report in result.reports:
-        paths += plot_report(report, out_dir, _stem(report))
+        paths += plot_report(report.to_json(requests=False), out_dir, _stem(report))
         series = budget_series(report, result.grid)
         if series:
             paths.append(plot_tau_vs_budget(series, out_dir / f"{_stem(report)}_tau_vs_budget.png"))
@@ -148,7 +183,7 @@ def format_tables(result: ExperimentResult) -> str:
     """One table per temperature (:func:`specdec.app.bench.format_table`)."""
     parts = []
     for report in result.reports:
-        parts.append(f"temperature {report['sampling']['temperature']:g}, baseline {report['baseline']['name']}")
+        parts.append(f"temperature {report.temperature:g}, baseline {report.baseline.name}")
         parts.append(format_table(report))
     return "\n\n".join(parts)
 
@@ -167,17 +202,18 @@ def log_to_wandb(result: ExperimentResult, out_dir: str | Path, pngs: Sequence[P
         step = 0
         for report in result.reports:
             stem = _stem(report)
-            for r in report["requests"]:
+            data = report.to_json()
+            for r in data["requests"]:
                 run.log({f"{stem}/request/{k}": r[k] for k in ("tau", "speedup", "tokens_per_s")}
                         | {f"{stem}/request/method": r["method"]}, step=step)
                 step += 1
-            for s in report["runs"]:
+            for s in data["runs"]:
                 metrics = {f"{stem}/{s['name']}/{k}": s[k] for k in ("tau", "speedup", "tokens_per_s")}
                 run.log(metrics, step=step)
                 run.summary.update(metrics)
             columns = ["method", "tau", "speedup", "tokens_per_s", "identical", "n"]
             rows = [[s["name"], s["tau"], s["speedup"], s["tokens_per_s"], s["identical_to_baseline"],
-                     s["n_prompts"]] for s in report["runs"]]
+                     s["n_prompts"]] for s in data["runs"]]
             run.log({f"{stem}/summary_table": wandb.Table(columns=columns, data=rows)}, step=step)
         run.log({p.stem: wandb.Image(str(p)) for p in pngs if p.suffix == ".png"}, step=step)
     finally:

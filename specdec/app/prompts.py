@@ -39,11 +39,7 @@ def load_prompts(path: str | Path, limit: int | None = None, per_category: int |
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = read_json_records(path)
     prompts = [_to_prompt(r, path, i) for i, r in enumerate(records, start=1)]
     if not prompts:
         raise ValueError(f"no prompts in {path}")
@@ -55,6 +51,30 @@ def load_prompts(path: str | Path, limit: int | None = None, per_category: int |
                 kept.append(p)
         prompts = kept
     return prompts[:limit] if limit else prompts
+
+
+def read_json_records(path: Path) -> list:
+    """A JSON list, or JSON lines (blank lines skipped); invalid JSON is a ``ValueError`` naming file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list")
+        return records
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg}, column {err.colno})") from None
+    return records
 
 
 def _to_prompt(record: object, path: Path, line: int) -> Prompt:
