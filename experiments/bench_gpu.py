@@ -89,8 +89,13 @@ def build_model(torch, shape, dev, dtype, seed):
 
     cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
-    with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: an 8B model never exists in float32
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():  # smaller weights keep bf16 activations sane; speed is unaffected
         for prm in model.parameters():
             if prm.dim() == 2:

@@ -541,6 +541,17 @@ def test_commit_on_strided_per_layer_views_matches_contiguous(layout):
         assert torch.equal(k_view, want_k[0]) and torch.equal(v_view, want_v[0]), fn.__name__
 
 
+def test_commit_moves_every_layer_of_a_strided_all_layer_view():
+    """``[L, NB, 2, BS, H, D]`` (K and V interleaved per block): k = kv[:, :, 0], v = kv[:, :, 1]."""
+    k, v, table = paged_kv(layers=3, seed=5)
+    src, dst = slots_of(table, [9, 10, 14], 4), slots_of(table, [8, 9, 10], 4)
+    want_k, want_v = run_both(k, v, src, dst)
+    for fn in (specdec.kernels.commit_kv, specdec.kernels.commit_kv_reference):
+        kv = torch.stack([k, v], 2)
+        fn(kv[:, :, 0], kv[:, :, 1], src, dst)
+        assert torch.equal(kv[:, :, 0], want_k) and torch.equal(kv[:, :, 1], want_v), fn.__name__
+
+
 @pytest.mark.parametrize("layout", [None, "flashinfer_nb2", "hnd"])
 def test_write_kv_stores_rows_at_slots_and_skips_negative_slots(layout):
     gen = torch.Generator().manual_seed(4)
