@@ -24,8 +24,9 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.attention import AttentionBackend
-from specdec.interfaces import Draft
-from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
+from specdec.drafters.common import PerSequence
+from specdec.interfaces import Draft, DraftInput
+from specdec.sampling import SamplingParams, process_logits, sample
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
 from specdec.tree_builders import best_first_tree, choices_tree, union_tree
@@ -65,8 +66,8 @@ class DraftModelDrafter:
         self.cache = self.model.new_cache(num_blocks, block_size)
         self.vocab_size: int | None = self.model.vocab_size
         self.tree, self.depth, self.budget, self.topk = tree, depth, budget, topk
-        self._seqs: dict[int, int] = {}  # engine sequence id -> draft cache sequence id
-        self._rng: dict[int, torch.Generator] = {}
+        # engine sequence id -> the draft cache's sequence id (its blocks are freed on release)
+        self._seqs: PerSequence[int] = PerSequence(self.cache.add_sequence, self.cache.release)
 
     @property
     def max_nodes(self) -> int:
@@ -76,29 +77,22 @@ class DraftModelDrafter:
             return self.budget
         return len({tuple(c) for c in self.tree}) + 1
 
-    def propose(
-        self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor], sampling: SamplingParams = GREEDY
-    ) -> list[Draft]:
-        return [self._propose_one(s, h, sampling) for s, h in zip(seq_ids, histories, strict=True)]
+    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        return [self._propose_one(item) for item in batch]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Nothing to do: accepted tokens are caught up at the next ``propose`` (no speculative commits)."""
 
     def release(self, seq_id: int) -> None:
-        dseq = self._seqs.pop(seq_id, None)
-        if dseq is not None:
-            self.cache.release(dseq)
-        self._rng.pop(seq_id, None)
+        self._seqs.release(seq_id)
 
     # ------------------------------------------------------------------ drafting
-    def _propose_one(self, seq_id: int, history: torch.Tensor, sampling: SamplingParams) -> Draft:
-        dseq = self._seqs.get(seq_id)
-        if dseq is None:
-            dseq = self._seqs[seq_id] = self.cache.add_sequence()
+    def _propose_one(self, item: DraftInput) -> Draft:
+        dseq, history = self._seqs[item.seq_id], item.history
         root_logits = self._catch_up(dseq, history)
         root = int(history[-1])
         if self.tree == "chain":
-            return self._chain(dseq, root, root_logits, sampling, self._generator(seq_id, sampling))
+            return self._chain(dseq, root, root_logits, item.sampling, item.generator)
         expand = self._expander(dseq, root, root_logits)
         if self.tree == "dynamic":
             tree, _ = best_first_tree(root, expand, self.budget, self.depth, self.topk)
@@ -121,7 +115,7 @@ class DraftModelDrafter:
         return self.model.forward(self.cache, [dseq], [tree]).logits[nodes]
 
     def _chain(
-        self, dseq: int, root: int, logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
+        self, dseq: int, root: int, logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator | None
     ) -> Draft:
         tokens, rows = [root], [torch.zeros_like(logits)]
         for d in range(self.depth):
@@ -141,10 +135,3 @@ class DraftModelDrafter:
             return self._forward_last(dseq, tree, [index[p] for p in paths]).log_softmax(-1)
 
         return expand
-
-    def _generator(self, seq_id: int, sampling: SamplingParams) -> torch.Generator:
-        gen = self._rng.get(seq_id)
-        if gen is None:
-            gen = self._rng[seq_id] = sampling.draft_generator(self.model.device)
-        return gen
-

@@ -32,9 +32,10 @@ from transformers import AutoConfig
 from specdec.attention import ATTENTION_NAME, AttentionBackend, ForwardContext, build_tree_batch, select_backend
 from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.draft_vocab import check_vocab_ids, expand_logits
-from specdec.interfaces import Draft
+from specdec.drafters.common import PerSequence
+from specdec.interfaces import Draft, DraftInput
 from specdec.kv_cache import PagedKVCache
-from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
+from specdec.sampling import SamplingParams, process_logits, sample
 from specdec.tree import TokenTree
 from specdec.tree_builders import best_first_tree, union_tree
 
@@ -189,9 +190,9 @@ class EagleDrafter:
                                   move_kv=self.backend.move_kv)
         self.vocab_size: int | None = head.config.vocab_size
         self.tree, self.depth, self.budget, self.topk = tree, depth, budget, topk
-        self._seqs: dict[int, int] = {}  # engine sequence id -> draft cache sequence id
+        # engine sequence id -> the head cache's sequence id (its blocks are freed on release)
+        self._seqs: PerSequence[int] = PerSequence(self.cache.add_sequence, self.cache.release)
         self._feats: dict[int, torch.Tensor] = {}  # [P, H] target features of the pairs not yet committed
-        self._rng: dict[int, torch.Generator] = {}
 
     @classmethod
     def untrained(cls, target: TargetModel, **kwargs) -> EagleDrafter:
@@ -211,10 +212,9 @@ class EagleDrafter:
 
     # ------------------------------------------------------------------ protocol
     @torch.inference_mode()
-    def propose(self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor],
-                sampling: SamplingParams = GREEDY) -> list[Draft]:
-        """One draft per sequence; ``histories[b] [L_b]`` int64, last token = root (see the module docstring)."""
-        return [self._propose_one(s, h, sampling) for s, h in zip(seq_ids, histories, strict=True)]
+    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        """One draft per sequence; ``history [L]`` int64, last token = root (see the module docstring)."""
+        return [self._propose_one(item) for item in batch]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Queue the target's features ``hidden [S, H]`` (row ``j`` predicted the token after span token ``j``);
@@ -226,24 +226,20 @@ class EagleDrafter:
         self._feats[seq_id] = rows.clone() if old is None else torch.cat([old, rows])
 
     def release(self, seq_id: int) -> None:
-        dseq = self._seqs.pop(seq_id, None)
-        if dseq is not None:
-            self.cache.release(dseq)
+        self._seqs.release(seq_id)
         self._feats.pop(seq_id, None)
-        self._rng.pop(seq_id, None)
 
     # ------------------------------------------------------------------ drafting
-    def _propose_one(self, seq_id: int, history: torch.Tensor, sampling: SamplingParams) -> Draft:
+    def _propose_one(self, item: DraftInput) -> Draft:
+        seq_id, history, sampling = item.seq_id, item.history, item.sampling
         if seq_id not in self._feats:
             raise ValueError(f"EagleDrafter has no features for sequence {seq_id}: call accept(seq_id, tokens, "
                              "hidden) with the target's hidden states after prefill first")
-        dseq = self._seqs.get(seq_id)
-        if dseq is None:
-            dseq = self._seqs[seq_id] = self.cache.add_sequence()
+        dseq = self._seqs[seq_id]
         root_in, root_out = self._catch_up(seq_id, dseq, history)
         root = int(history[-1])
         if self.tree == "chain":
-            return self._chain(dseq, root, root_in, root_out, sampling, self._generator(seq_id, sampling))
+            return self._chain(dseq, root, root_in, root_out, sampling, item.generator)
         expand = self._expander(dseq, root, root_in, root_out)
         tree, _ = best_first_tree(root, expand, self.budget, self.depth, self.topk)
         return Draft(tree)
@@ -280,7 +276,7 @@ class EagleDrafter:
         return tree, torch.stack(feats), index
 
     def _chain(self, dseq: int, root: int, root_in: torch.Tensor, root_out: torch.Tensor, sampling: SamplingParams,
-               gen: torch.Generator) -> Draft:
+               gen: torch.Generator | None) -> Draft:
         path: Path_ = ()
         pred = {(): root_out}
         rows = [torch.zeros(self.head.config.vocab_size, dtype=root_out.dtype, device=root_out.device)]
@@ -306,9 +302,3 @@ class EagleDrafter:
             return self.head.full_logits(torch.stack([pred[p] for p in paths])).log_softmax(-1)
 
         return expand
-
-    def _generator(self, seq_id: int, sampling: SamplingParams) -> torch.Generator:
-        gen = self._rng.get(seq_id)
-        if gen is None:
-            gen = self._rng[seq_id] = sampling.draft_generator(self.cache.k.device)
-        return gen

@@ -22,8 +22,7 @@ from torch import nn
 
 from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.draft_vocab import check_vocab_ids, expand_logits
-from specdec.interfaces import Draft
-from specdec.sampling import GREEDY, SamplingParams
+from specdec.interfaces import Draft, DraftInput
 from specdec.tree_builders import best_first_tree, static_tree
 
 if TYPE_CHECKING:
@@ -257,31 +256,30 @@ class MedusaDrafter:
         return cls(heads.to(target.device, target.dtype), **kwargs)
 
     @torch.inference_mode()
-    def propose(
-        self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor], sampling: SamplingParams = GREEDY
-    ) -> list[Draft]:
-        """One tree per sequence (``sampling`` is not needed: proposals are deterministic).
+    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        """One tree per sequence (sampling settings are not needed: proposals are deterministic). All heads run
+        once for the whole batch.
 
         Parameters
         ----------
-        seq_ids : sequence of int
-            Sequences, each already told about its last token through :meth:`accept`.
-        histories : sequence of torch.Tensor
-            ``histories[b]``: shape ``[L_b]``, int64; the last token is the root.
+        batch : sequence of DraftInput
+            Sequences, each already told about its last token through :meth:`accept`; ``history[-1]`` is the
+            root.
 
         Returns
         -------
         list of Draft
             ``Draft(tree, probs=None)`` per sequence.
         """
+        seq_ids = [item.seq_id for item in batch]
         missing = [s for s in seq_ids if s not in self._hidden]
         if missing:
             raise ValueError(f"MedusaDrafter has no hidden state for sequence(s) {missing}: call accept(seq_id, "
                              "tokens, hidden) with the target's hidden states after prefill first")
         logits = self.heads.full_logits(torch.stack([self._hidden[s] for s in seq_ids]))  # [B, K, V]
         drafts = []
-        for head_logits, history in zip(logits, histories, strict=True):
-            root = int(history[-1])
+        for head_logits, item in zip(logits, batch, strict=True):
+            root = int(item.history[-1])
             if self.budget is None:
                 tree = static_tree(root, self.choices, head_logits.topk(self._ranks, dim=-1).indices)
             else:

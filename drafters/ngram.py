@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.interfaces import Draft
-from specdec.sampling import GREEDY, SamplingParams
+from specdec.drafters.common import PerSequence
+from specdec.interfaces import Draft, DraftInput
 from specdec.tree import TokenTree
 
 
@@ -63,15 +63,14 @@ class NgramDrafter:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_depth, self.max_nodes, self.max_matches = max_depth, max_nodes, max_matches
         self.node_cost, self.prior_alpha = node_cost, prior_alpha
-        self._state: dict[int, _SeqState] = {}
+        self._state: PerSequence[_SeqState] = PerSequence(lambda: _SeqState(alpha=self.prior_alpha))
 
-    def propose(
-        self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor], sampling: SamplingParams = GREEDY
-    ) -> list[Draft]:
+    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         """Deterministic proposals (no probabilities): verified as one-hot drafts, exact at any temperature."""
         drafts = []
-        for seq_id, history in zip(seq_ids, histories, strict=True):
-            state = self._state.setdefault(seq_id, _SeqState(alpha=self.prior_alpha))
+        for item in batch:
+            history = item.history
+            state = self._state[item.seq_id]
             depth = self.worthwhile_depth(state.alpha)
             conts = [c[:depth] for c in self.continuations(history, self.max_matches)]
             tree = merge_continuations(int(history[-1]), conts, self.max_nodes)
@@ -96,7 +95,7 @@ class NgramDrafter:
         state.alpha = 0.8 * state.alpha + 0.2 * (accepted / (accepted + rejected))
 
     def release(self, seq_id: int) -> None:
-        self._state.pop(seq_id, None)
+        self._state.release(seq_id)
 
     def continuations(self, history: torch.Tensor, max_matches: int) -> list[list[int]]:
         """Up to ``max_matches`` continuations (each up to ``max_depth`` tokens) of the longest matching suffix,

@@ -12,6 +12,7 @@ choice, so CI can drive the whole engine through the Triton kernels under ``TRIT
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from specdec.kernels.commit import commit_kv, commit_kv_reference
+from specdec.kernels.commit import commit_kv
 from specdec.kernels.tree_attention import paged_tree_attention
 from specdec.kv_cache import PagedKVCache
 from specdec.tree import TokenTree
@@ -43,6 +44,10 @@ class TreeBatch:
         mask_indptr: ``[B + 1]`` int64, ``cumsum(n_b^2)``.
         block_table: ``[B, max_blocks]`` int32.
         max_q: largest tree size in the batch.
+        cu_q_host, context_lens_host: the same values as host tuples (known to the scheduler without reading the
+            device), so no backend needs a device sync to plan.
+
+    All device tensors sit on the cache's device.
     """
 
     input_ids: torch.Tensor
@@ -54,6 +59,8 @@ class TreeBatch:
     mask_indptr: torch.Tensor
     block_table: torch.Tensor
     max_q: int
+    cu_q_host: tuple[int, ...] = ()
+    context_lens_host: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -64,20 +71,42 @@ def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequenc
     """Metadata for verifying ``trees[b]`` on top of sequence ``seq_ids[b]`` (blocks must be reserved)."""
     if len(seq_ids) != len(trees) or not trees:
         raise ValueError(f"need one tree per sequence, got {len(trees)} trees for {len(seq_ids)} sequences")
-    dev = cache.k.device
     ctx = [cache.num_tokens(s) for s in seq_ids]
-    sizes = [t.num_nodes for t in trees]
-    slots = [cache.slots(s, c + torch.arange(n)) for s, c, n in zip(seq_ids, ctx, sizes, strict=True)]
+    reserved = [len(cache.blocks(s)) * cache.block_size for s in seq_ids]
+    for s, c, t, r in zip(seq_ids, ctx, trees, reserved, strict=True):
+        if c + t.num_nodes > r:
+            raise IndexError(f"position {c + t.num_nodes - 1} of sequence {s} is not reserved")
+    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size)
+
+
+def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Sequence[TokenTree],
+               block_size: int) -> TreeBatch:
+    """:class:`TreeBatch` from a block table ``[B, max_blocks]`` int32 (on the cache's device), host context
+    lengths and trees, with whole-batch tensor ops (no per-token Python, no device sync)."""
+    dev = block_table.device
+    sizes_host = [t.num_nodes for t in trees]
+    cu_host = tuple(itertools.accumulate(sizes_host, initial=0))
+    sizes = torch.tensor(sizes_host)
+    cu = torch.tensor(cu_host)
+    ctx = torch.tensor(list(context_lens), dtype=torch.long)
+    seq_of = torch.repeat_interleave(torch.arange(len(trees)), sizes)  # [T]
+    node = torch.arange(cu_host[-1]) - cu[seq_of]
+    depth = torch.cat([t.depth for t in trees])
+    logical = (ctx[seq_of] + node).to(dev)
+    seq_dev = seq_of.to(dev)
+    slots = block_table[seq_dev, logical // block_size].long() * block_size + logical % block_size
     return TreeBatch(
         input_ids=torch.cat([t.tokens for t in trees]).to(dev),
-        positions=torch.cat([c + t.depth for c, t in zip(ctx, trees, strict=True)]).to(dev),
-        slot_mapping=torch.cat(slots).to(dev),
-        context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-        cu_q=torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=dev),
+        positions=(ctx[seq_of] + depth).to(dev),
+        slot_mapping=slots,
+        context_lens=ctx.to(torch.int32).to(dev),
+        cu_q=cu.to(torch.int32).to(dev),
         tree_mask=torch.cat([t.ancestor_mask.flatten() for t in trees]).to(torch.uint8).to(dev),
-        mask_indptr=torch.tensor([0, *torch.tensor([n * n for n in sizes]).cumsum(0).tolist()], device=dev),
-        block_table=cache.block_table(seq_ids),
-        max_q=max(sizes),
+        mask_indptr=torch.nn.functional.pad((sizes * sizes).cumsum(0), (1, 0)).to(dev),
+        block_table=block_table,
+        max_q=max(sizes_host),
+        cu_q_host=cu_host,
+        context_lens_host=tuple(int(c) for c in context_lens),
     )
 
 
@@ -110,17 +139,16 @@ class TorchBackend:
     name = "torch"
 
     def plan(self, batch: TreeBatch, block_size: int) -> _TorchPlan:
-        cu = batch.cu_q.tolist()
-        ctx = batch.context_lens.tolist()
+        cu, ctx = list(batch.cu_q_host), batch.context_lens_host
         table = batch.block_table.long()
-        kv_slots, masks = [], []
+        kv_slots, masks, start = [], [], 0
         for b, c in enumerate(ctx):
             n = cu[b + 1] - cu[b]
             pos = torch.arange(c + n, device=table.device)
             kv_slots.append(table[b, pos // block_size] * block_size + pos % block_size)
             mask = torch.ones(n, c + n, dtype=torch.bool, device=table.device)
-            start = int(batch.mask_indptr[b])
             mask[:, c:] = batch.tree_mask[start : start + n * n].view(n, n).bool()
+            start += n * n
             masks.append(mask)
         return _TorchPlan(kv_slots, masks, cu)
 
@@ -142,7 +170,16 @@ class TorchBackend:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        commit_kv_reference(k, v, src, dst)
+        move_rows(k, v, src, dst)
+
+
+def move_rows(k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """:func:`specdec.kernels.commit_kv_reference` without its argument checks (no device sync): gather every
+    source row first, then ``index_copy_``, so overlapping moves are alias-safe. ``k, v [L, NB, BS, Hkv, D]``
+    contiguous; ``src, dst [M]`` int64 flat slots, ``dst`` unique."""
+    for cache in (k, v):
+        flat = cache.view(cache.shape[0], -1, *cache.shape[3:])
+        flat.index_copy_(1, dst, flat.index_select(1, src))
 
 
 class TritonBackend:
@@ -211,7 +248,8 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     ctx.cache.write(layer, ctx.batch.slot_mapping, key[0].transpose(0, 1), value[0].transpose(0, 1))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = ctx.backend.attend(ctx.plan, q, ctx.cache.k[layer], ctx.cache.v[layer], scale)
+    k_cache, v_cache = ctx.cache.layer_kv(layer)
+    out = ctx.backend.attend(ctx.plan, q, k_cache, v_cache, scale)
     return out.unsqueeze(0), None
 
 

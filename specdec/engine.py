@@ -1,22 +1,41 @@
-"""The decode loop: draft a tree, verify it in one target forward, keep the accepted path, repeat.
+"""The step engine: many requests, one verification forward per step, continuous batching.
 
-With no drafter every tree is the root alone, which is plain autoregressive decoding through the same paged-KV
-forward (the in-house baseline).
+Each :meth:`SpeculativeEngine.step`:
+
+1. admits waiting requests (:class:`specdec.scheduler.Scheduler`: ``max_batch``, free blocks);
+2. drafts for every decoding request in one :meth:`Drafter.propose` call;
+3. reserves KV for the trees (preempting the youngest request when the cache runs out), then fills the rest of
+   ``max_step_tokens`` with prefill chunks (chunked prefill shares the step with the trees);
+4. runs ONE target forward over all trees and chunks (a ragged :class:`specdec.attention.TreeBatch`);
+5. accepts: greedy requests with whole-batch tensor ops (:func:`specdec.acceptance.greedy_accept_batch`),
+   sampled ones with the exact tree rejection sampler; moves every accepted K/V row of the step in one call;
+6. appends tokens, tells the drafter, finishes requests (EOS, stop ids, ``max_new_tokens``) and returns one
+   :class:`specdec.request.StepOutput` per request that produced tokens or ended.
+
+Host syncs per step: ONE for greedy requests and prefills (a single ``tolist`` of the fixed-shape acceptance output
+and first tokens); a sampled (T > 0) request adds the rejection sampler's reads (one per tree level it walks).
+The engine is not thread-safe: drive it from one thread (the server runs it in its own loop thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import count
 
 import torch
 
-from specdec.acceptance import Verdict, greedy_accept, tree_rejection_sample, typical_accept_lossy
-from specdec.interfaces import Draft, Drafter
-from specdec.kv_cache import PagedKVCache
-from specdec.sampling import GREEDY, SamplingParams, process_logits, sample
+from specdec.acceptance import tree_rejection_sample, typical_accept_lossy
+from specdec.attention import tree_batch
+from specdec.interfaces import Draft, Drafter, DraftInput
+from specdec.kv_cache import OutOfBlocks, PagedKVCache
+from specdec.request import Request, Status, StepOutput
+from specdec.sampling import GREEDY, SamplingParams
+from specdec.scheduler import Scheduler
 from specdec.stats import RequestStats
+from specdec.step_accept import accept_step
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
 
@@ -25,180 +44,324 @@ TokenCallback = Callable[[list[int]], None]
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Output of one request.
-
-    Attributes:
-        tokens: generated token ids (an EOS token, when it ended the request, is included).
-        stop_reason: ``"eos"`` or ``"length"``.
-        stats: acceptance and timing statistics (see :mod:`specdec.stats` for tau's definition).
-    """
+    """Output of one request: ``tokens`` (an EOS or stop token that ended it is included), ``stop_reason``
+    (``"eos"``, ``"stop"`` or ``"length"``) and ``stats`` (see :mod:`specdec.stats` for tau)."""
 
     tokens: list[int]
     stop_reason: str
     stats: RequestStats
 
 
+@dataclass
+class _Slot:
+    """One request's part of the step's forward: a tree (decode) or a chain (prefill chunk)."""
+
+    req: Request
+    tree: TokenTree
+    draft: Draft | None = None  # decode only
+    final_chunk: bool = False  # prefill: the chunk that ends the prefill
+    inner: frozenset[int] = frozenset()  # decode: nodes with children (host, read while drafting)
+    depth: int = 0  # decode: tree depth (host)
+
+
 class SpeculativeEngine:
-    """Greedy speculative decoding of one request at a time over a shared paged KV cache.
+    """Speculative decoding of many requests over one paged KV cache.
 
     Args:
         target: the verifier.
         cache: paged KV cache built by ``target.new_cache``.
-        drafter: proposes trees; ``None`` decodes autoregressively.
-        eos_token_ids: generation stops after any of these.
-        max_tree_nodes: per-step tree size limit (root included); larger drafts raise ``ValueError``.
+        drafter: proposes trees; ``None`` decodes autoregressively (every tree is the root alone).
+        eos_token_ids: a request stops after any of these.
+        max_tree_nodes: per-step tree size limit (root included); larger drafts fail their request.
         acceptance: ``"exact"`` (greedy at temperature 0, tree rejection sampling above: the output follows the
-            target's distribution) or ``"typical_lossy"`` (Medusa's typical acceptance at temperature > 0; does NOT
-            preserve the target's distribution).
+            target's distribution) or ``"typical_lossy"`` (Medusa's typical acceptance; NOT distribution-preserving).
+        max_batch: most requests running at once.
+        max_step_tokens: token budget of one forward (trees first, then prefill chunks).
     """
 
-    def __init__(
-        self,
-        target: TargetModel,
-        cache: PagedKVCache,
-        drafter: Drafter | None = None,
-        eos_token_ids: Sequence[int] = (),
-        max_tree_nodes: int = 64,
-        acceptance: str = "exact",
-    ) -> None:
+    def __init__(self, target: TargetModel, cache: PagedKVCache, drafter: Drafter | None = None,
+                 eos_token_ids: Sequence[int] = (), max_tree_nodes: int = 64, acceptance: str = "exact",
+                 max_batch: int = 8, max_step_tokens: int = 512) -> None:
         if acceptance not in ("exact", "typical_lossy"):
             raise ValueError(f"unknown acceptance rule {acceptance!r}; choose 'exact' or 'typical_lossy'")
         if drafter is not None and drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
-            raise ValueError(
-                f"tokenizer mismatch: the drafter's vocabulary has {drafter.vocab_size} tokens, "
-                f"the target's {target.vocab_size}"
-            )
-        self.target = target
-        self.cache = cache
-        self.drafter = drafter
+            raise ValueError(f"tokenizer mismatch: the drafter's vocabulary has {drafter.vocab_size} tokens, "
+                             f"the target's {target.vocab_size}")
+        self.target, self.cache, self.drafter = target, cache, drafter
         self.eos = frozenset(int(t) for t in eos_token_ids)
-        self.max_tree_nodes = max_tree_nodes
-        self.acceptance = acceptance
+        self.max_tree_nodes, self.acceptance = max_tree_nodes, acceptance
+        self.scheduler = Scheduler(cache, max_batch, max_step_tokens, max_tree_nodes, self._release_drafter)
+        self._requests: dict[int, Request] = {}
+        self._ids = count()
+        self._pending: list[StepOutput] = []  # outputs of requests ended between steps (cancel)
+        self.steps = 0
 
-    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
-        """Raise ``ValueError`` naming the limit if the request cannot fit the model or the cache."""
-        if prompt_len == 0:
+    # ------------------------------------------------------------------ public API
+    def add_request(self, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams = GREEDY) -> int:
+        """Queue a request and return its id; raises ``ValueError`` naming the limit if it could never run."""
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
+        if prompt.numel() == 0:
             raise ValueError("empty prompt: need at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        need = prompt_len + max_new_tokens + self.max_tree_nodes
-        if need > self.target.max_positions:
-            raise ValueError(
-                f"prompt too long: {prompt_len} prompt tokens + {max_new_tokens} new + {self.max_tree_nodes} tree "
-                f"nodes exceed the model's context of {self.target.max_positions} tokens"
-            )
-        if need > self.cache.capacity_tokens:
-            raise ValueError(
-                f"prompt too long for the cache: {prompt_len} prompt tokens + {max_new_tokens} new + "
-                f"{self.max_tree_nodes} tree nodes need {need} KV slots; the cache holds {self.cache.capacity_tokens}"
-            )
+        if int(prompt.min()) < 0 or int(prompt.max()) >= self.target.vocab_size:
+            bad = int(prompt.max()) if int(prompt.max()) >= self.target.vocab_size else int(prompt.min())
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.target.vocab_size})")
+        self.scheduler.check_fits(prompt.numel(), params.max_new_tokens, self.target.max_positions)
+        rid = next(self._ids)
+        sampled = not params.greedy
+        dev = self.target.device
+        req = Request(rid, prompt, params, params.generator(dev) if sampled else None,
+                      params.draft_generator(dev) if sampled else None, arrival=rid)
+        self._requests[rid] = req
+        self.scheduler.waiting.append(req)
+        return rid
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int] | torch.Tensor,
-        max_new_tokens: int,
-        on_tokens: TokenCallback | None = None,
-        sampling: SamplingParams = GREEDY,
-    ) -> GenerationResult:
-        """Decode until an EOS token or ``max_new_tokens``; every KV block is freed on return or error.
+    def cancel(self, request_id: int) -> None:
+        """End a request now: its blocks are freed at once; the next :meth:`step` reports it as ``cancelled``.
+        Cancelling a finished request does nothing; an unknown id raises ``ValueError``."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise ValueError(f"unknown request id {request_id} (never added, or finished and already reported)")
+        if req.status is not Status.FINISHED:
+            self._finish(req, "cancelled", pending=True)
 
-        ``sampling`` at temperature 0 is greedy (token-identical to target-only greedy decoding); above 0 the
-        output follows the target's processed distribution (with ``acceptance="exact"``).
-        """
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-        gen = sampling.generator()
-        self.check_request(prompt.numel(), max_new_tokens)
-        stats = RequestStats(prompt_tokens=prompt.numel())
-        history = torch.empty(prompt.numel() + max_new_tokens, dtype=torch.long)  # static buffer
-        history[: prompt.numel()] = prompt
-        seq = self.cache.add_sequence()
-        start = time.perf_counter()
-        try:
-            first = self._prefill(seq, prompt, sampling, gen)
-            stats.prefill_s = time.perf_counter() - start
-            out = self._append(history, prompt.numel(), [first], max_new_tokens, on_tokens)
-            while not self._done(out, max_new_tokens):
-                verdict = self._step(seq, history[: prompt.numel() + len(out)], stats, sampling, gen)
-                out += self._append(history, prompt.numel() + len(out), verdict.tokens.tolist(),
-                                    max_new_tokens - len(out), on_tokens)
-        finally:
-            self.cache.release(seq)
-            if self.drafter is not None:
-                self.drafter.release(seq)
-        stats.new_tokens = len(out)
-        stats.total_s = time.perf_counter() - start
-        return GenerationResult(out, "eos" if out[-1] in self.eos else "length", stats)
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
 
-    # ------------------------------------------------------------------ steps
     @property
-    def _needs_hidden(self) -> bool:
-        return self.drafter is not None and self.drafter.needs_hidden
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
 
-    def _prefill(self, seq: int, prompt: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> int:
-        """Run the prompt as a chain, commit it, tell the drafter, return the target's first token."""
-        tree = TokenTree.chain(prompt)
-        self.cache.reserve(seq, tree.num_nodes + self.max_tree_nodes)
-        out = self.target.forward(self.cache, [seq], [tree], last_only=True, return_hidden=self._needs_hidden)
-        self.cache.commit(seq, range(tree.num_nodes), keep_reserved=self.max_tree_nodes)
-        logits = out.logits[-1]
-        first = int(logits.argmax()) if sampling.greedy else int(sample(process_logits(logits, sampling), gen))
-        if self.drafter is not None:
-            self.drafter.accept(seq, torch.tensor([first]), out.hidden)
-        return first
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
 
-    def _step(
-        self, seq: int, history: torch.Tensor, stats: RequestStats, sampling: SamplingParams, gen: torch.Generator
-    ) -> Verdict:
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions
+
+    def request(self, request_id: int) -> Request:
+        return self._requests[request_id]
+
+    def step(self) -> list[StepOutput]:
+        """Run one step (see the module docstring) and return what it produced."""
+        outputs, self._pending = self._pending, []
+        self.scheduler.admit()
+        if not self.scheduler.running and self.scheduler.waiting:
+            # nothing of ours holds blocks, yet the oldest request does not fit: others hold the cache
+            req = self.scheduler.waiting[0]
+            need = self.scheduler.blocks_for(req.prefill_target + self.max_tree_nodes)
+            free, total = self.cache.allocator.num_free, self.cache.allocator.num_blocks
+            outputs.append(self._finish(req, "error", error=OutOfBlocks(
+                f"out of KV blocks: request {req.request_id} needs {need}, {free} free of {total} (other "
+                f"sequences of this cache hold the rest; raise --num-blocks or shorten the request)")))
+        if not self.scheduler.running:
+            self._forget_finished(outputs)
+            return outputs
+        slots, draft_s = self._schedule(outputs)
+        if slots:
+            t0 = time.perf_counter()
+            try:
+                outputs += self._verify(slots, draft_s, t0)
+            except Exception as err:  # a fault in the forward fails this step's requests, never the engine
+                for slot in slots:
+                    if slot.req.status is Status.RUNNING:
+                        outputs.append(self._finish(slot.req, "error", error=err))
+            self.steps += 1
+        self._forget_finished(outputs)
+        return outputs
+
+    def generate(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                 on_tokens: TokenCallback | None = None, sampling: SamplingParams = GREEDY) -> GenerationResult:
+        """Run one request to its end on an idle engine (a thin loop over :meth:`step`); every block is freed on
+        return or error (``KeyboardInterrupt`` included). Errors of the request are raised."""
+        [result] = self._run([prompt_ids], max_new_tokens, [sampling], on_tokens)
+        return result
+
+    def generate_batch(self, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
+                       sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[GenerationResult]:
+        """Run all ``prompts`` concurrently (continuous batching) and return their results in order."""
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling settings for {len(prompts)} prompts")
+        return self._run(prompts, max_new_tokens, params, None)
+
+    # ------------------------------------------------------------------ scheduling and drafting
+    def _schedule(self, outputs: list[StepOutput]) -> tuple[list[_Slot], float]:
+        decoding = sorted((r for r in self.scheduler.running if r.decoding), key=lambda r: r.arrival)
         t0 = time.perf_counter()
-        draft = self._draft(seq, history, sampling)
-        t1 = time.perf_counter()
-        tree = draft.tree
-        self.cache.reserve(seq, tree.num_nodes)
-        out = self.target.forward(self.cache, [seq], [tree], return_hidden=self._needs_hidden)
-        verdict = self._accept(draft, out.logits, sampling, gen)
-        self.cache.commit(seq, verdict.path, keep_reserved=self.max_tree_nodes)
-        if self.drafter is not None:
-            self.drafter.accept(seq, verdict.tokens, None if out.hidden is None else out.hidden[verdict.path])
-        stats.draft_s += t1 - t0
-        stats.verify_s += time.perf_counter() - t1
-        has_children = bool((tree.parents == verdict.path[-1]).any())
-        stats.record_step(verdict.num_accepted, has_children, tree.num_nodes)
-        return verdict
+        drafts = self._draft_all(decoding, outputs)
+        draft_s = time.perf_counter() - t0
+        slots: list[_Slot] = []
+        for req in decoding:
+            draft = drafts.get(req.request_id)
+            if draft is None or req.status is not Status.RUNNING:
+                continue  # failed, or preempted by an older request's tree
+            if self.scheduler.reserve_tree(req, draft.tree.num_nodes):
+                parents = draft.tree.parents.tolist()
+                slots.append(_Slot(req, draft.tree, draft, inner=frozenset(parents[1:]), depth=draft.tree.max_depth))
+        budget = self.scheduler.max_step_tokens - sum(s.tree.num_nodes for s in slots)
+        prefilling = sorted((r for r in self.scheduler.running if not r.decoding), key=lambda r: r.arrival)
+        for req in prefilling:
+            if budget <= 0:
+                break
+            n = self.scheduler.reserve_chunk(req, min(budget, req.prefill_target - req.prefilled))
+            if n == 0:
+                break
+            chunk = req.history[req.prefilled : req.prefilled + n]
+            slots.append(_Slot(req, TokenTree.chain(chunk), final_chunk=req.prefilled + n == req.prefill_target))
+            budget -= n
+        return slots, draft_s
 
-    def _accept(
-        self, draft: Draft, logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
-    ) -> Verdict:
-        if sampling.greedy:
-            return greedy_accept(draft.tree, logits.argmax(-1))
-        probs = process_logits(logits, sampling)
-        if self.acceptance == "typical_lossy":
-            return typical_accept_lossy(draft.tree, probs, gen)
-        return tree_rejection_sample(draft.tree, probs, draft.probs, gen, draft.without_replacement)
-
-    def _draft(self, seq: int, history: torch.Tensor, sampling: SamplingParams) -> Draft:
-        root = int(history[-1])
+    def _draft_all(self, decoding: list[Request], outputs: list[StepOutput]) -> dict[int, Draft]:
+        """One ``propose`` for the whole batch; if it raises, each request alone, so only the culprit fails."""
+        if not decoding:
+            return {}
         if self.drafter is None:
-            return Draft(TokenTree.chain([root]))
-        draft = self.drafter.propose([seq], [history], sampling)[0]
+            return {r.request_id: Draft(TokenTree.chain(r.history[r.length - 1 : r.length])) for r in decoding}
+        inputs = [DraftInput(r.seq_id, r.history[: r.length], r.params, r.draft_generator) for r in decoding]
+        try:
+            proposed = dict(zip((r.request_id for r in decoding), self.drafter.propose(inputs), strict=True))
+        except Exception:
+            proposed = {}
+            for req, one in zip(decoding, inputs, strict=True):
+                try:
+                    [proposed[req.request_id]] = self.drafter.propose([one])
+                except Exception as err:
+                    outputs.append(self._finish(req, "error", error=err))
+        for req in decoding:
+            draft = proposed.get(req.request_id)
+            if draft is None:
+                continue
+            try:
+                self._check_draft(req, draft)
+            except ValueError as err:
+                del proposed[req.request_id]
+                outputs.append(self._finish(req, "error", error=err))
+        return proposed
+
+    def _check_draft(self, req: Request, draft: Draft) -> None:
+        root = int(req.history[req.length - 1])
         if int(draft.tree.tokens[0]) != root:
             raise ValueError(f"bad tree: root token {int(draft.tree.tokens[0])} is not the last token {root}")
         draft.tree.check_fits(self.max_tree_nodes)
-        return draft
+        if bool((draft.tree.tokens < 0).any()) or bool((draft.tree.tokens >= self.target.vocab_size).any()):
+            raise ValueError(f"bad tree: draft token ids must lie in [0, {self.target.vocab_size})")
+
+    # ------------------------------------------------------------------ verification
+    def _verify(self, slots: list[_Slot], draft_s: float, t0: float) -> list[StepOutput]:
+        seq_ids = [s.req.seq_id for s in slots]
+        batch = tree_batch(self.cache.block_table(seq_ids), [self.cache.num_tokens(q) for q in seq_ids],
+                           [s.tree for s in slots], self.cache.block_size)
+        cu = batch.cu_q_host
+        keep_rows = [list(range(cu[i], cu[i + 1])) if s.draft is not None else [cu[i + 1] - 1]
+                     for i, s in enumerate(slots) if s.draft is not None or s.final_chunk]
+        keep = torch.tensor([r for rows in keep_rows for r in rows], dtype=torch.long, device=self.cache.device)
+        needs_hidden = self.drafter is not None and self.drafter.needs_hidden
+        out = self.target.run(self.cache, batch, keep, return_hidden=needs_hidden)
+        logits = out.logits  # [K, V], rows in keep order
+        result = accept_step(self, slots, batch, logits, keep_rows)
+        verify_s = time.perf_counter() - t0
+        return self._commit(slots, result, out.hidden, batch, draft_s, verify_s)
+
+    def _accept_sampled(self, slot: _Slot, probs: torch.Tensor):
+        req, draft = slot.req, slot.draft
+        if self.acceptance == "typical_lossy":
+            return typical_accept_lossy(draft.tree, probs, req.generator)
+        return tree_rejection_sample(draft.tree, probs, draft.probs, req.generator, draft.without_replacement)
+
+    def _commit(self, slots, result, hidden, batch, draft_s: float, verify_s: float) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        self.cache.move(result.src_slots, result.dst_slots)  # every accepted K/V row of the step, one call
+        cu = batch.cu_q_host
+        for i, slot in enumerate(slots):
+            req, n = slot.req, slot.tree.num_nodes
+            try:
+                if slot.draft is None:
+                    outputs += self._after_prefill(slot, result.first_tokens.get(i), hidden, cu[i], verify_s)
+                else:
+                    path, tokens = result.paths[i], result.tokens[i]
+                    self.cache.advance(req.seq_id, len(path))
+                    if self.drafter is not None:
+                        rows = None if hidden is None else hidden[torch.tensor(path, device=hidden.device) + cu[i]]
+                        self.drafter.accept(req.seq_id, torch.tensor(tokens), rows)
+                    req.stats.record_step(len(path) - 1, path[-1] in slot.inner, n)
+                    req.stats.draft_s += draft_s
+                    req.stats.verify_s += verify_s
+                    kept = req.append(tokens, self.eos)
+                    outputs.append(self._emit(req, kept, accepted=len(path) - 1))
+            except Exception as err:  # e.g. a drafter's accept raising: only this request fails
+                outputs.append(self._finish(req, "error", error=err))
+        return outputs
+
+    def _after_prefill(self, slot: _Slot, first: int | None, hidden, start: int, verify_s: float):
+        req, n = slot.req, slot.tree.num_nodes
+        self.cache.advance(req.seq_id, n)
+        req.prefilled += n
+        req.stats.prefill_s += verify_s
+        if hidden is not None:
+            req.pending_hidden.append(hidden[start : start + n])
+        if not slot.final_chunk:
+            return []
+        resumed = bool(req.output)
+        root = req.output[-1] if resumed else first
+        if self.drafter is not None:
+            rows = torch.cat(req.pending_hidden) if req.pending_hidden else None
+            self.drafter.accept(req.seq_id, torch.tensor([root]), rows)
+        req.pending_hidden = []
+        if resumed:
+            return []
+        return [self._emit(req, req.append([first], self.eos), accepted=None)]
 
     # ------------------------------------------------------------------ bookkeeping
-    def _append(
-        self, history: torch.Tensor, at: int, tokens: list[int], room: int, on_tokens: TokenCallback | None
-    ) -> list[int]:
-        """Clip ``tokens`` at ``room`` and after the first EOS, write them to ``history[at:]``, stream them."""
-        tokens = tokens[:room]
-        for i, t in enumerate(tokens):
-            if t in self.eos:
-                tokens = tokens[: i + 1]
-                break
-        history[at : at + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        if on_tokens is not None:
-            on_tokens(tokens)
-        return tokens
+    def _emit(self, req: Request, tokens: list[int], accepted: int | None) -> StepOutput:
+        if req.stop_reason is not None:
+            return self._finish(req, req.stop_reason, tokens=tokens, accepted=accepted)
+        return StepOutput(req.request_id, tokens, accepted=accepted)
 
-    def _done(self, out: list[int], max_new_tokens: int) -> bool:
-        return len(out) >= max_new_tokens or out[-1] in self.eos
+    def _finish(self, req: Request, reason: str, tokens: list[int] | None = None, error: Exception | None = None,
+                accepted: int | None = None, pending: bool = False) -> StepOutput:
+        if req.seq_id is not None and req.status is Status.RUNNING:
+            self._release_drafter(req)
+        self.scheduler.finish(req)
+        req.stop_reason, req.exception = reason, error
+        req.error = None if error is None else f"{type(error).__name__}: {error}"
+        req.stats.new_tokens = len(req.output)
+        req.stats.total_s = time.perf_counter() - req.start_time if req.start_time else 0.0
+        out = StepOutput(req.request_id, tokens or [], True, reason, req.error, accepted, req.stats)
+        if pending:
+            self._pending.append(out)
+        return out
+
+    def _release_drafter(self, req: Request) -> None:
+        if self.drafter is not None and req.seq_id is not None:
+            with contextlib.suppress(Exception):  # a drafter failing to forget state must not stop the engine
+                self.drafter.release(req.seq_id)
+
+    def _forget_finished(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                self._requests.pop(out.request_id, None)
+
+    def _run(self, prompts, max_new_tokens: int, params: list[SamplingParams],
+             on_tokens: TokenCallback | None) -> list[GenerationResult]:
+        if self.has_work():
+            raise RuntimeError("generate() needs an idle engine; use add_request()/step() to share one")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, replace(p, max_new_tokens=max_new_tokens)))
+            reqs = {rid: self._requests[rid] for rid in ids}
+            while self.has_work():
+                for out in self.step():
+                    if on_tokens is not None and out.new_tokens:
+                        on_tokens(out.new_tokens)
+            for req in reqs.values():
+                if req.stop_reason in ("error", "cancelled") and req.exception is not None:
+                    raise req.exception
+            return [GenerationResult(r.output, r.stop_reason, r.stats) for r in reqs.values()]
+        finally:
+            for rid in ids:
+                if rid in self._requests and self._requests[rid].status is not Status.FINISHED:
+                    self.cancel(rid)
+            self._pending = []
+            self._requests.clear()

@@ -33,24 +33,43 @@ class Draft:
     without_replacement: bool = False
 
 
+@dataclass(frozen=True)
+class DraftInput:
+    """What a drafter sees of one running sequence in a step.
+
+    Attributes:
+        seq_id: the engine's sequence id (stable while the request runs; a preempted request comes back under a
+            new id after :meth:`Drafter.release` of the old one).
+        history: ``[L]`` int64 on the CPU, prompt + generated tokens; the last one is the root (sampled by the
+            target, not yet verified).
+        sampling: the request's :class:`SamplingParams`; drafters that report probabilities process their
+            logits with it (:func:`specdec.sampling.process_logits`).
+        generator: the request's own stream for draft samples (on the target's device; independent of the
+            verification stream), or ``None`` at temperature 0.
+    """
+
+    seq_id: int
+    history: torch.Tensor
+    sampling: SamplingParams = GREEDY
+    generator: torch.Generator | None = None
+
+
 @runtime_checkable
 class Drafter(Protocol):
     """Proposes token trees for a batch of sequences and is told what the target accepted.
 
-    ``vocab_size`` is the size of the drafter's vocabulary, or ``None`` for model-free drafters; the engine refuses
-    a drafter whose vocabulary differs from the target's. ``needs_hidden`` asks the engine for the target's last
-    hidden states (Medusa / EAGLE-style heads), taken from the verification pass itself.
+    The engine calls :meth:`propose` once per step with every running sequence. ``vocab_size`` is the size of
+    the drafter's vocabulary, or ``None`` for model-free drafters; the engine refuses a drafter whose vocabulary
+    differs from the target's. ``needs_hidden`` asks the engine for the target's last hidden states (Medusa /
+    EAGLE-style heads), taken from the verification pass itself. A drafter that raises fails only the requests
+    of that call (the engine retries them one by one to find the culprit), never the engine.
     """
 
     vocab_size: int | None
     needs_hidden: bool
 
-    def propose(
-        self, seq_ids: Sequence[int], histories: Sequence[torch.Tensor], sampling: SamplingParams = GREEDY
-    ) -> list[Draft]:
-        """One draft per sequence. ``histories[b]``: ``[L_b]`` int64, prompt + generated tokens; the last one is
-        the root (sampled by the target, not yet verified). Drafters with probabilities process their logits
-        with ``sampling`` (see :func:`specdec.sampling.process_logits`) and report them in ``Draft.probs``."""
+    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        """One draft per input, in order."""
         ...
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
@@ -64,5 +83,5 @@ class Drafter(Protocol):
         ...
 
     def release(self, seq_id: int) -> None:
-        """Forget per-sequence state (request finished or failed)."""
+        """Forget per-sequence state (request finished, failed, cancelled or preempted)."""
         ...

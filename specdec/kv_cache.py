@@ -150,10 +150,17 @@ class PagedKVCache:
     def block_table(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """``[B, max_blocks]`` int32 block table (padding entries are 0 and never read)."""
         rows = [self._seq(s).blocks for s in seq_ids]
-        table = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.int32)
-        for i, r in enumerate(rows):
-            table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        width = max(1, max(len(r) for r in rows))
+        table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
         return table.to(self.k.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, v)``, each ``[NB, BS, Hkv, D]``: one layer's views."""
+        return self.k[layer], self.v[layer]
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k, v [T, Hkv, D]`` of ``layer`` at flat slots ``slot_mapping [T]`` int64 (in place)."""
@@ -161,6 +168,29 @@ class PagedKVCache:
         self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, slot_mapping, v.to(self.v.dtype))
 
     # ------------------------------------------------------------------ commit
+    def move(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Copy flat slots ``src_slots [M]`` to ``dst_slots [M]`` (int64, on the cache's device) for every layer in
+        one alias-safe call. A slot moved onto itself is a no-op, so callers may pad with such pairs to keep the
+        shape fixed; destinations must be unique."""
+        if src_slots.numel():
+            self._move_kv(self.k, self.v, src_slots, dst_slots)
+
+    def advance(self, seq_id: int, n: int, keep_reserved: int = 0) -> int:
+        """Host bookkeeping after the KV of ``n`` new tokens sits at positions ``[num_tokens, num_tokens + n)``:
+        grow the committed length and free blocks beyond ``num_tokens + keep_reserved``. Returns the new length."""
+        seq = self._seq(seq_id)
+        seq.num_tokens += n
+        keep = -(-(seq.num_tokens + keep_reserved) // self.block_size)
+        if len(seq.blocks) > keep:
+            self.allocator.free(seq.blocks[keep:])
+            del seq.blocks[keep:]
+        return seq.num_tokens
+
+    def blocks_needed(self, seq_id: int, extra: int) -> int:
+        """Blocks :meth:`reserve` would allocate for ``extra`` more positions."""
+        seq = self._seq(seq_id)
+        return max(0, -(-(seq.num_tokens + extra) // self.block_size) - len(seq.blocks))
+
     def commit(self, seq_id: int, path: Sequence[int], keep_reserved: int = 0) -> int:
         """Keep the tree nodes ``path`` (strictly increasing node indices) at consecutive positions.
 
@@ -179,12 +209,5 @@ class PagedKVCache:
         moved = src != dst
         if bool(moved.any()):
             dev = self.k.device
-            self._move_kv(
-                self.k, self.v, self.slots(seq_id, src[moved]).to(dev), self.slots(seq_id, dst[moved]).to(dev)
-            )
-        seq.num_tokens += path_t.numel()
-        keep = -(-(seq.num_tokens + keep_reserved) // self.block_size)
-        if len(seq.blocks) > keep:
-            self.allocator.free(seq.blocks[keep:])
-            del seq.blocks[keep:]
-        return seq.num_tokens
+            self.move(self.slots(seq_id, src[moved]).to(dev), self.slots(seq_id, dst[moved]).to(dev))
+        return self.advance(seq_id, path_t.numel(), keep_reserved)

@@ -22,12 +22,17 @@ class SamplingParams:
         top_k: keep the ``k`` most likely tokens (0 = off).
         top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p`` (1.0 = off).
         seed: seeds the request's own ``torch.Generator`` so a run reproduces; ``None`` draws a fresh seed.
+        max_new_tokens: the request stops after this many generated tokens (stop reason ``"length"``).
+        stop_token_ids: extra token ids that end the request (included in the output, stop reason ``"stop"``);
+            the model's EOS ids always stop it (``"eos"``).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -36,6 +41,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
@@ -49,7 +57,6 @@ class SamplingParams:
         else:
             gen.manual_seed(self.seed)
         return gen
-
 
     def draft_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator for a drafter's own samples: seeded from ``seed`` but a different stream than

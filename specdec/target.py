@@ -1,8 +1,10 @@
 """The target model: any Hugging Face causal LM, verifying token trees over the paged KV cache.
 
-The HF model is used unmodified. For the duration of :meth:`TargetModel.forward` its attention implementation is
-switched to ``specdec_paged`` (see :mod:`specdec.attention`) and restored afterwards, so the same model object still
-works with ``model.generate``. Positions are passed as ``position_ids`` (RoPE = committed length + depth); K/V go
+The HF model is used unmodified: the target runs a *view* of it (new module objects sharing every parameter and
+buffer, with their own copy of the config) whose attention implementation is set once to ``specdec_paged`` (see
+:mod:`specdec.attention`). Nothing is flipped per call, so the caller's model keeps working with ``model.generate``
+(from any thread) and compiled code sees one fixed attention function.
+Positions are passed as ``position_ids`` (RoPE = committed length + depth); K/V go
 into the paged cache at committed length + node index.
 
 Tested architectures: Llama (SmolLM2-135M-Instruct, tiny random ``LlamaConfig`` models). Any model whose attention
@@ -12,7 +14,8 @@ modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` and carry 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +50,28 @@ class TargetOutput:
     hidden: torch.Tensor | None = None
 
 
+def attention_view(model: torch.nn.Module, attn_implementation: str) -> torch.nn.Module:
+    """``model`` as new module objects sharing all parameters and buffers, whose config (a deep copy, sub-configs
+    included) uses ``attn_implementation``. The original model and its config are left untouched."""
+    memo: dict[int, object] = {}
+    config = copy.deepcopy(model.config, memo)
+    for cfg in (config, *(c for c in memo.values() if type(c).__name__.endswith("Config"))):
+        if hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = attn_implementation
+
+    def clone(module: torch.nn.Module) -> torch.nn.Module:
+        new = copy.copy(module)
+        new._parameters = dict(module._parameters)
+        new._buffers = dict(module._buffers)
+        new._modules = {k: None if m is None else clone(m) for k, m in module._modules.items()}
+        own = module.__dict__.get("config")
+        if own is not None and id(own) in memo:
+            new.__dict__["config"] = memo[id(own)]
+        return new
+
+    return clone(model)
+
+
 class TargetModel:
     """Wraps an HF causal LM for tree verification.
 
@@ -60,7 +85,8 @@ class TargetModel:
     def __init__(
         self, model: PreTrainedModel, backend: AttentionBackend | None = None, split_gemv: bool | None = None
     ) -> None:
-        self.model = model
+        self.model = model  # the caller's model, untouched (HF ``generate`` keeps working on it)
+        self.verifier = attention_view(model, ATTENTION_NAME)  # the same weights, specdec attention set once
         cfg = model.config.get_text_config()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -82,16 +108,6 @@ class TargetModel:
             dtype=dtype or self.dtype, device=self.device, move_kv=self.backend.move_kv,
         )
 
-    @contextlib.contextmanager
-    def _paged_attention(self) -> Iterator[None]:
-        config = self.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = ATTENTION_NAME
-        try:
-            yield
-        finally:
-            config._attn_implementation = previous
-
     @torch.inference_mode()
     def forward(
         self,
@@ -108,15 +124,24 @@ class TargetModel:
         ``return_hidden`` also returns the last hidden state of every token (``hidden [T, H]``).
         """
         batch = build_tree_batch(cache, seq_ids, trees)
+        keep = (batch.cu_q[1:].long() - 1) if last_only else None
+        return self.run(cache, batch, keep, return_hidden)
+
+    @torch.inference_mode()
+    def run(self, cache: PagedKVCache, batch: TreeBatch, keep: torch.Tensor | None = None,
+            return_hidden: bool = False) -> TargetOutput:
+        """One forward over a prepared :class:`TreeBatch`; ``keep [K]`` int64 selects the rows whose logits are
+        computed (``None``: all ``T``). ``cache`` is anything with ``write(layer, slots, k, v)`` and
+        ``layer_kv(layer) -> (k, v)`` (a :class:`PagedKVCache`, or a server's own cache, see
+        :mod:`specdec.verify`). Writes every node's K/V; commits nothing."""
         ctx = ForwardContext(cache, batch, self.backend, self.backend.plan(batch, cache.block_size))
-        keep = (batch.cu_q[1:].long() - 1) if last_only else 0
         linear_mode = SplitGemvMode() if self.split_gemv else contextlib.nullcontext()
-        with self._paged_attention(), linear_mode:
-            out = self.model(
+        with linear_mode:
+            out = self.verifier(
                 input_ids=batch.input_ids.unsqueeze(0),
                 position_ids=batch.positions.unsqueeze(0),
                 use_cache=False,
-                logits_to_keep=keep,
+                logits_to_keep=0 if keep is None else keep,
                 output_hidden_states=return_hidden,
                 specdec=ctx,
             )

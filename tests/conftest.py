@@ -94,3 +94,12 @@ def crash_on_call(fn, n: int):
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def inputs(seq_ids, histories, sampling=None, generator=None):
+    """The :class:`DraftInput` list a drafter's ``propose`` takes, from parallel lists (test shorthand)."""
+    from specdec.interfaces import DraftInput
+    from specdec.sampling import GREEDY
+
+    return [DraftInput(s, torch.as_tensor(h), sampling or GREEDY, generator)
+            for s, h in zip(seq_ids, histories, strict=True)]

@@ -20,6 +20,7 @@ from specdec.target import TargetModel
 from specdec.tree_builders import best_first_tree, choices_tree, default_choices
 
 from .conftest import assert_same_committed_kv, first_two_tokens_pvalue, tiny_llama
+from tests.conftest import inputs
 
 SHAPES = {"chain": "chain", "dynamic": "dynamic", "static": default_choices()}
 
@@ -57,14 +58,14 @@ def test_draft_state_after_a_rejection_equals_a_fresh_drafter(deep_model):
     draft = tiny_llama(layers=2, seed=9)
     history = torch.randint(0, 64, (11,), generator=torch.Generator().manual_seed(1))
     drafter = DraftModelDrafter(draft, tree="chain", depth=4, num_blocks=32, block_size=4)
-    [proposal] = drafter.propose([0], [history])
+    [proposal] = drafter.propose(inputs([0], [history]))
     drafted = proposal.tree.tokens[1:].tolist()
     accepted = torch.tensor([drafted[0], (drafted[1] + 1) % 64])  # first draft accepted, second replaced (bonus)
     drafter.accept(0, accepted)
     history = torch.cat([history, accepted])
-    [after] = drafter.propose([0], [history])
+    [after] = drafter.propose(inputs([0], [history]))
     fresh = DraftModelDrafter(draft, tree="chain", depth=4, num_blocks=32, block_size=4)
-    [fresh_proposal] = fresh.propose([7], [history])
+    [fresh_proposal] = fresh.propose(inputs([7], [history]))
     assert after.tree.tokens.tolist() == fresh_proposal.tree.tokens.tolist()
     n = drafter.cache.num_tokens(drafter._seqs[0])
     assert n == fresh.cache.num_tokens(fresh._seqs[7]) == history.numel() - 1  # only real history is committed

@@ -11,6 +11,7 @@ from specdec.engine import SpeculativeEngine
 from specdec.target import TargetModel
 
 from .conftest import tiny_llama
+from tests.conftest import inputs
 
 VOCAB_IDS = torch.tensor([0, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47], dtype=torch.long)
 
@@ -59,7 +60,7 @@ def test_medusa_heads_with_a_draft_vocab(target, tmp_path, share):
     torch.testing.assert_close(loaded.full_logits(hidden), heads.full_logits(hidden), rtol=0, atol=0)
     drafter = MedusaDrafter(loaded)
     drafter.accept(0, torch.tensor([3]), hidden)
-    [draft] = drafter.propose([0], [torch.tensor([3])])
+    [draft] = drafter.propose(inputs([0], [torch.tensor([3])]))
     assert set(draft.tree.tokens[1:].tolist()) <= set(VOCAB_IDS.tolist())
     with pytest.raises(ValueError, match="needs exactly that many vocab_ids"):
         MedusaHeads(config, lm_head)

@@ -12,6 +12,7 @@ from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
 
 from .conftest import assert_same_committed_kv, first_two_tokens_pvalue, tiny_llama
+from tests.conftest import inputs
 
 OPTIONS = {"depth": 3, "budget": 8, "topk": 2, "num_blocks": 64, "block_size": 4}
 
@@ -80,15 +81,15 @@ def test_draft_state_after_a_rejection_equals_a_fresh_drafter(target):
     fresh = EagleDrafter(drafter.head, **opts)
     history = _prompt(1, n=11)
     drafter.accept(0, history[-1:], _features(target, history)[:-1])
-    [proposal] = drafter.propose([0], [history])
+    [proposal] = drafter.propose(inputs([0], [history]))
     drafted = proposal.tree.tokens[1:].tolist()
     accepted = torch.tensor([drafted[0], (drafted[1] + 1) % 64])  # first draft accepted, second replaced (bonus)
     new_history = torch.cat([history, accepted])
     h = _features(target, new_history)
     drafter.accept(0, accepted, h[history.numel() - 1 : history.numel() + 1])  # root + accepted node
-    [after] = drafter.propose([0], [new_history])
+    [after] = drafter.propose(inputs([0], [new_history]))
     fresh.accept(7, new_history[-1:], h[:-1])
-    [fresh_proposal] = fresh.propose([7], [new_history])
+    [fresh_proposal] = fresh.propose(inputs([7], [new_history]))
     assert after.tree.tokens.tolist() == fresh_proposal.tree.tokens.tolist()
     n = drafter.cache.num_tokens(drafter._seqs[0])
     assert n == fresh.cache.num_tokens(fresh._seqs[7]) == new_history.numel() - 2  # real pairs, root excluded
@@ -114,7 +115,7 @@ def test_save_load_gives_identical_proposals(target, tmp_path):
     h = _features(target, history)[:-1]
     for d in (drafter, loaded):
         d.accept(0, history[-1:], h)
-    [a], [b] = drafter.propose([0], [history]), loaded.propose([0], [history])
+    [a], [b] = drafter.propose(inputs([0], [history])), loaded.propose(inputs([0], [history]))
     assert a.tree.tokens.tolist() == b.tree.tokens.tolist() and a.tree.parents.tolist() == b.tree.parents.tolist()
     assert a.tree.num_nodes == OPTIONS["budget"]
 
@@ -124,7 +125,7 @@ def test_accept_without_hidden_and_bad_options_are_refused(target):
     with pytest.raises(ValueError, match="needs the target's hidden states"):
         drafter.accept(0, torch.tensor([1]))
     with pytest.raises(ValueError, match="no features for sequence 3"):
-        drafter.propose([3], [torch.tensor([1, 2])])
+        drafter.propose(inputs([3], [torch.tensor([1, 2])]))
     with pytest.raises(ValueError, match="unknown tree shape 'bush'"):
         EagleDrafter(drafter.head, tree="bush")
 
@@ -147,7 +148,7 @@ def test_chain_matches_a_plain_causal_run_of_the_head(target):
     history = _prompt(8, n=9)
     h = _features(target, history)[:-1]
     drafter.accept(0, history[-1:], h)
-    [draft] = drafter.propose([0], [history])
+    [draft] = drafter.propose(inputs([0], [history]))
 
     def plain(features, tokens):
         n = tokens.numel()

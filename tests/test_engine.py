@@ -23,9 +23,9 @@ class NoisyOracleDrafter:
         self.reference, self.rng, self.max_nodes = reference, random.Random(seed), max_nodes
         self.accepted: list[torch.Tensor] = []
 
-    def propose(self, seq_ids, histories, sampling=None):
+    def propose(self, batch):
         drafts = []
-        for history in histories:
+        for history in (item.history for item in batch):
             n = self.rng.randint(1, self.max_nodes)
             parents = [-1] + [self.rng.randrange(i) for i in range(1, n)]
             tokens = [int(history[-1])] + [self.rng.randrange(64) for _ in range(1, n)]
@@ -118,8 +118,8 @@ class _BadDrafter:
     def __init__(self, draft):
         self.draft = draft
 
-    def propose(self, seq_ids, histories, sampling=None):
-        return [self.draft(h) for h in histories]
+    def propose(self, batch):
+        return [self.draft(item.history) for item in batch]
 
     def accept(self, seq_id, tokens, hidden=None):
         pass

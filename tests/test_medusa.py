@@ -13,6 +13,7 @@ from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
 
 from .conftest import tiny_llama
+from tests.conftest import inputs
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +108,14 @@ def test_default_choices_are_sorted_ancestor_closed_medusa_trees():
 def test_propose_needs_a_hidden_state_first(target):
     drafter = MedusaDrafter.untrained(target)
     with pytest.raises(ValueError, match=r"no hidden state for sequence\(s\) \[7\]"):
-        drafter.propose([7], [torch.tensor([1, 2])])
+        drafter.propose(inputs([7], [torch.tensor([1, 2])]))
     with pytest.raises(ValueError, match="needs the target's hidden states"):
         drafter.accept(7, torch.tensor([2]), None)
     drafter.accept(7, torch.tensor([2]), torch.randn(3, 32, dtype=torch.float64))
-    assert drafter.propose([7], [torch.tensor([1, 2])])[0].tree.tokens[0] == 2
+    assert drafter.propose(inputs([7], [torch.tensor([1, 2])]))[0].tree.tokens[0] == 2
     drafter.release(7)
     with pytest.raises(ValueError, match="no hidden state"):
-        drafter.propose([7], [torch.tensor([1, 2])])
+        drafter.propose(inputs([7], [torch.tensor([1, 2])]))
 
 
 def test_static_tree_follows_the_choices_and_each_heads_topk(target):
@@ -123,7 +124,7 @@ def test_static_tree_follows_the_choices_and_each_heads_topk(target):
     drafter = MedusaDrafter(heads, choices=choices)
     hidden = torch.randn(4, 32, dtype=torch.float64)
     drafter.accept(0, torch.tensor([9]), hidden)
-    [draft] = drafter.propose([0], [torch.tensor([3, 9])])
+    [draft] = drafter.propose(inputs([0], [torch.tensor([3, 9])]))
     top = heads(hidden[-1]).topk(3, dim=-1).indices.tolist()  # [K, 3]
     assert draft.probs is None
     assert draft.tree.parents.tolist() == [-1, 0, 0, 1, 1, 3]
@@ -135,7 +136,7 @@ def test_dynamic_tree_respects_budget_and_depth(target, budget, depth, topk):
     drafter = MedusaDrafter(_perturb(MedusaDrafter.untrained(target).heads), budget=budget, depth=depth, topk=topk)
     for seq in range(3):
         drafter.accept(seq, torch.tensor([5]), torch.randn(2, 32, dtype=torch.float64))
-    drafts = drafter.propose([0, 1, 2], [torch.tensor([5])] * 3)
+    drafts = drafter.propose(inputs([0, 1, 2], [torch.tensor([5])] * 3))
     for draft in drafts:
         tree = draft.tree
         assert tree.num_nodes <= budget and tree.max_depth <= depth and tree.tokens[0] == 5
@@ -158,7 +159,7 @@ def test_save_load_gives_identical_proposals(target, tmp_path, share):
     torch.testing.assert_close(loaded.heads(hidden), drafter.heads(hidden), rtol=0, atol=0)
     for d in (drafter, loaded):
         d.accept(0, torch.tensor([4]), hidden)
-    [ours], [theirs] = (d.propose([0], [torch.tensor([4])]) for d in (drafter, loaded))
+    [ours], [theirs] = (d.propose(inputs([0], [torch.tensor([4])])) for d in (drafter, loaded))
     assert ours.tree.tokens.tolist() == theirs.tree.tokens.tolist()
     assert ours.tree.parents.tolist() == theirs.tree.parents.tolist()
     if share:

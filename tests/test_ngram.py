@@ -1,13 +1,14 @@
 import torch
 
 from specdec.drafters.ngram import NgramDrafter, merge_continuations
+from tests.conftest import inputs
 
 
 def test_longest_suffix_match_is_proposed():
     d = NgramDrafter(max_ngram=3, min_ngram=1, max_depth=4, max_nodes=16)
     history = torch.tensor([1, 2, 3, 4, 5, 9, 9, 1, 2, 3])
     assert d.continuations(history, max_matches=1) == [[4, 5, 9, 9]]
-    [draft] = d.propose([0], [history])
+    [draft] = d.propose(inputs([0], [history]))
     assert draft.tree.tokens.tolist() == [3, 4, 5, 9, 9]
     assert draft.tree.parents.tolist() == [-1, 0, 1, 2, 3]
 
@@ -17,7 +18,7 @@ def test_disagreeing_matches_become_branches_most_recent_first():
     history = torch.tensor([7, 8, 1, 1, 1, 7, 8, 2, 2, 2, 7, 8])
     conts = d.continuations(history, max_matches=4)
     assert conts == [[2, 2, 2], [1, 1, 1]]
-    [draft] = d.propose([0], [history])
+    [draft] = d.propose(inputs([0], [history]))
     tree = draft.tree
     assert tree.tokens.tolist() == [8, 2, 2, 2, 1, 1, 1]
     assert tree.parents.tolist() == [-1, 0, 1, 2, 0, 4, 5]
@@ -33,23 +34,23 @@ def test_shared_prefixes_are_merged_and_budget_is_respected():
 
 def test_no_match_proposes_the_root_alone():
     d = NgramDrafter()
-    [draft] = d.propose([0], [torch.tensor([1, 2, 3, 4, 5])])
+    [draft] = d.propose(inputs([0], [torch.tensor([1, 2, 3, 4, 5])]))
     assert draft.tree.num_nodes == 1 and draft.tree.tokens.tolist() == [5]
 
 
 def test_drafting_depth_shrinks_when_drafts_are_rejected_and_recovers():
     d = NgramDrafter(max_ngram=2, min_ngram=1, max_depth=8, node_cost=0.05, prior_alpha=0.7)
     history = torch.tensor(list(range(20)) * 3)
-    [first] = d.propose([0], [history])
+    [first] = d.propose(inputs([0], [history]))
     assert first.tree.max_depth == 8  # 0.7**8 = 0.058 > 0.05
     for _ in range(10):
-        d.propose([0], [history])
+        d.propose(inputs([0], [history]))
         d.accept(0, torch.tensor([5]))  # nothing accepted
-    [shallow] = d.propose([0], [history])
+    [shallow] = d.propose(inputs([0], [history]))
     assert shallow.tree.max_depth == 1  # still probes one token
     for _ in range(20):
-        d.propose([0], [history])
+        d.propose(inputs([0], [history]))
         d.accept(0, torch.tensor([1] * 9))  # everything accepted
-    [deep] = d.propose([0], [history])
+    [deep] = d.propose(inputs([0], [history]))
     assert deep.tree.max_depth == 8
     d.release(0)

@@ -29,10 +29,10 @@ class RandomTreeDrafter:
         self.logits = torch.randn(V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         self.rng = torch.Generator().manual_seed(seed + 1)
 
-    def propose(self, seq_ids, histories, sampling):
-        q = process_logits(self.logits, sampling)
+    def propose(self, batch):
         drafts = []
-        for history in histories:
+        for item in batch:
+            q, history = process_logits(self.logits, item.sampling), item.history
             gumbel = -torch.empty(V, dtype=torch.float64).exponential_(generator=self.rng).log()
             first = (q.log() + gumbel).topk(2).indices.tolist()
             second = [int(sample(q, self.rng)) for _ in first]

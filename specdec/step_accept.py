@@ -1,0 +1,101 @@
+"""Acceptance for one engine step: every request of the batch, one host sync, one list of KV moves.
+
+Greedy requests are accepted together with tensor ops (:func:`specdec.acceptance.greedy_accept_batch`); the first
+tokens of finished prefills are argmax'd or sampled on the device; all of it is read back with ONE ``tolist``.
+Sampled (T > 0) requests go through the exact tree rejection sampler one by one (its reads are the only other
+syncs). The K/V rows of all accepted paths become one ``(src, dst)`` slot list for a single ``move`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from specdec.acceptance import PaddedTrees, greedy_accept_batch
+from specdec.attention import TreeBatch
+from specdec.sampling import process_logits, sample
+
+if TYPE_CHECKING:
+    from specdec.engine import SpeculativeEngine, _Slot
+
+
+@dataclass
+class StepAcceptance:
+    """Host results per slot index (``paths``/``tokens`` for decode slots, ``first_tokens`` for final prefill
+    chunks) and the step's KV moves ``src_slots``/``dst_slots`` ``[M]`` int64 on the cache's device."""
+
+    paths: dict[int, list[int]] = field(default_factory=dict)
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    first_tokens: dict[int, int] = field(default_factory=dict)
+    src_slots: torch.Tensor | None = None
+    dst_slots: torch.Tensor | None = None
+
+
+def accept_step(engine: SpeculativeEngine, slots: list[_Slot], batch: TreeBatch, logits: torch.Tensor,
+                keep_rows: list[list[int]]) -> StepAcceptance:
+    """``logits [K, V]``: the kept rows, in slot order (``keep_rows`` lists each kept slot's batch rows)."""
+    dev = logits.device
+    kept = [i for i, s in enumerate(slots) if s.draft is not None or s.final_chunk]
+    start = dict(zip(kept, _starts(keep_rows), strict=True))  # slot -> first logits row
+    greedy = [i for i, s in enumerate(slots) if s.draft is not None and s.req.params.greedy]
+    sampled = [i for i, s in enumerate(slots) if s.draft is not None and not s.req.params.greedy]
+    firsts = [i for i, s in enumerate(slots) if s.draft is None and s.final_chunk]
+    result = StepAcceptance()
+    reads: list[torch.Tensor] = []
+    if greedy:
+        trees = PaddedTrees.stack([slots[i].tree for i in greedy], dev)
+        n = trees.tokens.shape[1]
+        rows = torch.tensor([start[i] for i in greedy], device=dev)[:, None] + torch.arange(n, device=dev)
+        rows = torch.where(trees.valid, rows, rows[:, :1])
+        depth = max(slots[i].depth for i in greedy)
+        verdict = greedy_accept_batch(trees, logits.argmax(-1)[rows], depth)
+        reads += [verdict.accept_len, verdict.tokens.flatten(), verdict.path.flatten()]
+    if firsts:
+        reads.append(torch.stack([_first_token(slots[i], logits[start[i]]) for i in firsts]))
+    host = torch.cat([r.to(torch.long).flatten() for r in reads]).tolist() if reads else []  # THE sync
+    if greedy:
+        g, width = len(greedy), depth + 1
+        lens, toks, paths = host[:g], host[g : g + g * width], host[g + g * width : g + 2 * g * width]
+        for j, i in enumerate(greedy):
+            a = lens[j]
+            result.paths[i] = paths[j * width : j * width + a + 1]
+            result.tokens[i] = toks[j * width : j * width + a + 1]
+        host = host[g + 2 * g * width :]
+    for j, i in enumerate(firsts):
+        result.first_tokens[i] = host[j]
+    for i in sampled:
+        slot = slots[i]
+        n = slot.tree.num_nodes
+        probs = process_logits(logits[start[i] : start[i] + n], slot.req.params)
+        verdict = engine._accept_sampled(slot, probs)
+        result.paths[i], result.tokens[i] = list(verdict.path), verdict.tokens.tolist()
+    _moves(result, batch, dev)
+    return result
+
+
+def _starts(keep_rows: list[list[int]]) -> list[int]:
+    out, at = [], 0
+    for rows in keep_rows:
+        out.append(at)
+        at += len(rows)
+    return out
+
+
+def _first_token(slot: _Slot, row: torch.Tensor) -> torch.Tensor:
+    params = slot.req.params
+    if params.greedy:
+        return row.argmax()
+    return sample(process_logits(row, params), slot.req.generator)
+
+
+def _moves(result: StepAcceptance, batch: TreeBatch, dev: torch.device) -> None:
+    """Node ``path[d]`` of slot ``i`` (at batch row ``cu[i] + path[d]``) moves to the slot of node ``d``;
+    nodes already in place are skipped (the list is built from host values: no sync)."""
+    cu = batch.cu_q_host
+    src = [cu[i] + p for i, path in result.paths.items() for d, p in enumerate(path) if p != d]
+    dst = [cu[i] + d for i, path in result.paths.items() for d, p in enumerate(path) if p != d]
+    index = torch.tensor(src + dst, dtype=torch.long).to(dev)
+    slots = batch.slot_mapping[index]
+    result.src_slots, result.dst_slots = slots[: len(src)], slots[len(src) :]
