@@ -132,8 +132,10 @@ def section_kernels(torch, triton, args, dev):
                 kw, slots = bk.make_batch(torch, [ctx] * b, [bk.random_parents(n, rng) for _ in range(b)],
                                           k_cache, v_cache, hq, rng)
                 out = torch.empty_like(kw["q"])
-                splits = kernels.choose_num_splits(b, hkv, hq, n, kw["block_table"].shape[1] * page,
-                                                   kernels.tiles.sm_count() if not smoke else 132, d)
+                splits = 2 if smoke else kernels.choose_num_splits(  # smoke: force the split path
+                    b, hkv, hq, n, kw["block_table"].shape[1] * page, kernels.tiles.sm_count(), d)
+                err = float((kernels.paged_tree_attention(**kw, num_splits=1).float()
+                             - kernels.paged_tree_attention(**kw, num_splits=splits).float()).abs().max())
                 t1 = bench(lambda kw=kw, out=out: kernels.paged_tree_attention(**kw, out=out, num_splits=1))
                 ts = bench(lambda kw=kw, out=out, s=splits: kernels.paged_tree_attention(**kw, out=out,
                                                                                          num_splits=s))
@@ -144,10 +146,10 @@ def section_kernels(torch, triton, args, dev):
                 moved = b * hkv * (ctx + n) * d * 2 * elt + 2 * b * n * hq * d * elt + b * n * n
                 flops = 4 * b * n * hq * d * (ctx + (n + 1) / 2)
                 row = dict(batch=b, ctx=ctx, n=n, unsplit_ms=t1, num_splits=splits, split_ms=ts, sdpa_ms=t_sdpa,
-                           gbps=moved / best / 1e6, tflops=flops / best / 1e9)
+                           gbps=moved / best / 1e6, tflops=flops / best / 1e9, split_vs_unsplit_max_err=err)
                 rows.append(row)
                 print(f"{b:>5} {ctx:>6} {n:>3} | {t1:8.4f} {splits:>3} {ts:8.4f} | {row['gbps']:6.0f} "
-                      f"{row['tflops']:7.2f} | {t_sdpa:8.4f}", flush=True)
+                      f"{row['tflops']:7.2f} | {t_sdpa:8.4f}  err {err:.1e}", flush=True)
                 del kw, out, q4, k4, v4, allow
     del k_cache, v_cache
     return rows

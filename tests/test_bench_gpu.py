@@ -35,7 +35,8 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {"kernels", "verify", "e2e", "drafters"} <= set(res)
-    assert {(r["n"], r["num_splits"]) for r in res["kernels"]} == {(1, 1), (4, 1)}
+    assert {(r["n"], r["num_splits"]) for r in res["kernels"]} == {(1, 2), (4, 2)}
+    assert all(r["split_vs_unsplit_max_err"] < 1e-5 for r in res["kernels"])
     assert all(r["unsplit_ms"] > 0 and r["gbps"] > 0 and r["tflops"] > 0 for r in res["kernels"])
     assert [r["n"] for r in res["verify"]] == [1, 4] and all(r["hf_static_ms"] > 0 for r in res["verify"])
     e2e = {r["name"]: r for r in res["e2e"]}
