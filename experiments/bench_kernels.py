@@ -7,7 +7,8 @@ Correctness: bf16/fp16 kernel against the fp32 PyTorch reference with contexts u
 a 32k-block cache with permuted block tables, GQA groups up to 8, a prefill chain, and (``--huge``) a cache
 larger than 2^31 elements so block offsets need int64.
 
-Timing (``triton.testing.do_bench``, median ms) over tree size x context x batch for: the kernel, the PyTorch
+Timing (``triton.testing.do_bench``, median ms) over tree size x context x batch for: the kernel (its automatic
+split-KV factor; ``bench_gpu.py`` times split against unsplit with CUDA-graph replay), the PyTorch
 reference, and ``scaled_dot_product_attention`` (boolean tree mask, ``enable_gqa``) on the same data laid out
 contiguously. Reports achieved GB/s against the bytes that must move (K/V of prefix and tree read once per
 KV head, plus q, out and mask), and the time ratio of the largest to the smallest tree at equal context.
