@@ -2,6 +2,10 @@
 
     python experiments/bench_gpu.py --out out/bench_gpu.json      # CUDA, about 5-8 minutes on an H100/H200
     python experiments/bench_gpu.py --smoke --out /tmp/smoke.json  # CPU, tiny shapes, well under a minute
+    python experiments/bench_gpu.py --sections kernels,verify       # a subset: kernels, verify, e2e, drafters
+
+Runs from a plain checkout too (no ``pip install``; the device image has none of specdec installed): the
+script imports ``specdec`` from the repository it lives in when the package is not installed.
 
 (a) ``kernels``: the bench_kernels grid (batch x context x tree size, bf16, Hq 32 / Hkv 8 / D 128, page 16), the
     Triton kernel unsplit (``num_splits=1``) and with the automatic split-KV factor, timed with
@@ -332,11 +336,28 @@ def _backend(args, dev):
     return select_backend(args.attention, dev)
 
 
+def use_source_tree_if_not_installed():
+    """Import specdec from this checkout when it is not installed (the device image): ``specdec.kernels``,
+    ``.drafters`` and ``.train`` live at the repository root (pyproject's package-dir), so the root joins
+    ``specdec.__path__``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import specdec
+    except ImportError:
+        sys.path.insert(0, root)
+        import specdec
+    try:
+        import specdec.kernels  # noqa: F401
+    except ImportError:
+        specdec.__path__.append(root)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_kernels
+    use_source_tree_if_not_installed()
     import torch
     import triton
     import triton.testing  # noqa: F401

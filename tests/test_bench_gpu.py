@@ -13,11 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "bench_gpu.py"
 ABSENT_ON_DEVICE = ("gguf", "wandb", "datasets", "fastapi")
 
-# Runs the script as __main__ with the absent packages blocked: any import of them raises ImportError.
+# Runs the script as __main__ as on the device: the absent packages blocked (importing one raises ImportError)
+# and specdec NOT installed (the editable-install finder removed), so the script must find its source tree.
 LAUNCHER = f"""
 import runpy, sys
 for name in {ABSENT_ON_DEVICE!r}:
     sys.modules[name] = None
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]
 try:
     runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
@@ -29,7 +32,8 @@ finally:
 
 def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_device(tmp_path):
     out = tmp_path / "smoke.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, "--smoke", "--out", str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
