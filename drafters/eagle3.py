@@ -1,0 +1,155 @@
+"""EAGLE-3 heads as published (SafeAILab/EAGLE ``cnets.Model``), run by specdec's EAGLE tree machinery.
+
+The head reads a FUSION of three target layers: the inputs of decoder layers ``2``, ``L // 2`` and ``L - 3`` (HF
+``hidden_states[i]`` for those ``i``), concatenated ``[3 H_t]`` and projected by ``fc`` to ``[H]``. Its one layer
+(``midlayer``) normalises the token embedding (``input_layernorm``) and the feature (``hidden_norm``) separately,
+attends over their concatenation ``[2H]`` (``q/k/v_proj`` take ``2H``), adds the attention output to the
+un-normalised feature, then the usual MLP block. Next-token logits are ``lm_head(norm(out))`` over the draft
+vocabulary, draft index ``i`` being target token ``i + d2t[i]``. Deeper draft nodes take their parent's ``out``
+(before ``norm``) as their feature, with no ``fc``.
+
+:class:`Eagle3Drafter` reuses :class:`~specdec.drafters.eagle.EagleDrafter` (catch-up of real pairs, paged
+one-layer cache, chain / best-first trees); its ``accept`` needs the FUSED features ``[S, 3 H_t]`` (see
+:func:`fused_features`). The engine passes only the last hidden state today, so with the engine it fails in its
+first ``accept`` with an error that says so; it runs wherever the fused features are passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from specdec.attention import ATTENTION_NAME, ForwardContext
+from specdec.draft_vocab import check_vocab_ids, expand_logits
+from specdec.drafters.eagle import EagleDrafter
+
+if TYPE_CHECKING:
+    from specdec.target import TargetModel
+
+
+def fused_layers(num_layers: int) -> tuple[int, int, int]:
+    """Indices into HF ``hidden_states`` that EAGLE-3 fuses (low, middle, high) for a ``num_layers``-layer target."""
+    layers = sorted({2, num_layers // 2, num_layers - 3})
+    if len(layers) != 3 or layers[0] != 2:
+        raise ValueError(f"EAGLE-3 fuses the inputs of target layers 2, L//2 and L-3, three distinct layers only "
+                         f"for L >= 7; the target has {num_layers} layers")
+    return layers[0], layers[1], layers[2]
+
+
+def fused_features(hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """``[..., T, 3 H_t]`` from the ``L + 1`` hidden states an HF forward returns with ``output_hidden_states``."""
+    return torch.cat([hidden_states[i] for i in fused_layers(len(hidden_states) - 1)], dim=-1)
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    """Shape of an EAGLE-3 head: head width ``H``, target width ``H_t``, vocabulary ``V``, draft vocabulary ``N``
+    and the Llama-layer config (JSON dict) of its ``midlayer``."""
+
+    hidden_size: int
+    target_hidden_size: int
+    vocab_size: int
+    draft_vocab_size: int
+    layer_config: dict[str, Any] = field(default_factory=dict)
+
+    def text_config(self):
+        d = dict(self.layer_config)
+        d.pop("transformers_version", None)
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+class _MidLayer(nn.Module):
+    """EAGLE-3's ``LlamaDecoderLayeremb`` (parameter names as published)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.self_attn = LlamaAttention(config, layer_idx=0)
+        for name, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads),
+                            ("v_proj", config.num_key_value_heads)):
+            setattr(self.self_attn, name, nn.Linear(2 * h, heads * self.self_attn.head_dim, bias=False))
+        self.mlp = LlamaMLP(config)
+        self.hidden_norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
+
+
+class Eagle3Head(nn.Module):
+    """``fc``, ``midlayer``, ``norm``, ``lm_head`` as in the published checkpoints.
+
+    Args:
+        config: sizes and the layer config.
+        target: supplies the token embedding (unless ``embed`` is given) and device / dtype.
+        vocab_ids: ``[N]`` int64 sorted target ids of the draft vocabulary (row order of ``lm_head``).
+        embed: ``[V, H]`` the checkpoint's own embedding (heads narrower than the target ship one), or ``None``.
+    """
+
+    def __init__(self, config: Eagle3Config, target: TargetModel, vocab_ids: torch.Tensor,
+                 embed: torch.Tensor | None = None) -> None:
+        super().__init__()
+        h, ht = config.hidden_size, config.target_hidden_size
+        factory = {"dtype": target.dtype, "device": target.device}
+        self.config = config
+        self.layer_config = config.text_config()
+        self.layer_config._attn_implementation = ATTENTION_NAME  # the head's own config object
+        self.fc = nn.Linear(3 * ht, h, bias=False, **factory)
+        self.midlayer = _MidLayer(self.layer_config).to(**factory)
+        self.norm = LlamaRMSNorm(h, eps=self.layer_config.rms_norm_eps).to(**factory)
+        self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False, **factory)
+        self.rotary = LlamaRotaryEmbedding(config=self.layer_config).to(target.device)
+        ids = check_vocab_ids(vocab_ids.to(target.device), config.vocab_size)
+        self.register_buffer("vocab_ids", None if ids.numel() == config.vocab_size else ids, persistent=False)
+        if embed is None:
+            embedding = target.model.get_input_embeddings()
+            if embedding.weight.shape[1] != h:
+                raise ValueError(f"the EAGLE-3 head is {h} wide and ships no embed_tokens.weight; the target's "
+                                 f"embedding is {embedding.weight.shape[1]} wide")
+        else:
+            if tuple(embed.shape) != (config.vocab_size, h):
+                raise ValueError(f"embed_tokens.weight is {tuple(embed.shape)}, the head needs "
+                                 f"{(config.vocab_size, h)}")
+            embedding = nn.Embedding.from_pretrained(embed.to(**factory), freeze=True)
+        object.__setattr__(self, "embed_tokens", embedding)  # used, never saved
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                specdec: ForwardContext) -> torch.Tensor:
+        """``out [T, H]`` for pairs ``features [T, H]`` (``fc`` of fused target features, or a parent's ``out``) and
+        ``tokens [T]`` int64 at RoPE ``positions [T]``; K/V go to ``specdec``'s one-layer cache."""
+        layer = self.midlayer
+        x = features.to(self.fc.weight.dtype)[None]
+        emb = self.embed_tokens(tokens[None]).to(x.dtype)
+        both = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(x)], dim=-1)
+        attn = layer.self_attn(both, position_embeddings=self.rotary(x, positions[None]), attention_mask=None,
+                               specdec=specdec)[0]
+        h = x + attn
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h[0]
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """``[..., N]`` draft-vocabulary logits of ``out [..., H]``."""
+        return self.lm_head(self.norm(out.to(self.fc.weight.dtype)))
+
+    def full_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` logits over the target vocabulary (``-inf`` outside the draft vocabulary)."""
+        return expand_logits(self.logits(out), self.vocab_ids, self.config.vocab_size)
+
+
+class Eagle3Drafter(EagleDrafter):
+    """:class:`EagleDrafter` over an :class:`Eagle3Head`: ``accept`` takes the fused features ``[S, 3 H_t]`` (rows
+    as the protocol's ``hidden``; :func:`fused_features`), projects them with ``fc`` and queues them as the pairs'
+    features. Trees, catch-up and cache are :class:`EagleDrafter`'s (the head has the same duck-typed interface)."""
+
+    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        fused = 3 * self.head.config.target_hidden_size
+        if hidden is None or hidden.ndim != 2 or hidden.shape[-1] != fused:
+            got = None if hidden is None else list(hidden.shape)
+            raise ValueError(f"EAGLE-3 heads need fused low/mid/high target features [S, {fused}] (the inputs of "
+                             f"target layers 2, L//2, L-3 concatenated), which this engine version does not capture "
+                             f"(it passes the last hidden state only); got {got}")
+        with torch.inference_mode():
+            super().accept(seq_id, tokens, self.head.fc(hidden.to(self.head.fc.weight.dtype)))
