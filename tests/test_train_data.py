@@ -172,3 +172,24 @@ def test_load_real_prompts():
     assert D.load_instruction_prompts(D.DataConfig(data_dir=str(SHARED_DATA), limit=5)) == everything[:5]
     assert D.load_instruction_prompts(D.DataConfig(data_dir=str(SHARED_DATA), seed=1))[:5] != everything[:5]
     assert (D.resolve_data_dir("../shared/data") / "gsm8k" / "train.jsonl").is_file()  # default, from cwd or root
+
+
+def test_a_fresh_clone_reads_the_seed_tasks_shipped_in_the_package():
+    shipped = D.load_instruction_prompts(D.DataConfig(sources=("self-instruct",)))
+    assert len(shipped) == 175 and all(p.strip() for p in shipped)
+    if SHARED_DATA.is_dir():  # the shipped file is the same upstream file as the team's copy
+        local = D.load_instruction_prompts(D.DataConfig(sources=("self-instruct",), data_dir=str(SHARED_DATA)))
+        assert shipped == local
+
+
+def test_gsm8k_from_the_hub_offline_is_one_error_naming_a_local_source(monkeypatch, capsys):
+    import specdec.app.loaders as loaders
+
+    monkeypatch.setattr(loaders, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ValueError, match=r"hub \(openai/gsm8k\) cannot be reached \(offline\); use a local copy: "
+                                         r"--source FILE\.jsonl --field question"):
+        D.load_instruction_prompts(D.DataConfig(sources=("gsm8k",)))
+    assert train_main(["data", "--max-per-source", "4"]) == 2  # the README's first step, offline: no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--source FILE.jsonl" in err[0]

@@ -23,7 +23,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                    help="self-instruct | gsm8k | PATH (.jsonl) | HF dataset id; repeatable "
                         "(default: self-instruct and gsm8k)")
     p.add_argument("--field", default=None, help="text field of a PATH / HF source")
-    p.add_argument("--data-dir", default="../shared/data", help="folder of the built-in sources")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding self-instruct/seed_tasks.jsonl and gsm8k/train.jsonl (default: the "
+                        "self-instruct seed tasks shipped in the package and GSM8K from the Hugging Face hub)")
     p.add_argument("--max-per-source", type=int, default=None, help="at most N prompts of each source")
     p.add_argument("--limit", type=int, default=None, help="number of prompts (after shuffling)")
     p.add_argument("--seed", type=int, default=0)

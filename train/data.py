@@ -35,6 +35,7 @@ must match.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Sequence
@@ -56,6 +57,10 @@ BUILTIN_SOURCES = {
     "self-instruct": "self-instruct/seed_tasks.jsonl",
     "gsm8k": "gsm8k/train.jsonl",
 }
+# Without a data dir: self-instruct ships in the package (Apache-2.0, specdec/data/README.md); GSM8K comes from the
+# Hugging Face hub: (dataset id, configuration, split, text column).
+SHIPPED_SELF_INSTRUCT = "self_instruct_seed_tasks.jsonl"
+HUB_GSM8K = ("openai/gsm8k", "main", "train", "question")
 # Settings that change what is stored: a resumed run must use the same ones.
 _RESUME_KEYS = ("sources", "field", "max_per_source", "seed", "max_new_tokens", "temperature", "store_hidden",
                 "topk_logits", "model")
@@ -70,7 +75,9 @@ class DataConfig:
             train on), ``"gsm8k"`` (train questions), a local ``.jsonl``/``.json`` file or a Hugging Face dataset id
             (``owner/name``, read from the local cache) whose text column is ``field``.
         field: text column of a file / HF source (default: the first of instruction, question, prompt, text).
-        data_dir: folder of the built-in sources; relative paths are tried against the cwd, then the project root.
+        data_dir: folder holding the built-in sources' files (``self-instruct/seed_tasks.jsonl``,
+            ``gsm8k/train.jsonl``); relative paths are tried against the cwd, then the project root. ``None``: the
+            seed tasks shipped in the package and GSM8K from the Hugging Face hub (a fresh clone needs nothing else).
         max_per_source: keep at most this many prompts of each source (drawn with ``seed``) before mixing, so a
             small source (175 self-instruct tasks) is not drowned by a large one (7,473 GSM8K questions).
         limit: keep the first ``limit`` prompts after shuffling (``None`` = all).
@@ -85,7 +92,7 @@ class DataConfig:
     sources: tuple[str, ...] = ("self-instruct", "gsm8k")
     field: str | None = None
     max_per_source: int | None = None
-    data_dir: str = "../shared/data"
+    data_dir: str | None = None
     limit: int | None = None
     seed: int = 0
     max_new_tokens: int = 256
@@ -144,9 +151,40 @@ def _field_text(records: Sequence[dict], field: str | None, where: str) -> list[
     return [str(r[field]) for r in records]
 
 
+def _builtin_file(source: str, config: DataConfig) -> Path | None:
+    """The local file of a built-in source (``None``: GSM8K from the hub)."""
+    if config.data_dir is not None:
+        return resolve_data_dir(config.data_dir) / BUILTIN_SOURCES[source]
+    if source == "self-instruct":
+        from importlib import resources
+
+        return Path(str(resources.files("specdec") / "data" / SHIPPED_SELF_INSTRUCT))
+    return None
+
+
+def _hub_gsm8k() -> list[str]:
+    from specdec.app.loaders import hub_reachable
+
+    name, config, split, column = HUB_GSM8K
+    fix = ("use a local copy: --source FILE.jsonl --field question (GSM8K's train.jsonl from "
+           "github.com/openai/grade-school-math), or --data-dir DIR holding gsm8k/train.jsonl")
+    if not hub_reachable() and not os.environ.get("HF_HUB_OFFLINE"):
+        raise ValueError(f"cannot load gsm8k: the Hugging Face hub ({name}) cannot be reached (offline); {fix}")
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset(name, config, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; report them as one
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load gsm8k from the Hugging Face hub ({name}: {first}); {fix}") from None
+    return [str(q) for q in rows[column]]
+
+
 def _load_source(source: str, config: DataConfig) -> list[str]:
     if source in BUILTIN_SOURCES:
-        path = resolve_data_dir(config.data_dir) / BUILTIN_SOURCES[source]
+        path = _builtin_file(source, config)
+        if path is None:
+            return _hub_gsm8k()
         if not path.is_file():
             raise ValueError(f"data file not found: {path}")
         records = _read_jsonl(path)
