@@ -67,6 +67,7 @@ CASES = [
     (["bench", "--prompts", "{bad_prompts}"], "bad.jsonl:2: invalid JSON"),
     (["bench", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["bench", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["bench", "--batch-size", "4", "--multi-turn"], "--multi-turn runs one request at a time"),
     (["bench", "--per-category", "0"], "--per-category must be >= 1, got 0"),
     (["bench", "--drafter", "ngram", "medusa:path=/nonexistent"], "does not exist"),
     (["bench", "--prompts", "{ok_prompts}", "--model", "{tiny}", "--max-new-tokens", "500", "--num-blocks", "4"],

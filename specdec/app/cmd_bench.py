@@ -45,6 +45,8 @@ def journal_path(out: str | Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    if args.batch_size > 1 and args.multi_turn:
+        raise ValueError("--multi-turn runs one request at a time: drop --multi-turn or use --batch-size 1")
     from specdec.app.experiment import Grid
 
     grid = Grid(drafters=tuple(args.drafter or default_drafters(args)), temperatures=(args.temperature,),
