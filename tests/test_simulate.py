@@ -1,0 +1,162 @@
+"""Trace-replay simulator: at temperature 0 it reproduces the real engine's statistics exactly (tiny float64 Llama)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdec.drafters import DrafterSpec, build_drafter
+from specdec.engine import SpeculativeEngine
+from specdec.interfaces import Draft
+from specdec.sampling import SamplingParams
+from specdec.sim_estimate import estimate_replay, node_acceptance
+from specdec.simulate import TraceTooShort, replay, summarize_replay
+from specdec.target import TargetModel
+from specdec.trace import Trace, record_trace
+from specdec.tree import TokenTree
+
+MAX_NEW = 20
+PROMPTS = [[5, 9, 14, 3, 5, 9, 14, 3, 5, 9], [40, 2, 33, 40, 2, 33, 17, 40, 2]]
+
+
+class OracleDrafter:
+    """Knows the recorded trajectories; proposes random trees that hold the true continuation up to a random depth,
+    a wrong token below it, and random siblings. Deterministic in the history (seeded by its length)."""
+
+    vocab_size = None
+    needs_hidden = False
+
+    def __init__(self, trajectories: list[list[int]], max_nodes: int = 12, seed: int = 0) -> None:
+        self.trajectories, self.max_nodes, self.seed = trajectories, max_nodes, seed
+
+    def propose(self, batch):
+        return [Draft(self._tree(item.history.tolist())) for item in batch]
+
+    def _tree(self, history: list[int]) -> TokenTree:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + len(history))
+        [truth] = [t[len(history) :] for t in self.trajectories if t[: len(history)] == history]
+        right = int(torch.randint(0, 6, (), generator=gen))
+        spine = truth[:right] + [int(torch.randint(0, 64, (), generator=gen))]
+        tokens, parents = [history[-1]], [-1]
+        for tok in spine:  # the spine: true tokens, then one random one
+            tokens.append(tok)
+            parents.append(len(tokens) - 2)
+        while len(tokens) < self.max_nodes:  # random siblings anywhere (a true token first among them at random)
+            parent = int(torch.randint(0, len(tokens), (), generator=gen))
+            tokens.append(int(torch.randint(0, 64, (), generator=gen)))
+            parents.append(parent)
+        order = sorted(range(len(tokens)), key=lambda i: (i != 0, _depth(parents, i), i))
+        where = {old: new for new, old in enumerate(order)}
+        return TokenTree(torch.tensor([tokens[i] for i in order]),
+                         torch.tensor([-1 if parents[i] < 0 else where[parents[i]] for i in order]))
+
+    def accept(self, seq_id, tokens, hidden=None):
+        pass
+
+    def release(self, seq_id):
+        pass
+
+
+def _depth(parents: list[int], i: int) -> int:
+    d = 0
+    while parents[i] >= 0:
+        i, d = parents[i], d + 1
+    return d
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    target = TargetModel(tiny_model, split_gemv=False)
+    probe = SpeculativeEngine(target, target.new_cache(16, 16), None, max_tree_nodes=1).generate(PROMPTS[0], MAX_NEW)
+    eos = [probe.tokens[MAX_NEW // 2]]  # a token the first prompt emits mid-way: its run stops at EOS
+    trace = record_trace(target, PROMPTS, MAX_NEW, eos, ["a", "b"], lookahead=8, hidden_dtype=target.dtype)
+    return target, trace, eos
+
+
+def _drafter(name: str, target: TargetModel, trace: Trace):
+    torch.manual_seed(3)
+    if name == "oracle":
+        return OracleDrafter([p.tokens.tolist() for p in trace.prompts])
+    drafter = build_drafter(DrafterSpec.parse(name), target)
+    if name.startswith("medusa"):  # untrained heads copy the LM head; random residual blocks make them disagree
+        with torch.no_grad():
+            for prm in drafter.heads.parameters():
+                prm.add_(0.3 * torch.randn_like(prm))
+    return drafter
+
+
+@pytest.mark.parametrize("name", ["ngram", "ngram:depth=3,budget=6", "medusa:tree=dynamic,budget=6",
+                                  "medusa:tree=static", "eagle:tree=dynamic,budget=7,depth=3",
+                                  "eagle:tree=chain,depth=3", "oracle"])
+def test_replay_statistics_equal_the_engines_exactly(setup, name):
+    target, trace, eos = setup
+    drafter = _drafter(name, target, trace)
+    engine = SpeculativeEngine(target, target.new_cache(16, 16), drafter, eos, max_tree_nodes=32)
+    real = [engine.generate(p, MAX_NEW) for p in PROMPTS]
+    sim = replay(trace, drafter, max_tree_nodes=32, hidden_dtype=target.dtype)
+    for r, s in zip(real, sim, strict=True):
+        assert s.tokens == r.tokens and s.stop_reason == r.stop_reason
+        for key in ("steps", "step_tokens", "tree_nodes", "depth_tried", "depth_accepted", "accepted_hist"):
+            assert getattr(s.stats, key) == getattr(r.stats, key), key
+    assert sum(r.stats.step_tokens - r.stats.steps for r in real) > 0 or name.startswith("medusa"), \
+        "the case accepted no draft token at all: it would not test the walk"
+
+
+def test_trace_records_the_eos_stop_and_round_trips_through_a_file(setup, tmp_path):
+    _, trace, eos = setup
+    assert trace.prompts[0].stop == MAX_NEW // 2 + 1 and int(trace.prompts[0].tokens[-MAX_NEW - 8 :][MAX_NEW // 2]) \
+        == eos[0]
+    assert all(p.argmax_mismatches == 0 for p in trace.prompts)
+    trace.save(tmp_path / "t.pt")
+    again = Trace.load(tmp_path / "t.pt")
+    assert again.meta == trace.meta and torch.equal(again.prompts[1].hidden, trace.prompts[1].hidden)
+
+
+class ChainOracle(OracleDrafter):
+    """Proposes the next five recorded tokens as a chain (all of them right)."""
+
+    def _tree(self, history):
+        [truth] = [t[len(history) :] for t in self.trajectories if t[: len(history)] == history]
+        return TokenTree.chain([history[-1], *truth[:5]])
+
+
+def test_a_tree_deeper_than_the_recorded_lookahead_is_an_error_naming_the_limit(setup):
+    target = setup[0]
+    short = record_trace(target, PROMPTS[:1], 4, (), lookahead=1, hidden_dtype=target.dtype)
+    with pytest.raises(TraceTooShort, match="lookahead >= the deepest tree"):
+        replay(short, ChainOracle([short.prompts[0].tokens.tolist()]))
+
+
+def test_summary_has_the_bench_fields_and_per_category_tau(setup):
+    target, trace, _ = setup
+    results = replay(trace, _drafter("ngram", target, trace))
+    run = summarize_replay("ngram", results)
+    json.dumps(run)
+    assert {"tau", "acceptance_by_depth", "accepted_length_hist", "n_prompts", "per_category"} <= set(run)
+    assert set(run["per_category"]) == {"a", "b"} and run["estimate"] is False and run["predicted_speedup"] is None
+
+
+def test_node_acceptance_matches_the_rejection_rule_on_a_two_sibling_tree():
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    tree = TokenTree(torch.tensor([0, 1, 2]), torch.tensor([-1, 0, 0]))
+    cond, reach = node_acceptance(tree, None, [p])
+    # one-hot proposals: child x is accepted with p(x) overall (0.3, then 0.2), whatever the sibling order
+    torch.testing.assert_close(reach, torch.tensor([1.0, 0.3, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(cond[2], torch.tensor(0.2 / 0.7, dtype=torch.float64))
+    q = torch.tensor([[0, 0, 0], [0.2, 0.6, 0.2], [0.2, 0.6, 0.2]], dtype=torch.float64)
+    _, reach_q = node_acceptance(tree, q, [p])
+    assert float(reach_q[1]) == pytest.approx(0.5)  # min(1, 0.3 / 0.6)
+
+
+def test_the_temperature_estimate_is_labelled_and_tends_to_the_exact_replay_as_temperature_goes_to_zero(setup):
+    target, trace, _ = setup
+    exact = summarize_replay("oracle", replay(trace, _drafter("oracle", target, trace)))
+    cold, warm = (summarize_replay("oracle", estimate_replay(trace, _drafter("oracle", target, trace),
+                                                             SamplingParams(t, seed=0)), estimate=True)
+                  for t in (1e-3, 1.0))
+    assert cold["estimate"] is True and exact["tau"] > 1.5
+    assert cold["tau"] == pytest.approx(exact["tau"], abs=1e-3)
+    assert cold["acceptance_by_depth"] == pytest.approx(exact["acceptance_by_depth"], abs=1e-3)
+    assert warm["tau"] < exact["tau"] - 0.3  # the flat random target rarely samples the recorded argmax at T = 1
