@@ -216,6 +216,51 @@ def timing(torch, triton, kernels, args, dtype, dev, rng):
     return rows, ratios
 
 
+def split_vs_unsplit(torch, triton, kernels, grid_b, grid_c, grid_n, dev, rng):
+    """Kernel with ``num_splits=1`` vs its automatic split-KV factor, and SDPA, over batch x context x tree size
+    (bf16, Hq 32 / Hkv 8 / D 128, page 16), timed with ``do_bench_cudagraph`` (graph replay: no launch overhead,
+    and proof the launch is capturable). On CPU (smoke): fp32, tiny heads, two forced splits, wall-clock timing.
+    Rows: ms of each, GB/s and TFLOP/s of the faster kernel variant, max |split - unsplit|."""
+    smoke = dev.type != "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    hq, hkv, d, page, nb = (4, 2, 32, 16, 64) if smoke else (32, 8, 128, 16, 32768)
+    k_cache = torch.zeros(nb, page, hkv, d, dtype=dtype, device=dev)
+    v_cache = torch.zeros_like(k_cache)
+    elt = k_cache.element_size()
+
+    def bench(fn):
+        return bench_fn(fn, dev, triton) if smoke else triton.testing.do_bench_cudagraph(fn, return_mode="median")
+
+    rows = []
+    print(f"\n(a) kernels {dtype}, Hq {hq} Hkv {hkv} D {d}\n{'batch':>5} {'ctx':>6} {'n':>3} | {'1 split':>8} "
+          f"{'S':>3} {'split':>8} | {'GB/s':>6} {'TFLOP/s':>7} | {'sdpa':>8}  (ms)")
+    for b in grid_b:
+        for ctx in grid_c:
+            for n in grid_n:
+                kw, slots = make_batch(torch, [ctx] * b, [random_parents(n, rng) for _ in range(b)], k_cache,
+                                       v_cache, hq, rng)
+                out = torch.empty_like(kw["q"])
+                splits = 2 if smoke else kernels.choose_num_splits(  # smoke: force the split path
+                    b, hkv, hq, n, kw["block_table"].shape[1] * page, kernels.tiles.sm_count(), d)
+                err = float((kernels.paged_tree_attention(**kw, num_splits=1).float()
+                             - kernels.paged_tree_attention(**kw, num_splits=splits).float()).abs().max())
+                t1 = bench(lambda kw=kw, out=out: kernels.paged_tree_attention(**kw, out=out, num_splits=1))
+                ts = bench(lambda kw=kw, out=out, s=splits: kernels.paged_tree_attention(**kw, out=out,
+                                                                                         num_splits=s))
+                q4, k4, v4, allow = sdpa_inputs(torch, kw, slots, ctx, n)
+                t_sdpa = bench(lambda a=(q4, k4, v4, allow, kw["sm_scale"]): sdpa_call(torch, *a))
+                best = min(t1, ts)
+                moved = b * hkv * (ctx + n) * d * 2 * elt + 2 * b * n * hq * d * elt + b * n * n
+                flops = 4 * b * n * hq * d * (ctx + (n + 1) / 2)
+                row = dict(batch=b, ctx=ctx, n=n, unsplit_ms=t1, num_splits=splits, split_ms=ts, sdpa_ms=t_sdpa,
+                           gbps=moved / best / 1e6, tflops=flops / best / 1e9, split_vs_unsplit_max_err=err)
+                rows.append(row)
+                print(f"{b:>5} {ctx:>6} {n:>3} | {t1:8.4f} {splits:>3} {ts:8.4f} | {row['gbps']:6.0f} "
+                      f"{row['tflops']:7.2f} | {t_sdpa:8.4f}  err {err:.1e}", flush=True)
+                del kw, out, q4, k4, v4, allow
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
