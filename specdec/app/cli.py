@@ -19,6 +19,7 @@ from specdec.app.args import HelpFormatter
 COMMANDS = {
     "generate": "specdec.app.cmd_generate",
     "bench": "specdec.app.cmd_bench",
+    "serve": "specdec.server.cmd_serve",
 }
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 
