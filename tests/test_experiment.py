@@ -83,7 +83,8 @@ def test_runner_writes_every_documented_field_plots_and_wandb(tiny_model_dir, pr
         else:
             assert s["identical_to_baseline"] is None
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["grid"]["budgets"] == [4, 8] and len(summary["reports"]) == 2
+    assert summary["grid"]["budgets"] == [4, 8] and len(summary["reports"]) == 2 and summary["complete"]
+    assert not list(out.glob("*.partial.jsonl"))  # the journals go once the results are written
     assert all("requests" not in r for r in summary["reports"])
     for stem in ("T0", "T0.7"):
         for plot in ("speedup_by_category", "acceptance_by_depth", "tau_vs_budget"):

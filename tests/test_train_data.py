@@ -193,3 +193,14 @@ def test_gsm8k_from_the_hub_offline_is_one_error_naming_a_local_source(monkeypat
     assert train_main(["data", "--max-per-source", "4"]) == 2  # the README's first step, offline: no traceback
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--source FILE.jsonl" in err[0]
+
+
+def test_every_training_flag_has_help_that_states_its_default():
+    from specdec.train.__main__ import build_parser
+
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                text = formatter._expand_help(action) if action.help else ""
+                assert "default" in text, f"python -m specdec.train {name} {action.option_strings[0]}: {text!r}"

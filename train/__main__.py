@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from specdec.app.args import HelpFormatter
 from specdec.train.loop import LoopConfig
 
 DEFAULT_OUT = "out/distill"
@@ -22,46 +23,49 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", action="append", default=None,
                    help="self-instruct | gsm8k | PATH (.jsonl) | HF dataset id; repeatable "
                         "(default: self-instruct and gsm8k)")
-    p.add_argument("--field", default=None, help="text field of a PATH / HF source")
+    p.add_argument("--field", default=None,
+                   help="text field of a PATH / HF source (default: instruction, question, prompt or text)")
     p.add_argument("--data-dir", default=None,
                    help="folder holding self-instruct/seed_tasks.jsonl and gsm8k/train.jsonl (default: the "
                         "self-instruct seed tasks shipped in the package and GSM8K from the Hugging Face hub)")
-    p.add_argument("--max-per-source", type=int, default=None, help="at most N prompts of each source")
-    p.add_argument("--limit", type=int, default=None, help="number of prompts (after shuffling)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-per-source", type=int, default=None, help="at most N prompts of each source (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="number of prompts after shuffling (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the prompts (and seeds sampling)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (shards + manifest.json); reruns resume")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer generated per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--store-hidden", action="store_true", help="store the last hidden state (2*H bytes/token)")
     p.add_argument("--topk-logits", type=int, default=0, help="store the top-K logits (6*K bytes/token)")
-    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=256, help="examples per shard on disk")
     p.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
 
 
 def add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     """Arguments every trainer shares (:class:`specdec.train.loop.LoopConfig`, data, model)."""
     p.add_argument("--data", required=True, action="append",
-                   help="distillation data folder (from the 'data' command); repeat to train on several")
-    p.add_argument("--out", required=True, help="output folder (checkpoints step_N, metrics.jsonl, wandb)")
-    p.add_argument("--steps", type=int, default=1000)
+                   help="distillation data folder (from the 'data' command); repeat to train on several (required, "
+                        "no default)")
+    p.add_argument("--out", required=True,
+                   help="output folder (checkpoints step_N, metrics.jsonl, wandb; required, no default)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate (warmup, then cosine to 10%%)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--seq-len", type=int, default=512, help="max response tokens used per example")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="score only the N most frequent response tokens (0 = the full vocabulary)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between verifier (tau) evaluations")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = only the last)")
     p.add_argument("--eval-holdout", type=int, default=4, help="last N examples held out as eval prompts")
-    p.add_argument("--eval-max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-max-new-tokens", type=int, default=64, help="tokens generated per tau evaluation")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and noise")
     p.add_argument("--no-wandb", action="store_true", help="no W&B run (default: offline unless WANDB_API_KEY)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
 
 
 def loop_config(args: argparse.Namespace, project: str) -> LoopConfig:
@@ -94,33 +98,37 @@ def add_draft_parser(sub: argparse._SubParsersAction) -> None:
     add_loop_args(p, lr=1e-4)
     p.add_argument("--draft-model", default=None, help="HF id or folder (default: the target's first --layers)")
     p.add_argument("--layers", type=int, default=4, help="layers of the target copied into the draft model")
-    p.add_argument("--loss", default="forward_kl", choices=["forward_kl", "tv"])
+    p.add_argument("--loss", default="forward_kl", choices=["forward_kl", "tv"],
+                   help="forward KL or total variation against the target")
     p.add_argument("--on-policy", type=float, default=0.0, help="fraction of steps on the draft's own samples")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of on-policy samples")
-    p.add_argument("--on-policy-tokens", type=int, default=64)
+    p.add_argument("--on-policy-tokens", type=int, default=64, help="tokens the draft samples per on-policy step")
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="copy a head checkpoint with its weights cast to float16/bfloat16")
     p.add_argument("checkpoint", help="a step_N folder (config.json + model.safetensors)")
     p.add_argument("out", help="destination folder")
-    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="floating-point weights as")
 
 
-def _cuda() -> bool:
-    import torch
+def _device(args: argparse.Namespace) -> str:
+    from specdec.app.args import check_device
 
-    return torch.cuda.is_available()
+    return check_device(args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m specdec.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m specdec.train", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
     add_medusa_parser(sub)
     add_eagle_parser(sub)
     add_draft_parser(sub)
     add_export_parser(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 
@@ -136,7 +144,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         out_dir=args.out, shard_size=args.shard_size, model=args.model,
     )
     prompts = load_instruction_prompts(config)  # fail on bad sources before loading the model
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args))
     out = generate_distillation_data(model, tokenizer, prompts, config)
     print(f"wrote {len(prompts)} examples to {out} (see {out / 'manifest.json'})")
 
@@ -150,7 +158,7 @@ def cmd_medusa(args: argparse.Namespace) -> None:
         num_layers=args.head_layers, share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab,
         batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight, eval_holdout=args.eval_holdout,
     )
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args))
     out = train_medusa(model, tokenizer, config)
     print(f"trained Medusa heads: {out}")
 
@@ -164,7 +172,7 @@ def cmd_eagle(args: argparse.Namespace) -> None:
         unroll=args.unroll, batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight,
         noise=args.noise, eval_holdout=args.eval_holdout,
     )
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args))
     out = train_eagle(model, tokenizer, config)
     print(f"trained EAGLE head: {out}")
 
@@ -179,7 +187,7 @@ def cmd_draft(args: argparse.Namespace) -> None:
         on_policy_tokens=args.on_policy_tokens, batch_size=args.batch_size, seq_len=args.seq_len,
         eval_holdout=args.eval_holdout,
     )
-    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args))
     out = train_draft_lm(model, tokenizer, config)
     print(f"trained draft model: {out}")
 
