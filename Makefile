@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.specdec-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/specdec bench --max-new-tokens 128 --out out/bench.json
+
+serve: $(STAMP)   # OpenAI-compatible API on http://127.0.0.1:8000/v1 (embedded SmolLM2, n-gram drafter); Ctrl-C stops
+	$(BIN)/specdec serve
 
 clean:
 	rm -rf $(VENV) out
