@@ -85,7 +85,7 @@ def start_server(tiny_parts):
                                      "max_waiting": 16, "default_max_tokens": 16, **overrides})
         drafters = {"ngram": NgramDrafter(), "none": None, "failing": FailingDrafter()}
         state = build_state(target, tokenizer, drafters, settings)
-        server, thread, url = serve_in_thread(create_app(state), state.loop.request_stop)
+        server, thread, url = serve_in_thread(create_app(state), state.loop.stop_soon)
         served = Served(url, state, server, thread)
         started.append(served)
         return served
@@ -239,3 +239,14 @@ def test_ngram_reports_tau_and_acceptance_by_depth_on_a_repetitive_prompt(served
     assert metric(text, "specdec_depth_tried_total", drafter="ngram", depth="1") > 0
     assert 0 <= metric(text, "specdec_acceptance_rate_by_depth", drafter="ngram", depth="1") <= 1
     assert metric(text, "specdec_accepted_draft_tokens_total", drafter="ngram") > 0
+
+
+def test_a_seeded_sampled_request_reproduces_and_top_k_one_is_greedy(served, tiny_parts):
+    c = client(served.url)
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[3]}], "max_tokens": 12}
+    first = c.chat.completions.create(**ask, temperature=0.9, top_p=0.95, seed=7)
+    again = c.chat.completions.create(**ask, temperature=0.9, top_p=0.95, seed=7)
+    assert first.choices[0].message.content == again.choices[0].message.content
+    greedy, _, _ = reference(tiny_parts, PROMPTS[3], 12, chat=True)
+    top1 = c.chat.completions.create(**ask, temperature=0.9, seed=3, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == greedy

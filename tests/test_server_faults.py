@@ -46,6 +46,8 @@ BAD_INPUTS = [
     (COMPLETIONS, {"prompt": [5] * 1000}, 400, "prompt", "context_length_exceeded", "context of 1024 tokens"),
     (COMPLETIONS, {"prompt": [10**9]}, 400, "prompt", "invalid_value", "outside the vocabulary"),
     (CHAT, {"messages": HI, "max_tokens": 0}, 400, "max_tokens", "invalid_value", "max_tokens must be >= 1, got 0"),
+    (CHAT, {"messages": HI, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value",
+     "max_completion_tokens must be >= 1, got 0"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 5000}, 400, "prompt", "context_length_exceeded", "1024"),
     (CHAT, {"messages": HI, "temperature": -0.5}, 400, "temperature", "invalid_value", "must be >= 0"),
     (CHAT, {"messages": HI, "top_p": 0}, 400, "top_p", "invalid_value", "top_p must be in (0, 1]"),
@@ -239,7 +241,7 @@ def test_shutdown_ends_open_streams_and_new_requests_get_503(start_server):  # n
     with httpx.Client(base_url=doomed.url, timeout=30) as http, http.stream("POST", CHAT, json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data:")
-        doomed.state.loop.request_stop()  # what SIGINT/SIGTERM does first (GracefulServer.handle_exit)
+        doomed.state.loop.stop_soon()  # what SIGINT/SIGTERM does first (GracefulServer.handle_exit)
         rest = [line for line in lines if line.startswith("data:")]
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2].removeprefix("data: "))["error"]

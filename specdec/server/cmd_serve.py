@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     )
     state = build_state(target, tokenizer, drafters, settings)
     config = uvicorn.Config(create_app(state), log_level=args.log_level, timeout_graceful_shutdown=5)
-    server = GracefulServer(config, on_exit=state.loop.request_stop)
+    server = GracefulServer(config, on_exit=state.loop.stop_soon)
     host, port = sock.getsockname()[:2]
     print(f"specdec: serving {settings.model_name} on http://{host}:{port}/v1 (drafters {names}, default "
           f"{args.drafter}; Ctrl-C stops)", file=sys.stderr, flush=True)

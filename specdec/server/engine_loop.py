@@ -136,9 +136,14 @@ class EngineLoop:
 
     def request_stop(self) -> None:
         """End every open request (``stop_reason="shutdown"``) and stop the thread; returns at once."""
-        with self._lock:
-            self._stopping = True
+        self.stop_soon()
         self._wake.set()
+
+    def stop_soon(self) -> None:
+        """:meth:`request_stop` without waking the thread: takes no lock, so it is safe inside a signal handler
+        (the handler may interrupt the main thread while it holds a lock); the thread notices within
+        ``idle_wait_s`` when idle, after the current step when busy."""
+        self._stopping = True
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end; ``True`` if it did."""

@@ -13,8 +13,9 @@ from fastapi import FastAPI
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server that first calls ``on_exit`` (the engine loop's ``request_stop``: every open request ends
-    at once) when told to exit, so no open stream keeps the shutdown waiting."""
+    """uvicorn's server that first calls ``on_exit`` (the engine loop's ``stop_soon``: every open request ends
+    at once) when told to exit, so no open stream keeps the shutdown waiting. ``handle_exit`` runs inside the
+    signal handler: ``on_exit`` must take no lock."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)

@@ -177,13 +177,14 @@ def to_generation(body: _Body, tokenizer: PreTrainedTokenizerBase, limits: Limit
     chat = isinstance(body, ChatBody)
     prompt_ids = _chat_ids(body, tokenizer) if chat else _completion_ids(body, tokenizer, limits.vocab_size)
     param = "messages" if chat else "prompt"
-    max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    field = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(body, field)
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.room(len(prompt_ids)))
         if max_tokens < 1:
             max_tokens = 1  # check_fits below names the limit
     elif max_tokens < 1:
-        raise bad_request(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+        raise bad_request(f"{field} must be >= 1, got {max_tokens}", field)
     try:
         limits.check_fits(len(prompt_ids), max_tokens)
     except ValueError as err:
