@@ -81,6 +81,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the bad input was reported")
 
     monkeypatch.setattr(loaders, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(loaders, "load_model", refuse)
     monkeypatch.setattr(loaders, "load_target", refuse)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("SPECDEC_ATTENTION", raising=False)

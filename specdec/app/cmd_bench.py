@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     longest = max(encode_prompt(tokenizer, p.text, args.chat).numel() for p in prompts)
     check_cache(longest, args, engine_tree_nodes(), what="the longest prompt")
-    target, tokenizer = load_target(args)
+    target, tokenizer = load_target(args, tokenizer)
     report = run_bench(target, tokenizer, prompts, methods, grid.settings(args.temperature), journal_path(args.out))
     print(format_table(report))
     write_report(report, args.out)

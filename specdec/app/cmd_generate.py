@@ -76,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
     from specdec.app.loaders import load_target, load_tokenizer
     from specdec.app.prompts import encode_prompt
 
-    ids = encode_prompt(load_tokenizer(args.model), args.prompt, args.chat)
+    tokenizer = load_tokenizer(args.model)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat)
     tree_nodes = engine_tree_nodes()
     check_cache(ids.numel(), args, tree_nodes)
-    target, tokenizer = load_target(args)
+    target, tokenizer = load_target(args, tokenizer)
 
     from specdec.drafters import build_drafter
     from specdec.engine import SpeculativeEngine

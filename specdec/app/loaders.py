@@ -112,15 +112,20 @@ def load_model_and_tokenizer(
     name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an HF causal LM and its tokenizer by id or path; ``None`` loads the embedded SmolLM2."""
+    return load_model(name_or_path, dtype, device), load_tokenizer(name_or_path)
+
+
+def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The model alone, in eval mode on ``device`` (same resolution and errors as the tokenizer)."""
     where, local = resolve_model(name_or_path)
-    tokenizer = _fetch(where, local, lambda offline: AutoTokenizer.from_pretrained(where, local_files_only=offline))
     model = _fetch(where, local, lambda offline: AutoModelForCausalLM.from_pretrained(
         where, dtype=dtype, local_files_only=offline))
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
-    """The tokenizer alone (to size requests before the model loads); same resolution and errors as above."""
+    """The tokenizer alone (to size requests before the model loads)."""
     where, local = resolve_model(name_or_path)
     return _fetch(where, local, lambda offline: AutoTokenizer.from_pretrained(where, local_files_only=offline))
 
@@ -149,11 +154,13 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def load_target(args: argparse.Namespace) -> tuple[TargetModel, PreTrainedTokenizerBase]:
-    """The target (with the chosen attention backend) and its tokenizer, from ``--model/--dtype/--device``."""
+def load_target(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase | None = None
+                ) -> tuple[TargetModel, PreTrainedTokenizerBase]:
+    """The target (with the chosen attention backend) and its tokenizer (``tokenizer`` if already loaded), from
+    ``--model/--dtype/--device``."""
     backend = select_backend(args.attention, args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, DTYPES[args.dtype], args.device)
-    return TargetModel(model, backend), tokenizer
+    model = load_model(args.model, DTYPES[args.dtype], args.device)
+    return TargetModel(model, backend), tokenizer if tokenizer is not None else load_tokenizer(args.model)
 
 
 def load_prompt_set(args: argparse.Namespace) -> list[Prompt]:
