@@ -15,7 +15,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,7 @@ class _Accumulator:
             self.categories.append(prompt.category)
             for run in self.runs:
                 item = entry["runs"][run.name][t]
-                stats = RequestStats(**item["stats"])
+                stats = stats_from_json(item["stats"])
                 check = None if item["equality"] is None else EqualityCheck(**item["equality"])
                 run.stats.append(stats)
                 run.speedups.append(item["speedup"])
@@ -221,6 +221,11 @@ class _Accumulator:
         return BenchReport(baseline, settings.max_new_tokens, asdict(settings.sampling), settings.multi_turn,
                            [summarize(r.name, r.stats, r.speedups, r.checks, self.categories) for r in self.runs],
                            self.requests, settings.batch_size, complete, self.n_done, n_total)
+
+
+def stats_from_json(values: dict[str, Any]) -> RequestStats:
+    """A :class:`RequestStats` from its ``asdict`` form (keys it no longer has are ignored)."""
+    return RequestStats(**{f.name: values[f.name] for f in fields(RequestStats) if f.init and f.name in values})
 
 
 def _warm_up(model: PreTrainedModel, runs: Sequence[_Run], ids: torch.Tensor, tokens: int) -> None:
