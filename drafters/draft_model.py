@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from specdec.attention import AttentionBackend
 from specdec.drafters.common import PerSequence
+from specdec.drafters.registry import Option, register
 from specdec.interfaces import Draft, DraftInput
 from specdec.sampling import SamplingParams, process_logits, sample
 from specdec.target import TargetModel
@@ -135,3 +136,31 @@ class DraftModelDrafter:
             return self._forward_last(dseq, tree, [index[p] for p in paths]).log_softmax(-1)
 
         return expand
+
+
+def tree_shape(tree: str, depth: int | None, budget: int | None, topk: int | None) -> dict:
+    """Constructor keywords of a tree-shaped drafter from its spec options (``None`` keeps the default)."""
+    from specdec.tree_builders import default_choices
+
+    sizes = {"depth": depth, "budget": budget, "topk": topk}
+    shape = {"tree": default_choices() if tree == "static" else tree}
+    return shape | {k: v for k, v in sizes.items() if v is not None}
+
+
+@register("draft-model", help="a small causal LM sharing the target's tokenizer", options=(
+    Option("path", str, None, "the draft model: a local folder or HF id"),
+    Option("tree", str, "chain", "draft tree shape", ("chain", "dynamic", "static")),
+    Option("depth", int, None, "draft depth"),
+    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("topk", int, None, "children per expanded node (dynamic tree)"),
+))
+def _build(target, path=None, tree="chain", depth=None, budget=None, topk=None) -> DraftModelDrafter:
+    from transformers import AutoModelForCausalLM
+
+    if path is None:
+        raise ValueError("the draft-model drafter needs a model: --draft-model PATH (or draft-model:path=...)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=target.dtype).to(target.device).eval()
+    except OSError as err:
+        raise ValueError(f"unknown draft model {path!r}: {err}") from None
+    return DraftModelDrafter(model, backend=target.backend, **tree_shape(tree, depth, budget, topk))

@@ -33,6 +33,7 @@ from specdec.attention import ATTENTION_NAME, AttentionBackend, ForwardContext, 
 from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.draft_vocab import check_vocab_ids, expand_logits
 from specdec.drafters.common import PerSequence
+from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
 from specdec.kv_cache import PagedKVCache
 from specdec.sampling import SamplingParams, process_logits, sample
@@ -302,3 +303,19 @@ class EagleDrafter:
             return self.head.full_logits(torch.stack([pred[p] for p in paths])).log_softmax(-1)
 
         return expand
+
+
+@register("eagle", help="EAGLE-style feature head (one decoder layer over the target's features)", options=(
+    Option("path", str, None, "a trained head (a folder; 'shipped' = trained for the embedded SmolLM2)"),
+    Option("tree", str, "chain", "draft tree shape", ("chain", "dynamic")),
+    Option("depth", int, None, "draft depth"),
+    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("topk", int, None, "children per expanded node (dynamic tree)"),
+))
+def _build(target, path=None, tree="chain", depth=None, budget=None, topk=None) -> EagleDrafter:
+    sizes = {"depth": depth, "budget": budget, "topk": topk}
+    shape = {"tree": tree, **{k: v for k, v in sizes.items() if v is not None}}
+    path = resolve_path("eagle", path)
+    if path is not None:
+        return EagleDrafter.from_pretrained(path, target, backend=target.backend, **shape)
+    return EagleDrafter.untrained(target, backend=target.backend, **shape)

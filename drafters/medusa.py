@@ -22,6 +22,7 @@ from torch import nn
 
 from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.draft_vocab import check_vocab_ids, expand_logits
+from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
 from specdec.tree_builders import best_first_tree, static_tree
 
@@ -307,3 +308,28 @@ class MedusaDrafter:
 
     def release(self, seq_id: int) -> None:
         self._hidden.pop(seq_id, None)
+
+
+@register("medusa", help="Medusa heads on the target's last hidden state", options=(
+    Option("path", str, None, "trained heads (a folder; 'shipped' = trained for the embedded SmolLM2)"),
+    Option("heads", int, 3, "untrained heads (without path)"),
+    Option("tree", str, "chain", "draft tree shape", ("chain", "dynamic", "static")),
+    Option("depth", int, None, "draft depth"),
+    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("topk", int, None, "children per expanded node (dynamic tree)"),
+))
+def _build(target, path=None, heads=3, tree="chain", depth=None, budget=None, topk=None) -> MedusaDrafter:
+    """Trained heads from ``path``, else untrained heads (they run, with low acceptance)."""
+    from specdec.tree_builders import chain_choices
+
+    if tree == "dynamic":
+        shape = {"budget": budget or 16, "depth": depth, "topk": topk or 4}
+    elif tree == "chain":
+        shape = {"choices": chain_choices(depth or heads)}
+    else:
+        shape = {}  # the heads' own static tree (medusa_choices)
+    shape = {k: v for k, v in shape.items() if v is not None}
+    path = resolve_path("medusa", path)
+    if path is not None:
+        return MedusaDrafter.from_pretrained(path, target, **shape)
+    return MedusaDrafter.untrained(target, num_heads=heads, share_lm_head=True, **shape)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.drafters.common import PerSequence
+from specdec.drafters.registry import Option, register
 from specdec.interfaces import Draft, DraftInput
 from specdec.tree import TokenTree
 
@@ -136,3 +137,14 @@ def merge_continuations(root: int, continuations: Sequence[Sequence[int]], max_n
                 parents.append(node)
             node = nxt
     return TokenTree(torch.tensor(tokens), torch.tensor(parents))
+
+
+@register("ngram", help="prompt lookup: continue the text the way it continued before (no model)", options=(
+    Option("depth", int, None, "tokens per continuation (default 8)"),
+    Option("budget", int, None, "tree nodes, root included (default 16)"),
+    Option("min_ngram", int, None, "shortest suffix matched (default 2)"),
+    Option("max_ngram", int, None, "longest suffix matched (default 4)"),
+))
+def _build(target, depth=None, budget=None, min_ngram=None, max_ngram=None) -> NgramDrafter:
+    kwargs = {"max_depth": depth, "max_nodes": budget, "min_ngram": min_ngram, "max_ngram": max_ngram}
+    return NgramDrafter(**{k: v for k, v in kwargs.items() if v is not None})

@@ -14,7 +14,8 @@ import copy
 import torch
 from transformers import PreTrainedModel
 
-from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.drafters.draft_model import DraftModelDrafter, tree_shape
+from specdec.drafters.registry import Option, register
 
 
 def truncated_view(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
@@ -42,3 +43,15 @@ class SelfSpeculativeDrafter(DraftModelDrafter):
     def __init__(self, target_model: PreTrainedModel, num_layers: int, **kwargs) -> None:
         super().__init__(truncated_view(target_model, num_layers), **kwargs)
         self.num_layers = num_layers
+
+
+@register("self", help="the target's first layers draft (no extra weights)", options=(
+    Option("layers", int, 6, "target layers the draft runs"),
+    Option("tree", str, "chain", "draft tree shape", ("chain", "dynamic", "static")),
+    Option("depth", int, None, "draft depth"),
+    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("topk", int, None, "children per expanded node (dynamic tree)"),
+))
+def _build(target, layers=6, tree="chain", depth=None, budget=None, topk=None) -> SelfSpeculativeDrafter:
+    return SelfSpeculativeDrafter(target.model, layers, backend=target.backend,
+                                  **tree_shape(tree, depth, budget, topk))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from specdec import ops
 from specdec.kernels.commit import commit_kv
 from specdec.kernels.tree_attention import paged_tree_attention
 from specdec.kv_cache import PagedKVCache
@@ -193,10 +194,11 @@ class TritonBackend:
     def attend(
         self, plan: TreeBatch, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float
     ) -> torch.Tensor:
-        return paged_tree_attention(
-            q.contiguous(), k_cache, v_cache, plan.block_table, plan.context_lens, plan.cu_q,
-            plan.tree_mask, plan.mask_indptr, sm_scale, plan.max_q,
-        )
+        args = (q, k_cache, v_cache, plan.block_table, plan.context_lens, plan.cu_q, plan.tree_mask,
+                plan.mask_indptr, sm_scale, plan.max_q)
+        if q.is_cuda or torch.compiler.is_compiling():
+            return ops.paged_tree_attention(*args)  # the custom op: traceable by torch.compile, graph-safe
+        return paged_tree_attention(*args)  # CPU: the kernel itself, under TRITON_INTERPRET=1
 
     def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         commit_kv(k, v, src, dst)

@@ -100,6 +100,19 @@ class Verifier:
         self.target = target
 
     @torch.inference_mode()
+    def prefill(self, cache: ServerCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                tokens: torch.Tensor, cu_q: torch.Tensor) -> torch.Tensor:
+        """Write the K/V of prompt chunks ``tokens [T]`` (chunk ``b`` = ``tokens[cu_q[b]:cu_q[b+1]]`` on top of
+        ``context_lens[b]`` committed tokens) and return the next-token logits after each chunk ``[B, V]``. The
+        server then advances its context lengths by the chunk sizes."""
+        cu = [int(x) for x in cu_q.tolist()]
+        trees = [TokenTree.chain(tokens[cu[i] : cu[i + 1]].cpu()) for i in range(len(cu) - 1)]
+        batch = tree_batch(block_tables.to(torch.int32), [int(c) for c in context_lens.tolist()], trees,
+                           cache.block_size)
+        keep = torch.tensor(cu[1:], device=block_tables.device) - 1
+        return self.target.run(cache, batch, keep).logits
+
+    @torch.inference_mode()
     def verify(self, cache: ServerCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
                tokens: torch.Tensor, parents: torch.Tensor, cu_q: torch.Tensor,
                draft_probs: torch.Tensor | None = None,
