@@ -1,0 +1,217 @@
+"""Measured cost model of one speculative step, and the tree-size chooser that maximises expected tokens per second.
+
+A step costs ``draft(depth) + verify(nodes, context)`` seconds and yields ``1 + sum_i v_i`` tokens in expectation,
+``v_i`` being the probability that draft node ``i`` is accepted (its whole path accepted). Calibration measures,
+once per device and model (``python -m specdec.cost_model calibrate``, stored as JSON):
+
+* ``verify(n, ctx)``: the target's forward over an ``n``-node tree on top of ``ctx`` cached tokens, on a grid of
+  tree sizes and contexts, fitted by least squares as ``c0 + c1 n + c2 ctx + c3 n ctx`` (median of repeats);
+* ``draft(depth)``: per drafter spec, the wall time of each ``propose`` during real engine runs (a timing wrapper
+  on the protocol), fitted as ``d0 + d1 depth``.
+
+:func:`choose_size` picks the number of nodes ``N`` (root included) maximising
+``(1 + sum of the N - 1 largest v_i) / (draft + verify(N, ctx))``; :mod:`specdec.auto_budget` applies it per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specdec.interfaces import Draft, Drafter, DraftInput
+from specdec.target import TargetModel
+from specdec.tree import TokenTree
+
+
+@dataclass
+class CostModel:
+    """``verify_coef`` = ``(c0, c1, c2, c3)`` seconds; ``draft_coef[spec]`` = ``(d0, d1)`` seconds; ``grid``: the
+    measured points ``(n, ctx, seconds)``; ``meta``: device, model, threads."""
+
+    verify_coef: tuple[float, float, float, float]
+    draft_coef: dict[str, tuple[float, float]] = field(default_factory=dict)
+    grid: list[tuple[int, int, float]] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def verify_time(self, nodes: int, context: int) -> float:
+        c0, c1, c2, c3 = self.verify_coef
+        return max(c0 + c1 * nodes + c2 * context + c3 * nodes * context, 1e-9)
+
+    def draft_time(self, depth: int, measured: float | None = None, drafter: str | None = None) -> float:
+        """``measured`` if given (the simulator times the real drafter), else the calibrated fit for ``drafter``,
+        else 0 (model-free drafters cost ~nothing next to a forward)."""
+        if measured is not None:
+            return measured
+        if drafter is not None and drafter in self.draft_coef:
+            d0, d1 = self.draft_coef[drafter]
+            return max(d0 + d1 * depth, 0.0)
+        return 0.0
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"cost-model file not found: {path} (make one: python -m specdec.cost_model calibrate)")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if "verify_coef" not in raw or len(raw["verify_coef"]) != 4:
+            raise ValueError(f"{path} is not a cost model: it needs verify_coef with 4 numbers")
+        return cls(tuple(raw["verify_coef"]), {k: tuple(v) for k, v in raw.get("draft_coef", {}).items()},
+                   [tuple(g) for g in raw.get("grid", [])], raw.get("meta", {}))
+
+
+def fit_verify(grid: Sequence[tuple[int, int, float]]) -> tuple[float, float, float, float]:
+    """Least-squares ``(c0, c1, c2, c3)`` of ``seconds ~ c0 + c1 n + c2 ctx + c3 n ctx`` over ``(n, ctx, s)`` points
+    (needs at least two sizes and two contexts)."""
+    if len({g[0] for g in grid}) < 2 or len({g[1] for g in grid}) < 2:
+        raise ValueError(f"the verify fit needs >= 2 tree sizes and >= 2 contexts, got {len(grid)} points")
+    a = np.array([[1.0, n, c, n * c] for n, c, _ in grid])
+    y = np.array([s for _, _, s in grid])
+    return tuple(float(x) for x in np.linalg.lstsq(a, y, rcond=None)[0])
+
+
+def fit_draft(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """``(d0, d1)`` of ``seconds ~ d0 + d1 depth`` over ``(depth, seconds)``; one depth only: ``(mean, 0)``."""
+    if not samples:
+        raise ValueError("no draft timings to fit")
+    depths = {d for d, _ in samples}
+    if len(depths) < 2:
+        return statistics.fmean(s for _, s in samples), 0.0
+    a = np.array([[1.0, d] for d, _ in samples])
+    return tuple(float(x) for x in np.linalg.lstsq(a, np.array([s for _, s in samples]), rcond=None)[0])
+
+
+def choose_size(values: Sequence[float], step_time: Callable[[int], float], max_nodes: int | None = None) -> int:
+    """The tree size ``N`` (root included, ``1 <= N <= len(values) + 1``, at most ``max_nodes``) maximising
+    ``(1 + sum of the N - 1 largest values) / step_time(N)``. ``values``: acceptance probabilities of the
+    candidate nodes (each node's whole path; a node's value never exceeds its parent's, so the best ``N - 1`` are
+    ancestor-closed when ties go parent-first)."""
+    ranked = sorted((float(v) for v in values), reverse=True)
+    limit = len(ranked) + 1 if max_nodes is None else min(len(ranked) + 1, max_nodes)
+    best, best_rate, gained = 1, 1.0 / step_time(1), 1.0
+    for n in range(2, limit + 1):
+        gained += ranked[n - 2]
+        rate = gained / step_time(n)
+        if rate > best_rate:
+            best, best_rate = n, rate
+    return best
+
+
+@torch.inference_mode()
+def measure_verify(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                   contexts: Sequence[int] = (64, 256, 768), repeats: int = 5, seed: int = 0
+                   ) -> list[tuple[int, int, float]]:
+    """Median seconds of ONE verification forward (``target.forward`` on a bushy tree of ``n`` nodes: every node
+    a child of the root or of node 1, like a wide dynamic tree) over ``ctx`` cached random tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    need = max(contexts) + max(sizes)
+    cache = target.new_cache(-(-need // 16) + 1, 16)
+    out = []
+    for ctx in contexts:
+        seq = cache.add_sequence()
+        cache.reserve(seq, ctx)
+        prompt = torch.randint(0, target.vocab_size, (ctx,), generator=gen)
+        target.forward(cache, [seq], [TokenTree.chain(prompt)], last_only=True)
+        cache.advance(seq, ctx)
+        for n in sizes:
+            tokens = torch.randint(0, target.vocab_size, (n,), generator=gen)
+            parents = torch.tensor([-1] + [0 if i % 2 else min(1, i - 1) for i in range(1, n)])
+            tree = TokenTree(tokens, parents)
+            cache.reserve(seq, n)
+            times = []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                t0 = time.perf_counter()
+                target.forward(cache, [seq], [tree])
+                times.append(time.perf_counter() - t0)
+            out.append((n, ctx, statistics.median(times[1:])))
+        cache.release(seq)
+    return out
+
+
+class TimedDrafter:
+    """Protocol wrapper that records ``(depth, seconds)`` of every proposed tree (batch time split evenly)."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner, self.vocab_size, self.needs_hidden = inner, inner.vocab_size, inner.needs_hidden
+        self.samples: list[tuple[int, float]] = []
+
+    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        t0 = time.perf_counter()
+        drafts = self.inner.propose(batch)
+        each = (time.perf_counter() - t0) / max(len(drafts), 1)
+        self.samples += [(d.tree.max_depth, each) for d in drafts]
+        return drafts
+
+    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        self.inner.accept(seq_id, tokens, hidden)
+
+    def release(self, seq_id: int) -> None:
+        self.inner.release(seq_id)
+
+
+def measure_draft(target: TargetModel, drafter: Drafter, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+                  eos_token_ids: Sequence[int] = ()) -> list[tuple[int, float]]:
+    """``(depth, seconds)`` of every ``propose`` while the real engine generates greedily from ``prompts``."""
+    from specdec.engine import SpeculativeEngine
+
+    timed = TimedDrafter(drafter)
+    longest = max(p.numel() for p in prompts) + max_new_tokens + 64
+    engine = SpeculativeEngine(target, target.new_cache(-(-longest // 16) + 1, 16), timed, eos_token_ids)
+    for p in prompts:
+        engine.generate(p, max_new_tokens)
+    return timed.samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m specdec.cost_model", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    cal = sub.add_parser("calibrate", help="measure verify cost (tree size x context) and draft cost per level")
+    cal.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")
+    cal.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    cal.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 768])
+    cal.add_argument("--repeats", type=int, default=5)
+    cal.add_argument("--drafter", nargs="*", default=[], help="drafter specs to time (engine runs, greedy)")
+    cal.add_argument("--prompts", default=None)
+    cal.add_argument("--limit", type=int, default=2)
+    cal.add_argument("--max-new-tokens", type=int, default=48)
+    cal.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    from specdec.app.loaders import load_model_and_tokenizer
+    from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
+    from specdec.drafters import DrafterSpec, build_drafter
+    from specdec.target import eos_token_ids
+
+    model, tok = load_model_and_tokenizer(args.model, torch.float32)
+    target = TargetModel(model)
+    grid = measure_verify(target, args.sizes, args.contexts, args.repeats)
+    cost = CostModel(fit_verify(grid), grid=grid, meta={
+        "model": args.model or "embedded SmolLM2-135M-Instruct", "device": str(target.device),
+        "threads": torch.get_num_threads(), "dtype": str(target.dtype), "measured_at": time.time()})
+    prompts = [encode_prompt(tok, p.text) for p in load_prompts(args.prompts or builtin_prompts_path(), args.limit)]
+    for spec in args.drafter:
+        samples = measure_draft(target, build_drafter(DrafterSpec.parse(spec), target), prompts,
+                                args.max_new_tokens, eos_token_ids(model, tok))
+        cost.draft_coef[spec] = fit_draft(samples)
+    cost.save(args.out)
+    for n, ctx, s in grid:
+        print(f"verify n={n:>3} ctx={ctx:>5}: {1e3 * s:7.2f} ms (fit {1e3 * cost.verify_time(n, ctx):7.2f})",
+              file=sys.stderr)
+    for spec, (d0, d1) in cost.draft_coef.items():
+        print(f"draft {spec}: {1e3 * d0:.2f} ms + {1e3 * d1:.2f} ms/level", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

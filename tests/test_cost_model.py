@@ -1,0 +1,134 @@
+"""Cost model, tree-size chooser, online acceptance tracker and the auto-budget drafter adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec.auto_budget import AcceptanceTracker, AutoBudgetDrafter, prune
+from specdec.cost_model import CostModel, choose_size, fit_draft, fit_verify, measure_draft, measure_verify
+from specdec.drafters import DrafterSpec, build_drafter
+from specdec.engine import SpeculativeEngine
+from specdec.interfaces import Draft
+from specdec.simulate import replay
+from specdec.target import TargetModel
+from specdec.trace import record_trace
+from specdec.tree import TokenTree
+
+PROMPT = [5, 9, 14, 3, 5, 9, 14, 3, 5, 9]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~15x faster on one thread than on two contended ones (thread hand-off dominates)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7, 0.9, 0.97])
+@pytest.mark.parametrize("b", [0.02, 0.1, 0.4])
+def test_the_chooser_picks_the_analytic_optimum_of_a_geometric_chain_with_linear_cost(alpha, b):
+    """Node ``k`` (depth k) is accepted with ``alpha ** k``; a step costs ``1 + b (N - 1)``. Adding node ``N``
+    raises E/c iff ``alpha ** N * c(N) > b * E(N)`` (E, c of the N-node tree), a condition that holds up to N* and
+    fails after, so N* = the first N where it fails."""
+    values = [alpha**k for k in range(1, 200)]
+
+    def cost(n):
+        return 1.0 + b * (n - 1)
+
+    expected, gained = 1, 1.0
+    while alpha**expected * cost(expected) > b * gained:
+        gained += alpha**expected
+        expected += 1
+    assert choose_size(values, cost) == expected
+
+
+def test_the_chooser_takes_all_nodes_or_none_for_constant_values_as_the_closed_form_says():
+    """Equal values ``p`` and cost ``a + b N``: E/c grows with N iff ``p (a + b) > b``."""
+    assert choose_size([0.5] * 9, lambda n: 1.0 + 0.2 * n) == 10  # 0.5 * 1.2 > 0.2
+    assert choose_size([0.1] * 9, lambda n: 1.0 + 0.2 * n) == 1  # 0.1 * 1.2 < 0.2
+    assert choose_size([0.5] * 9, lambda n: 1.0 + 0.2 * n, max_nodes=4) == 4
+    # the hand-worked example: rates 1/1, 1.5/1.1, 1.75/1.2, 1.875/1.3 -> N = 3
+    assert choose_size([0.5, 0.25, 0.125], lambda n: 1.0 + 0.1 * (n - 1)) == 3
+
+
+def test_fits_recover_the_generating_coefficients_and_the_model_round_trips(tmp_path):
+    coef = (2e-3, 1e-4, 3e-6, 1e-8)
+    grid = [(n, c, coef[0] + coef[1] * n + coef[2] * c + coef[3] * n * c) for n in (1, 4, 16) for c in (64, 512)]
+    assert fit_verify(grid) == pytest.approx(coef, rel=1e-6, abs=1e-12)
+    assert fit_draft([(1, 0.011), (2, 0.021), (4, 0.041)]) == pytest.approx((0.001, 0.01))
+    cost = CostModel(fit_verify(grid), {"eagle": (0.001, 0.01)}, grid)
+    cost.save(tmp_path / "c.json")
+    again = CostModel.load(tmp_path / "c.json")
+    assert again.verify_time(8, 100) == pytest.approx(cost.verify_time(8, 100))
+    assert again.draft_time(3, drafter="eagle") == pytest.approx(0.031) and again.draft_time(3, measured=0.5) == 0.5
+    with pytest.raises(ValueError, match="needs >= 2 tree sizes"):
+        fit_verify(grid[:1])
+    with pytest.raises(ValueError, match="cost-model file not found"):
+        CostModel.load(tmp_path / "missing.json")
+
+
+def test_the_tracker_learns_per_depth_rates_and_is_calibrated_on_stationary_data():
+    gen = torch.Generator().manual_seed(0)
+    truth = {1: 0.8, 2: 0.5, 3: 0.2}
+    tracker = AcceptanceTracker(forget=1.0)
+    for _ in range(3000):
+        for d, r in truth.items():
+            tracker.observe(d, 0, bool(torch.rand((), generator=gen) < r))
+    for d, r in truth.items():  # 3000 Bernoulli draws: standard error <= 0.0092, so 0.03 is > 3 sigma
+        assert tracker.rate(d, 0) == pytest.approx(r, abs=0.03)
+    for cells in tracker.reliability().values():  # predictions settle near the truth, outcomes match them
+        big = max(cells, key=lambda c: c[2])
+        assert big[0] == pytest.approx(big[1], abs=0.04)
+
+
+def test_tracker_update_counts_the_tried_children_up_to_the_accepted_one():
+    tree = TokenTree(torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 0, 0, 2]))
+    tracker = AcceptanceTracker()
+    tracker.update(tree, [2, 9])  # child rank 0 rejected, rank 1 accepted, then its child rejected
+    assert [(d, a) for d, _, a in tracker.log] == [(1, False), (1, True), (2, False)]
+
+
+def test_prune_keeps_an_ancestor_closed_subtree_in_node_order():
+    tree = TokenTree(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([-1, 0, 0, 1, 3]))
+    probs = torch.eye(5)
+    small = prune(Draft(tree, probs), torch.tensor([0, 1, 3]))
+    assert small.tree.tokens.tolist() == [0, 1, 3] and small.tree.parents.tolist() == [-1, 0, 1]
+    assert torch.equal(small.probs, probs[[0, 1, 3]])
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_model):
+    return TargetModel(tiny_model, split_gemv=False)
+
+
+def test_calibration_measures_a_grid_and_draft_timings_on_the_tiny_model(tiny_target):
+    grid = measure_verify(tiny_target, sizes=(1, 4), contexts=(8, 24), repeats=1)
+    assert [(n, c) for n, c, _ in grid] == [(1, 8), (4, 8), (1, 24), (4, 24)] and all(s > 0 for _, _, s in grid)
+    samples = measure_draft(tiny_target, build_drafter(DrafterSpec.parse("ngram"), tiny_target),
+                            [torch.tensor(PROMPT)], 12)
+    assert len(samples) >= 6 and all(s >= 0 for _, s in samples)
+
+
+@pytest.mark.parametrize(("per_node", "expect"), [(0.0, "full"), (10.0, "root")])
+def test_auto_budget_keeps_greedy_output_exact_and_sizes_trees_by_cost(tiny_target, per_node, expect):
+    """Free nodes: every drafted node is kept; a node costing 10 one-token forwards: the root alone. Either way
+    the greedy output equals autoregressive decoding, and the simulator predicts the adapter's statistics exactly."""
+    cost = CostModel((1.0, per_node, 0.0, 0.0))
+    full = build_drafter(DrafterSpec.parse("ngram:budget=12"), tiny_target)
+    auto = AutoBudgetDrafter(full, cost, drafter_name="none")
+    engine = SpeculativeEngine(tiny_target, tiny_target.new_cache(16, 16), auto)
+    got = engine.generate(PROMPT, 16)
+    ref = SpeculativeEngine(tiny_target, tiny_target.new_cache(16, 16), None).generate(PROMPT, 16)
+    assert got.tokens == ref.tokens
+    if expect == "root":
+        assert set(auto.chosen) == {1} and got.stats.tau == 1.0
+    else:
+        assert max(auto.chosen) > 2 and got.stats.tau > 1.0
+    trace = record_trace(tiny_target, [PROMPT], 16, (), lookahead=12, hidden_dtype=tiny_target.dtype)
+    sim = AutoBudgetDrafter(build_drafter(DrafterSpec.parse("ngram:budget=12"), tiny_target), cost,
+                            drafter_name="none")
+    [res] = replay(trace, sim)
+    assert sim.chosen == auto.chosen and res.stats.step_tokens == got.stats.step_tokens
