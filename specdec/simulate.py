@@ -215,6 +215,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     rep.add_argument("--temperature", type=float, default=0.0, help="> 0: first-order ESTIMATE")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--cost", default=None, help="cost-model JSON (python -m specdec.cost_model calibrate)")
+    rep.add_argument("--auto-budget", action="store_true", help="also each drafter under AutoBudgetDrafter (--cost)")
     rep.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -261,10 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = DrafterSpec.parse(text)
         for b in args.budget if spec.tree == "dynamic" and args.budget else [None]:
             specs.append((text, spec) if b is None else _with_budget(text, b))
+    if args.auto_budget and cost is None:
+        raise SystemExit("--auto-budget needs --cost (python -m specdec.cost_model calibrate)")
+    if args.auto_budget:
+        specs += [(f"{name}+auto", spec) for name, spec in specs]
     sampling = SamplingParams(args.temperature, seed=args.seed) if args.temperature > 0 else GREEDY
     runs = []
     for name, spec in specs:
         drafter = build_drafter(spec, target)
+        if name.endswith("+auto"):
+            from specdec.auto_budget import AutoBudgetDrafter
+
+            base = name.removesuffix("+auto")
+            drafter = AutoBudgetDrafter(drafter, cost, drafter_name=base if base in cost.draft_coef else None,
+                                        max_nodes=args.max_tree_nodes)
         t0 = time.perf_counter()
         if sampling.greedy:
             results = replay(trace, drafter, args.max_new_tokens, args.max_tree_nodes, target.dtype, target.device)
