@@ -6,8 +6,9 @@ SOURCE's running per-depth acceptance rates (``rate[s][d]``: how often, when the
 ``d - 1`` inside source ``s``'s proposal, the token at depth ``d`` was among ``s``'s children there), kept per
 sequence and updated after every step. A node both sources propose takes the larger estimate. The ``budget - 1``
 best nodes are kept (ties: shallower first, then the source's own order), and nodes worth less than ``min_value``
-expected tokens are dropped (a verification node costs about that much of a forward), except each source's first
-depth-1 node, so that its rate can recover.
+expected tokens are dropped (a verification node costs about that much of a forward). Rates learn from every
+candidate, kept or not (the bonus token tells whether a dropped depth-``d`` candidate was right), so a source whose
+nodes were all dropped still recovers.
 
 Lossless by construction: the merged tree is verified as deterministic one-hot proposals (``probs=None``; exact
 for any proposal drawn independently of the verification stream). Only when the kept tree is exactly the model's
@@ -140,12 +141,11 @@ class HybridDrafter:
                 if v > value.get(path, -1.0):
                     value[path] = v
                 order.setdefault(path, len(order))
-        keep_anyway = {paths[0] for paths in (ngram_paths, model_paths) if paths and len(paths[0]) == 1}
         kept: set[Path] = set()
         for path in sorted(value, key=lambda p: (-value[p], len(p), order[p])):
-            if len(kept) >= self.budget - 1:
+            if len(kept) >= self.budget - 1 or value[path] < self.min_value:
                 break
-            if (value[path] >= self.min_value or path in keep_anyway) and (len(path) == 1 or path[:-1] in kept):
+            if len(path) == 1 or path[:-1] in kept:
                 kept.add(path)
         root = int(item.history[-1])
         if model_draft is not None and kept and kept <= set(model_paths):

@@ -1,0 +1,164 @@
+"""Hybrid drafter: greedy identity with drafts accepted, exact sampling (chi-square), one node budget, running
+per-source rates steering the merge, and both sub-drafters told every accept / release."""
+
+import pytest
+import torch
+
+from specdec.drafters.eagle import EagleDrafter
+from specdec.drafters.hybrid import HybridDrafter, tree_paths
+from specdec.drafters.medusa import MedusaDrafter
+from specdec.drafters.ngram import NgramDrafter
+from specdec.engine import SpeculativeEngine
+from specdec.interfaces import Draft
+from specdec.sampling import SamplingParams
+from specdec.target import TargetModel
+from specdec.tree import TokenTree
+
+from .conftest import first_two_tokens_pvalue, inputs, tiny_llama
+
+EAGLE = {"depth": 3, "budget": 8, "topk": 2, "num_blocks": 64, "block_size": 4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny float64 models run ~8x faster on one thread on a shared CPU (threads only contend here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target() -> TargetModel:
+    return TargetModel(tiny_llama(seed=3), split_gemv=False)
+
+
+class FixedDrafter:
+    """A model-free stand-in that proposes ``paths`` (token tuples below the root) and records what it is told."""
+
+    vocab_size = None
+    needs_hidden = False
+
+    def __init__(self, paths):
+        self.paths, self.proposed, self.accepted, self.released = paths, [], [], []
+
+    def propose(self, batch):
+        self.proposed += [item.seq_id for item in batch]
+        return [Draft(_tree(int(item.history[-1]), self.paths)) for item in batch]
+
+    def accept(self, seq_id, tokens, hidden=None):
+        self.accepted.append((seq_id, tokens.tolist()))
+
+    def release(self, seq_id):
+        self.released.append(seq_id)
+
+
+def _tree(root, paths):
+    nodes = {(): 0}
+    tokens, parents = [root], [-1]
+    for p in paths:
+        nodes[p] = len(tokens)
+        tokens.append(p[-1])
+        parents.append(nodes[p[:-1]])
+    return TokenTree(torch.tensor(tokens), torch.tensor(parents))
+
+
+REPEATING = [3, 9, 4, 1, 5, 9, 2, 6, 3, 9, 4, 1, 5, 9, 2, 6, 3, 9, 4]  # "... 3 9 4" recurs: n-gram continues it
+# A prompt plus the start of the tiny target's own greedy answer, which goes on "52 52 52 ...": the n-gram's "52"
+# continuations are accepted.
+LOOPING = [37, 43, 12, 8, 63, 9, 10, 59, 29, 41, 11, 41, 47, 27, 23, 2, 20, 41, 23, 27, 6, 41, 41, 41, 57, 52, 52, 46,
+           2, 41, 59, 41, 52, 52, 52]
+
+
+@pytest.mark.parametrize(("model", "prompt"), [("eagle", LOOPING), ("medusa", [5, 17, 33, 2, 60, 41, 8, 5, 17])])
+def test_greedy_output_equals_autoregressive_with_drafts_accepted(target, model, prompt):
+    cache = target.new_cache(64, 4)
+    if model == "eagle":
+        sub = EagleDrafter.untrained(target, tree="dynamic", **EAGLE)
+    else:
+        sub = MedusaDrafter.untrained(target, num_heads=3, budget=8, topk=2)
+    hybrid = HybridDrafter(sub, budget=12)
+    ar = SpeculativeEngine(target, cache).generate(prompt, 12)
+    spec = SpeculativeEngine(target, cache, hybrid, max_tree_nodes=12).generate(prompt, 12)
+    assert spec.tokens == ar.tokens and spec.stats.tree_nodes <= 12 * spec.stats.steps
+    assert spec.stats.tau > 1.0 or prompt != LOOPING  # the n-gram's "52" continuations were accepted
+    assert cache.allocator.num_free == 64 and len(hybrid._state) == 0 and hybrid.model_calls > 0
+    if model == "eagle":
+        assert sub.cache.allocator.num_free == EAGLE["num_blocks"]  # the sub-drafter's state was released
+
+
+# After ANY first token x the history ends "5 x", which occurred before: the first draft always has an n-gram branch.
+MATCH_ANY = [5, 0, 5, 1, 5, 2, 5, 3, 5, 4, 5, 5, 5, 6, 5, 7, 5]
+
+
+@pytest.mark.parametrize(("prompt", "budget", "trials"), [(MATCH_ANY, 4, 400), ([1, 5, 2, 7, 3], 3, 300)],
+                         ids=["ngram-merged", "model-chain-prefix"])
+def test_sampling_preserves_the_target_distribution(prompt, budget, trials):
+    """With a match, the EAGLE chain's samples and the n-gram branch are verified as one-hot proposals; without,
+    a prefix of the EAGLE chain passes through with its probabilities. Both leave the first two tokens
+    target-distributed."""
+    target = TargetModel(tiny_llama(vocab=8, seed=11), split_gemv=False)
+    torch.manual_seed(4)
+    sub = EagleDrafter.untrained(target, tree="chain", depth=3, num_blocks=16, block_size=4)
+    hybrid = HybridDrafter(sub, budget=budget, skip_model_above=None)
+    seen = []
+    propose = hybrid.propose
+    hybrid.propose = lambda batch: seen.extend(propose(batch)) or seen[-len(batch):]
+    pvalue, accepted = first_two_tokens_pvalue(target, hybrid, prompt, trials, SamplingParams(1.0), 4)
+    assert pvalue > 1e-3 and accepted > trials // 20
+    with_probs = [d for d in seen if d.probs is not None]
+    if prompt is MATCH_ANY:
+        assert len(seen) - len(with_probs) >= trials // 2
+    else:
+        assert len(with_probs) >= trials and all(d.tree.num_nodes == 3 == d.probs.shape[0] for d in with_probs)
+    assert sub.cache.allocator.num_free == 16 and len(hybrid._state) == 0
+
+
+@pytest.mark.parametrize("budget", [1, 2, 5, 9])
+def test_the_merged_tree_respects_the_node_budget(budget):
+    model_paths = [(7,), (8,), (7, 1), (7, 2), (8, 1), (7, 1, 3), (7, 1, 4), (7, 1, 3, 5)]
+    hybrid = HybridDrafter(FixedDrafter(model_paths), budget=budget, skip_model_above=None, min_value=0.0)
+    [draft] = hybrid.propose(inputs([0], [REPEATING]))
+    assert draft.tree.num_nodes == budget and draft.probs is None
+    union = set(model_paths) | {(1,), (1, 5), (1, 5, 9), (1, 5, 9, 2)}  # n-gram: "3 9 4" was followed by "1 5 9 2 ..."
+    assert set(tree_paths(draft.tree)) <= union | {(1, 5, 9, 2, 6), (1, 5, 9, 2, 6, 3), (1, 5, 9, 2, 6, 3, 9),
+                                                   (1, 5, 9, 2, 6, 3, 9, 4)}
+
+
+def test_running_rates_send_the_budget_to_the_source_that_was_right():
+    model = FixedDrafter([(7,), (7, 7)])
+    hybrid = HybridDrafter(model, budget=3, skip_model_above=None, min_value=0.0)
+    history = torch.tensor(REPEATING)
+    for _ in range(8):  # the target keeps agreeing with the n-gram continuation (1 5 9 2 ...), never with the model
+        [draft] = hybrid.propose(inputs([0], [history]))
+        hybrid.accept(0, torch.tensor([1, 5]))
+    rates = hybrid._state[0].rates
+    assert rates["ngram"][0] > 0.9 and rates["model"][0] < 0.2
+    [draft] = hybrid.propose(inputs([0], [history]))
+    assert tree_paths(draft.tree) == [(1,), (1, 5)]  # both kept nodes are the n-gram's
+    hybrid.accept(0, torch.tensor([1, 5]))
+    hybrid.min_value = 0.5
+    [draft] = hybrid.propose(inputs([0], [history]))
+    assert tree_paths(draft.tree) == [(1,), (1, 5)]  # model nodes are worth < 0.5 now: dropped
+    hybrid.accept(0, torch.tensor([7]))  # the target says 7 (the bonus token alone): the dropped model node was right
+    for _ in range(7):
+        hybrid.propose(inputs([0], [history]))
+        hybrid.accept(0, torch.tensor([7]))
+    assert rates["model"][0] > 0.5 > rates["ngram"][0]
+    [draft] = hybrid.propose(inputs([0], [history]))
+    assert tree_paths(draft.tree) == [(7,), (7, 7)]  # n-gram nodes are now below min_value
+
+
+def test_sub_drafters_hear_every_accept_and_release_and_a_confident_ngram_skips_the_model(target):
+    model = FixedDrafter([(0,)])
+    ngram = NgramDrafter(max_depth=4)
+    told = []
+    ngram.accept = lambda seq_id, tokens, hidden=None: told.append((seq_id, tokens.tolist()))
+    ngram.release = lambda seq_id: told.append(("release", seq_id))
+    hybrid = HybridDrafter(model, ngram, budget=6, prior={"ngram": 0.95, "model": 0.5}, skip_model_above=0.9)
+    cache = target.new_cache(64, 4)
+    result = SpeculativeEngine(target, cache, hybrid, max_tree_nodes=6).generate(REPEATING, 12)
+    steps = [t for t in told if t[0] != "release"]
+    assert steps == model.accepted and len(steps) == result.stats.steps + 1  # + the first token after prefill
+    assert told[-1] == ("release", model.released[0]) and len(model.released) == 1
+    assert hybrid.model_calls == len(model.proposed) < result.stats.steps  # matched steps skipped the model
