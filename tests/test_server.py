@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from specdec.app.prompts import encode_prompt
-from specdec.drafters import NgramDrafter
+from specdec.drafters import DrafterSpec, NgramDrafter, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.server.lifecycle import serve_in_thread
 from specdec.server.openai_api import ServerState, create_app
@@ -30,6 +30,7 @@ from specdec.target import TargetModel, eos_token_ids
 from .conftest import tiny_llama
 
 MODEL = "tiny-llama"
+MODEL_DRAFTERS = ("self:layers=1", "eagle:tree=dynamic,budget=6")  # untrained EAGLE heads: they need hidden states
 PROMPTS = ["Repeat after me: red green blue red green blue", "Say hi", "Count: 1 2 3 4 5 6", "Write a haiku",
            "a b c a b c a b c", "Translate: bonjour", "Tell me a story about a cat", "x y z x y z"]
 
@@ -76,14 +77,16 @@ def tiny_parts():
 
 @pytest.fixture(scope="session")
 def start_server(tiny_parts):
-    """``start_server(**settings) -> Served`` (drafters: ngram, none, failing); all are stopped at the end."""
+    """``start_server(**settings) -> Served`` (drafters: ngram, none, failing and :data:`MODEL_DRAFTERS`); all are
+    stopped at the end."""
     target, tokenizer = tiny_parts
     started: list[Served] = []
 
     def start(**overrides) -> Served:
         settings = ServerSettings(**{"model_name": MODEL, "default_drafter": "ngram", "num_blocks": 160,
                                      "max_waiting": 16, "default_max_tokens": 16, **overrides})
-        drafters = {"ngram": NgramDrafter(), "none": None, "failing": FailingDrafter()}
+        drafters = {"ngram": NgramDrafter(), "none": None, "failing": FailingDrafter(),
+                    **{spec: build_drafter(DrafterSpec.parse(spec), target) for spec in MODEL_DRAFTERS}}
         state = build_state(target, tokenizer, drafters, settings)
         server, thread, url = serve_in_thread(create_app(state), state.loop.stop_soon)
         served = Served(url, state, server, thread)
@@ -99,6 +102,9 @@ def start_server(tiny_parts):
 @pytest.fixture(scope="module")
 def served(start_server) -> Served:
     return start_server()
+
+
+DRAFTERS = ("none", "ngram", *MODEL_DRAFTERS)
 
 
 def reference(tiny_parts, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, list[int], list[int]]:
@@ -182,6 +188,7 @@ def test_stop_strings_cut_exactly_before_the_first_match_streamed_and_whole(serv
 
 
 def test_eight_concurrent_streams_equal_their_sequential_outputs_and_share_a_batch(served, tiny_parts):
+    """Requests with four drafters (n-gram, none, the target's first layer, EAGLE heads) share one batch."""
     n = 24
     expected = [reference(tiny_parts, p, n, chat=True)[0] for p in PROMPTS]
     before = httpx.get(f"{served.url}/metrics", timeout=10).text
@@ -195,19 +202,19 @@ def test_eight_concurrent_streams_equal_their_sequential_outputs_and_share_a_bat
     async def run_all() -> list[str]:
         async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", timeout=60,
                                       max_retries=0) as c:
-            jobs = [one(c, p, "ngram" if i % 2 else "none") for i, p in enumerate(PROMPTS)]
+            jobs = [one(c, p, DRAFTERS[i % 4]) for i, p in enumerate(PROMPTS)]
             return await asyncio.wait_for(asyncio.gather(*jobs), timeout=120)
 
     assert asyncio.run(run_all()) == expected
     after = httpx.get(f"{served.url}/metrics", timeout=10).text
     assert metric(after, "specdec_running_batch_peak") > 1
-    for drafter in ("ngram", "none"):
+    for drafter in DRAFTERS:
         grown = (metric(after, "specdec_generated_tokens_total", drafter=drafter)
                  - metric(before, "specdec_generated_tokens_total", drafter=drafter))
-        assert grown == 4 * n
+        assert grown == 2 * n, drafter
     none_steps = metric(after, "specdec_tokens_per_step_count", drafter="none")
     assert none_steps > 0 and metric(after, "specdec_tokens_per_step_sum", drafter="none") == none_steps  # tau 1
-    assert metric(after, "specdec_time_to_first_token_seconds_count", drafter="ngram") >= 4
+    assert metric(after, "specdec_time_to_first_token_seconds_count", drafter="ngram") >= 2
     assert metric(after, "specdec_inter_token_latency_seconds_count", drafter="ngram") > 0
     wait_idle(served)
 
@@ -250,3 +257,9 @@ def test_a_seeded_sampled_request_reproduces_and_top_k_one_is_greedy(served, tin
     greedy, _, _ = reference(tiny_parts, PROMPTS[3], 12, chat=True)
     top1 = c.chat.completions.create(**ask, temperature=0.9, seed=3, extra_body={"top_k": 1})
     assert top1.choices[0].message.content == greedy
+
+
+def test_a_drafter_named_without_options_resolves_to_the_one_allowed_spec(served):
+    out = client(served.url).completions.create(model=MODEL, prompt="a b a b a b", max_tokens=4, temperature=0,
+                                                extra_body={"specdec": {"drafter": "eagle"}})
+    assert out.model_extra["specdec"]["drafter"] == "eagle:tree=dynamic,budget=6"

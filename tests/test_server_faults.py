@@ -55,8 +55,10 @@ BAD_INPUTS = [
     (CHAT, {"messages": HI, "top_k": -1}, 400, "top_k", "invalid_value", "top_k must be >= 0"),
     (CHAT, {"messages": HI, "n": 2}, 400, "n", "invalid_value", "n must be 1"),
     (CHAT, {"messages": HI, "model": "gpt-9"}, 400, "model", "model_not_found", f"serves '{MODEL}'"),
-    (CHAT, {"messages": HI, "specdec": {"drafter": "eagle"}}, 400, "specdec.drafter", "unknown_drafter",
-     "allows ['ngram', 'none', 'failing']"),
+    (CHAT, {"messages": HI, "specdec": {"drafter": "medusa"}}, 400, "specdec.drafter", "unknown_drafter",
+     "allows ['ngram', 'none', 'failing', 'self:layers=1', 'eagle:tree=dynamic,budget=6']"),
+    (CHAT, {"messages": HI, "specdec": {"drafter": "self:layers=2"}}, 400, "specdec.drafter", "unknown_drafter",
+     "unknown drafter 'self:layers=2'"),
     (CHAT, {"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value", "at most 4"),
     (CHAT, {"messages": HI, "stop": [""]}, 400, "stop", "invalid_value", "non-empty"),
     (CHAT, {"messages": HI, "seed": -1}, 400, "seed", "invalid_value", "seed must be in [0,"),
@@ -253,3 +255,24 @@ def test_shutdown_ends_open_streams_and_new_requests_get_503(start_server):  # n
     doomed.stop()
     assert time.monotonic() - started < 10
     assert doomed.state.loop.join(0) and doomed.state.loop.cache.allocator.num_free == 160
+
+
+def test_a_cache_too_small_for_the_batch_preempts_and_every_request_still_completes(start_server, tiny_parts):  # noqa: F811
+    tight = start_server(num_blocks=8, max_tree_nodes=16)  # 128 KV slots: one request fits, four at once do not
+    prompts = ["first", "second one", "third request", "fourth"]
+    expected = [reference(tiny_parts, p, 24, chat=True)[0] for p in prompts]
+
+    async def run_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{tight.url}/v1", api_key="unused", timeout=120,
+                                      max_retries=0) as c:
+            jobs = [c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
+                                              max_tokens=24, temperature=0,
+                                              extra_body={"specdec": {"drafter": "ngram" if i % 2 else "none"}})
+                    for i, p in enumerate(prompts)]
+            return [r.choices[0].message.content for r in await asyncio.wait_for(asyncio.gather(*jobs), 120)]
+
+    assert asyncio.run(run_all()) == expected
+    text = httpx.get(f"{tight.url}/metrics", timeout=10).text
+    assert metric(text, "specdec_preemptions_total") > 0
+    wait_idle(tight)
+    tight.stop()

@@ -185,6 +185,7 @@ class EngineLoop:
                 except Exception as err:  # a bug in this loop must not stop serving: fail what is open
                     log.exception("engine loop iteration failed")
                     self._fail_all(f"engine loop error: {type(err).__name__}: {err}")
+                    self._wake.wait(self.idle_wait_s)  # a persistent fault must not spin the CPU
         finally:
             self._shutdown()
 
