@@ -56,7 +56,7 @@ def check_cache_pair(k_cache, v_cache, ndim: int, layout: str, dtype=None, devic
 
 
 def validate_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask, mask_indptr, max_q,
-                            out=None, num_splits=None) -> torch.Tensor:
+                            out=None, num_splits=None, q_offsets=None) -> torch.Tensor:
     """Checks of :func:`paged_tree_attention`'s arguments. Returns the mask as a uint8 tensor."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -79,6 +79,11 @@ def validate_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q
     check_index("cu_q", cu_q, torch.int32, 1, dev)
     check_index("mask_indptr", mask_indptr, torch.int64, 1, dev)
     b = context_lens.shape[0]
+    if q_offsets is not None:
+        check_index("q_offsets", q_offsets, torch.int32, 1, dev)
+        if q_offsets.shape[0] != b:
+            raise ValueError(f"q_offsets has {q_offsets.shape[0]} entries but context_lens has {b}: need one tree "
+                             "offset per sequence")
     if block_table.shape[0] != b:
         raise ValueError(f"block_table has {block_table.shape[0]} rows but context_lens has {b} entries")
     if cu_q.shape[0] != b + 1 or mask_indptr.shape[0] != b + 1:
@@ -89,7 +94,8 @@ def validate_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q
     if tree_mask.dtype not in (torch.uint8, torch.bool):
         raise TypeError(f"tree_mask must be uint8 or bool, got {tree_mask.dtype}")
     if tree_mask.dim() != 1 or not tree_mask.is_contiguous():
-        raise ValueError(f"tree_mask must be flat and contiguous [sum n_b^2], got {tuple(tree_mask.shape)}")
+        raise ValueError(f"tree_mask must be flat and contiguous [sum n_b * (off_b + n_b)], got "
+                         f"{tuple(tree_mask.shape)}")
     if tree_mask.device != dev:
         raise ValueError(f"tree_mask is on {tree_mask.device} but q is on {dev}")
     if isinstance(max_q, bool) or not isinstance(max_q, int) or max_q < 0:

@@ -1,20 +1,25 @@
 """Paged tree attention: one verify (or prefill) forward over a token tree per sequence.
 
-Every sequence ``b`` has ``ctx_b`` committed tokens and a token tree of ``n_b`` nodes in topological order
-(node 0 is the root, ``parent(i) < i``). The tree K/V has already been written to the paged cache at logical
-positions ``ctx_b + i``. Node ``i`` attends to
+Every sequence ``b`` has ``ctx_b`` committed tokens and a token tree in topological order (node 0 is the root,
+``parent(i) < i``). Its first ``off_b`` nodes (the tree offset, ``q_offsets[b]``, default 0) were written by
+earlier forwards; this forward's ``n_b`` queries are tree nodes ``off_b .. off_b + n_b - 1``. All tree K/V up to
+the last query has already been written to the paged cache at logical positions ``ctx_b + j``. Query ``i`` (tree
+node ``off_b + i``) attends to
 
 * every committed key at logical positions ``[0, ctx_b)`` (no mask), and
-* tree key ``ctx_b + j`` iff ``tree_mask_b[i, j]`` (``j == i`` or ``j`` is an ancestor of ``i``).
+* tree key ``ctx_b + j``, ``j < off_b + n_b``, iff ``tree_mask_b[i, j]`` (the ``[n_b, off_b + n_b]`` row-major
+  block: ``j == off_b + i`` or ``j`` is an ancestor of node ``off_b + i``).
 
-Prefill is the same call with a chain "tree" (a lower-triangular mask) and usually ``ctx_b == 0``.
+Prefill is the same call with a chain "tree" (a lower-triangular mask) and usually ``ctx_b == 0``. A drafter
+that grows its tree level by level forwards only each level's new nodes with ``off_b`` = the nodes before it.
 
 Kernel layout: one program per (sequence, kv head, block of ``BLOCK_Q`` tree nodes, prefix split). The
 ``G = Hq // Hkv`` query heads that share a kv head are packed into the M dimension of the tile, so each K/V tile is
 loaded once per group; the tile grows with the tree (:func:`specdec.kernels.tiles.tile_config`). Phase 1 streams
-the program's chunk of the committed prefix without a mask; phase 2 (last split only) streams the tree keys with
-the mask, stopping at the q-block's last node (a topologically ordered node only sees ``j <= i``). Accumulation is
-fp32 with an online softmax whose ``-inf`` guard keeps fully masked (padded) rows finite.
+the program's chunk of the committed prefix without a mask; phase 2 (last split only) streams the tree keys
+(earlier levels' included) with the mask, stopping at the q-block's last node (a topologically ordered query only
+sees ``j <= off_b + i``). Accumulation is fp32 with an online softmax whose ``-inf`` guard keeps fully masked
+(padded) rows finite.
 
 Split-KV (flash-decoding): with ``num_splits = S > 1`` the prefix ``[0, ctx_b)`` is cut into ``S`` chunks of
 ``ceil(ctx_b / S)`` keys rounded up to ``BLOCK_N`` (trailing chunks may be empty); each program stores its
@@ -55,13 +60,13 @@ def _online_softmax_step(s, v, acc, m_i, l_i, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _paged_tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    block_table_ptr, context_lens_ptr, cu_q_ptr, mask_ptr, mask_indptr_ptr,
+    block_table_ptr, context_lens_ptr, q_offsets_ptr, cu_q_ptr, mask_ptr, mask_indptr_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_ls, stride_lt,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_OFFSETS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -73,6 +78,10 @@ def _paged_tree_attention_kernel(
     if q_block * BLOCK_Q >= n:
         return
     ctx = tl.load(context_lens_ptr + seq)
+    if HAS_OFFSETS:  # noqa: SIM108 (a constexpr branch: no offsets tensor is read without one)
+        off = tl.load(q_offsets_ptr + seq)
+    else:
+        off = 0
     mask_base = tl.load(mask_indptr_ptr + seq).to(tl.int64)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
 
@@ -108,10 +117,11 @@ def _paged_tree_attention_kernel(
         s = tl.where(k_ok[None, :], s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(s, v, acc, m_i, l_i, DOT_PRECISION)
 
-    # Phase 2 (last split): tree keys ctx + j under the ancestor mask, j < min(n, last node of this q-block + 1).
+    # Phase 2 (last split): tree keys ctx + j under the ancestor mask [n, off + n], j < off + (last node of this
+    # q-block) + 1, earlier levels' keys (j < off) included.
     if split == NUM_SPLITS - 1:
-        tree_end = tl.minimum(n, (q_block + 1) * BLOCK_Q)
-        mask_row = mask_base + node.to(tl.int64) * n
+        tree_end = off + tl.minimum(n, (q_block + 1) * BLOCK_Q)
+        mask_row = mask_base + node.to(tl.int64) * (off + n)
         for start in range(0, tree_end, BLOCK_N):
             j = start + offs_n
             j_ok = j < tree_end
@@ -148,8 +158,9 @@ def _auto_splits(q, k_cache, block_table, context_lens, max_q) -> int:
 
 
 def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask, mask_indptr,
-                         sm_scale: float, max_q: int, out=None, num_splits: int | None = None) -> torch.Tensor:
-    """Tree-masked attention of every tree node over its paged prefix and its tree ancestors.
+                         sm_scale: float, max_q: int, out=None, num_splits: int | None = None,
+                         q_offsets=None) -> torch.Tensor:
+    """Tree-masked attention of every query node over its paged prefix and its tree ancestors.
 
     Parameters
     ----------
@@ -160,19 +171,20 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
         One layer of the paged cache, ``[num_blocks, block_size, Hkv, D]``, dtype of ``q``. Strided views are
         fine if the last dim has unit stride and K and V have equal strides: ``cache[layer]`` of ``[L, ...]``,
         ``kv[:, 0]``/``kv[:, 1]`` of ``[NB, 2, BS, H, D]``, ``kv[0]``/``kv[1]`` of ``[2, NB, BS, H, D]``. Tree K/V
-        must already be written at logical positions ``ctx_b + i``.
+        must already be written at logical positions ``ctx_b + j`` for ``j < off_b + n_b``.
     block_table : torch.Tensor
         ``[B, max_blocks]`` int32: logical block -> physical block. Entries past the sequence are not read.
     context_lens : torch.Tensor
         ``[B]`` int32, committed tokens ``ctx_b`` (the unmasked prefix).
     cu_q : torch.Tensor
-        ``[B + 1]`` int32, cumulative tree sizes (``cu_q[0] == 0``, ``cu_q[B] == T``).
+        ``[B + 1]`` int32, cumulative query counts ``n_b`` (``cu_q[0] == 0``, ``cu_q[B] == T``).
     tree_mask : torch.Tensor
-        Flat ``[sum_b n_b^2]`` uint8 or bool: row-major ``n_b x n_b`` ancestor mask per sequence,
-        ``mask[i, j] = 1`` iff ``j == i`` or ``j`` is an ancestor of ``i``. Must be lower triangular (the
-        kernel never reads ``j > i`` tiles past the q-block).
+        Flat ``[sum_b n_b * (off_b + n_b)]`` uint8 or bool: row-major ``n_b x (off_b + n_b)`` ancestor rows per
+        sequence, ``mask[i, j] = 1`` iff ``j == off_b + i`` or tree node ``j`` is an ancestor of node
+        ``off_b + i``. Must be lower triangular in that sense (the kernel never reads ``j > off_b + i`` tiles
+        past the q-block).
     mask_indptr : torch.Tensor
-        ``[B + 1]`` int64, ``cumsum(n_b^2)`` with a leading 0.
+        ``[B + 1]`` int64, ``cumsum(n_b * (off_b + n_b))`` with a leading 0 (``cumsum(n_b^2)`` without offsets).
     sm_scale : float
         Softmax scale, usually ``D ** -0.5``.
     max_q : int
@@ -183,6 +195,10 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
         Split-KV factor in ``[1, 64]``. ``None``: on CUDA :func:`choose_num_splits` from static shapes (batch,
         heads, ``max_q``, ``block_table.shape[1] * block_size`` and the SM count); 1 on CPU. Any value gives the
         same result up to rounding; values > 1 use ``S x T x Hq x (D + 1)`` float32 scratch and a merge launch.
+        Tree keys (earlier levels included) are all read by the last split.
+    q_offsets : torch.Tensor, optional
+        ``[B]`` int32 tree offsets ``off_b >= 0``: the queries extend a partial tree whose first ``off_b`` nodes
+        are already in the cache at ``ctx_b + j``. ``None``: all zero (the queries are the whole tree).
 
     Returns
     -------
@@ -190,7 +206,7 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
         ``[T, Hq, D]`` in the dtype of ``q``.
     """
     mask_u8 = validate_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask,
-                                      mask_indptr, max_q, out, num_splits)
+                                      mask_indptr, max_q, out, num_splits, q_offsets)
     if q.device.type == "cpu":
         require_interpreter(_paged_tree_attention_kernel, "paged_tree_attention", "paged_tree_attention_reference")
     if out is None:
@@ -212,13 +228,14 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
     grid = (b, hkv, triton.cdiv(max_q, cfg.block_q) * splits)
     _paged_tree_attention_kernel[grid](
         q, k_cache, v_cache, o_buf, lse,
-        block_table, context_lens, cu_q, mask_u8, mask_indptr,
+        block_table, context_lens, context_lens if q_offsets is None else q_offsets, cu_q, mask_u8, mask_indptr,
         float(sm_scale) * math.log2(math.e),
         q.stride(0), q.stride(1), stride_ot, stride_oh, stride_os, stride_ls, stride_lt,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=cfg.block_d, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, PAGE=k_cache.shape[1], NUM_SPLITS=splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_OFFSETS=q_offsets is not None,
+        num_warps=cfg.num_warps,
     )
     if splits > 1:
         merge_splits(o_buf, lse, out)

@@ -12,28 +12,34 @@ from .checks import validate_tree_attention
 
 def paged_tree_attention_reference(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask,
                                    mask_indptr, sm_scale: float, max_q: int, out=None,
-                                   num_splits: int | None = None) -> torch.Tensor:
+                                   num_splits: int | None = None, q_offsets=None) -> torch.Tensor:
     """Pure PyTorch version of :func:`paged_tree_attention` (same arguments, fp32 math, output in q dtype).
 
     ``q [T, Hq, D]``, ``k_cache/v_cache [NB, BS, Hkv, D]`` (strided views allowed), ``block_table [B, max_blocks]``
-    int32, ``context_lens [B]`` int32, ``cu_q [B+1]`` int32, ``tree_mask [sum n_b^2]``, ``mask_indptr [B+1]`` int64
-    -> ``[T, Hq, D]``. Runs on any device. Also checks the values of the index tensors (this syncs). Rows with no
-    visible key (impossible under the tree invariants) return 0, matching the kernel. ``max_q`` is only
-    range-checked; ``num_splits`` (a kernel tuning knob) is only validated.
+    int32, ``context_lens [B]`` int32, ``cu_q [B+1]`` int32, ``tree_mask [sum n_b * (off_b + n_b)]``,
+    ``mask_indptr [B+1]`` int64, ``q_offsets [B]`` int32 or ``None`` (zeros) -> ``[T, Hq, D]``. Query ``i`` of
+    sequence ``b`` sees keys ``[0, ctx_b)`` and tree keys ``ctx_b + j`` (``j < off_b + n_b``) where its mask row
+    allows. Runs on any device. Also checks the values of the index tensors (this syncs). Rows with no visible key
+    (impossible under the tree invariants) return 0, matching the kernel. ``max_q`` is only range-checked;
+    ``num_splits`` (a kernel tuning knob) is only validated.
     """
     mask_u8 = validate_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask,
-                                      mask_indptr, max_q, out, num_splits)
+                                      mask_indptr, max_q, out, num_splits, q_offsets)
     t, hq, d = q.shape
     num_blocks, page, hkv, _ = k_cache.shape
     group = hq // hkv
     cu = cu_q.tolist()
     ctxs = context_lens.tolist()
     mptr = mask_indptr.tolist()
+    offs = [0] * len(ctxs) if q_offsets is None else q_offsets.tolist()
     if cu[0] != 0 or cu[-1] != t or any(e < s for s, e in zip(cu[:-1], cu[1:], strict=True)):
         raise ValueError(f"cu_q must start at 0, be non-decreasing and end at T={t}, got {cu}")
     sizes = [e - s for s, e in zip(cu[:-1], cu[1:], strict=True)]
-    if mptr[0] != 0 or any(mptr[i + 1] - mptr[i] != n * n for i, n in enumerate(sizes)):
-        raise ValueError("mask_indptr must be cumsum(n_b^2) with a leading 0")
+    if any(o < 0 for o in offs):
+        raise ValueError(f"q_offsets must be >= 0 (tree nodes already written), got {offs}")
+    if mptr[0] != 0 or any(mptr[i + 1] - mptr[i] != n * (offs[i] + n) for i, n in enumerate(sizes)):
+        raise ValueError("mask_indptr must be cumsum(n_b * (off_b + n_b)) with a leading 0 (cumsum(n_b^2) "
+                         "without offsets)")
     if mptr[-1] != mask_u8.numel():
         raise ValueError(f"tree_mask has {mask_u8.numel()} entries but mask_indptr ends at {mptr[-1]}")
     if sizes and max(sizes) > max_q:
@@ -42,18 +48,19 @@ def paged_tree_attention_reference(q, k_cache, v_cache, block_table, context_len
     for b, n in enumerate(sizes):
         if n == 0:
             continue
-        ctx, s = ctxs[b], cu[b]
-        if ctx < 0 or -(-(ctx + n) // page) > block_table.shape[1]:
-            raise ValueError(f"sequence {b}: ctx={ctx} plus {n} tree nodes does not fit block_table")
-        pos = torch.arange(ctx + n, device=q.device)
+        ctx, s, width = ctxs[b], cu[b], offs[b] + n
+        if ctx < 0 or -(-(ctx + width) // page) > block_table.shape[1]:
+            raise ValueError(f"sequence {b}: ctx={ctx} plus {width} tree nodes (offset {offs[b]} + {n} queries) "
+                             f"does not fit block_table ({block_table.shape[1]} blocks of {page})")
+        pos = torch.arange(ctx + width, device=q.device)
         blocks = block_table[b, pos // page].long()
         if blocks.numel() and (blocks.min() < 0 or blocks.max() >= num_blocks):
             raise ValueError(f"sequence {b}: block_table holds a block id outside [0, {num_blocks})")
-        k = k_cache[blocks, pos % page].float().repeat_interleave(group, dim=1)  # [ctx+n, Hq, D]
+        k = k_cache[blocks, pos % page].float().repeat_interleave(group, dim=1)  # [ctx+off+n, Hq, D]
         v = v_cache[blocks, pos % page].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[s:s + n].float(), k) * sm_scale
-        allow = torch.ones(n, ctx + n, dtype=torch.bool, device=q.device)
-        allow[:, ctx:] = mask_u8[mptr[b]:mptr[b] + n * n].view(n, n).bool()
+        allow = torch.ones(n, ctx + width, dtype=torch.bool, device=q.device)
+        allow[:, ctx:] = mask_u8[mptr[b]:mptr[b] + n * width].view(n, width).bool()
         scores = scores.masked_fill(~allow, float("-inf"))
         probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # fully masked rows -> 0
         res[s:s + n] = torch.einsum("hqk,khd->qhd", probs, v)

@@ -33,20 +33,26 @@ ATTENTION_NAME = "specdec_paged"
 
 @dataclass(frozen=True)
 class TreeBatch:
-    """One verification forward over a batch of trees, flattened to ``T = sum(n_b)`` tokens.
+    """One verification forward over a batch of trees, flattened to ``T = sum(n_b)`` query tokens.
+
+    A tree offset ``off_b`` (default 0) means the queries extend a partial tree: its first ``off_b`` nodes were
+    written by earlier forwards (uncommitted, at ``ctx_b + j``) and this forward's ``n_b`` queries are nodes
+    ``off_b .. off_b + n_b - 1``, attending to those earlier nodes through their mask rows.
 
     Attributes:
-        input_ids: ``[T]`` int64, tree tokens of all sequences, concatenated.
+        input_ids: ``[T]`` int64, query tokens of all sequences, concatenated.
         positions: ``[T]`` int64, RoPE positions ``ctx_b + depth``.
         slot_mapping: ``[T]`` int64, flat cache slot of each token (logical position ``ctx_b + node``).
         context_lens: ``[B]`` int32, committed tokens per sequence.
-        cu_q: ``[B + 1]`` int32, cumulative tree sizes.
-        tree_mask: ``[sum n_b^2]`` uint8, row-major ancestor masks.
-        mask_indptr: ``[B + 1]`` int64, ``cumsum(n_b^2)``.
+        cu_q: ``[B + 1]`` int32, cumulative query counts ``n_b``.
+        tree_mask: ``[sum n_b * (off_b + n_b)]`` uint8, row-major ancestor rows of the query nodes.
+        mask_indptr: ``[B + 1]`` int64, ``cumsum(n_b * (off_b + n_b))``.
         block_table: ``[B, max_blocks]`` int32.
-        max_q: largest tree size in the batch.
+        max_q: largest ``n_b`` in the batch.
         cu_q_host, context_lens_host: the same values as host tuples (known to the scheduler without reading the
             device), so no backend needs a device sync to plan.
+        q_offsets: ``[B]`` int32, tree offsets ``off_b`` (``None`` at construction: zeros).
+        q_offsets_host: the same as a host tuple (``()`` at construction: zeros).
 
     All device tensors sit on the cache's device.
     """
@@ -62,14 +68,25 @@ class TreeBatch:
     max_q: int
     cu_q_host: tuple[int, ...] = ()
     context_lens_host: tuple[int, ...] = ()
+    q_offsets: torch.Tensor | None = None
+    q_offsets_host: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.q_offsets is None:
+            object.__setattr__(self, "q_offsets", torch.zeros_like(self.context_lens, dtype=torch.int32))
+        if not self.q_offsets_host:
+            object.__setattr__(self, "q_offsets_host", (0,) * self.context_lens.shape[0])
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
 
-def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequence[TokenTree]) -> TreeBatch:
-    """Metadata for verifying ``trees[b]`` on top of sequence ``seq_ids[b]`` (blocks must be reserved)."""
+def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequence[TokenTree],
+                     offsets: Sequence[int] | None = None) -> TreeBatch:
+    """Metadata for verifying ``trees[b]`` on top of sequence ``seq_ids[b]`` (blocks for ``ctx + len(tree)`` must be
+    reserved). ``offsets[b]``: leading nodes of ``trees[b]`` already written; only the rest are queries (see
+    :func:`tree_batch`)."""
     if len(seq_ids) != len(trees) or not trees:
         raise ValueError(f"need one tree per sequence, got {len(trees)} trees for {len(seq_ids)} sequences")
     ctx = [cache.num_tokens(s) for s in seq_ids]
@@ -77,37 +94,54 @@ def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequenc
     for s, c, t, r in zip(seq_ids, ctx, trees, reserved, strict=True):
         if c + t.num_nodes > r:
             raise IndexError(f"position {c + t.num_nodes - 1} of sequence {s} is not reserved")
-    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size)
+    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size, offsets)
 
 
 def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Sequence[TokenTree],
-               block_size: int) -> TreeBatch:
+               block_size: int, offsets: Sequence[int] | None = None) -> TreeBatch:
     """:class:`TreeBatch` from a block table ``[B, max_blocks]`` int32 (on the cache's device), host context
-    lengths and trees, with whole-batch tensor ops (no per-token Python, no device sync)."""
+    lengths and trees, with whole-batch tensor ops (no per-token Python, no device sync).
+
+    ``trees[b]`` is the whole (partial) tree; ``offsets[b]`` (default 0) of its leading nodes are already written
+    at ``ctx_b + j`` by earlier forwards. The queries are nodes ``offsets[b]:`` (``0 <= offsets[b] <= len(tree)``;
+    equal means no query for that sequence): tokens ``tokens[off:]``, positions ``ctx + depth[off:]``, slots of
+    ``ctx + off + i``, mask rows ``ancestor_mask[off:, :]``."""
     dev = block_table.device
-    sizes_host = [t.num_nodes for t in trees]
+    nodes = [t.num_nodes for t in trees]
+    offs = [0] * len(trees) if offsets is None else [int(o) for o in offsets]
+    if len(offs) != len(trees):
+        raise ValueError(f"need one offset per tree, got {len(offs)} offsets for {len(trees)} trees")
+    for b, (o, m) in enumerate(zip(offs, nodes, strict=True)):
+        if not 0 <= o <= m:
+            raise ValueError(f"offset {o} of sequence {b} is outside [0, {m}]: it counts the already written "
+                             f"leading nodes of a {m}-node tree")
+    sizes_host = [m - o for m, o in zip(nodes, offs, strict=True)]
     cu_host = tuple(itertools.accumulate(sizes_host, initial=0))
     sizes = torch.tensor(sizes_host)
     cu = torch.tensor(cu_host)
     ctx = torch.tensor(list(context_lens), dtype=torch.long)
+    off = torch.tensor(offs, dtype=torch.long)
     seq_of = torch.repeat_interleave(torch.arange(len(trees)), sizes)  # [T]
-    node = torch.arange(cu_host[-1]) - cu[seq_of]
-    depth = torch.cat([t.depth for t in trees])
+    node = torch.arange(cu_host[-1]) - cu[seq_of] + off[seq_of]  # tree node index of each query
+    depth = torch.cat([t.depth[o:] for t, o in zip(trees, offs, strict=True)])
     logical = (ctx[seq_of] + node).to(dev)
     seq_dev = seq_of.to(dev)
     slots = block_table[seq_dev, logical // block_size].long() * block_size + logical % block_size
     return TreeBatch(
-        input_ids=torch.cat([t.tokens for t in trees]).to(dev),
+        input_ids=torch.cat([t.tokens[o:] for t, o in zip(trees, offs, strict=True)]).to(dev),
         positions=(ctx[seq_of] + depth).to(dev),
         slot_mapping=slots,
         context_lens=ctx.to(torch.int32).to(dev),
         cu_q=cu.to(torch.int32).to(dev),
-        tree_mask=torch.cat([t.ancestor_mask.flatten() for t in trees]).to(torch.uint8).to(dev),
-        mask_indptr=torch.nn.functional.pad((sizes * sizes).cumsum(0), (1, 0)).to(dev),
+        tree_mask=torch.cat([t.ancestor_mask[o:].flatten() for t, o in zip(trees, offs, strict=True)])
+        .to(torch.uint8).to(dev),
+        mask_indptr=torch.nn.functional.pad((sizes * torch.tensor(nodes)).cumsum(0), (1, 0)).to(dev),
         block_table=block_table,
         max_q=max(sizes_host),
         cu_q_host=cu_host,
         context_lens_host=tuple(int(c) for c in context_lens),
+        q_offsets=off.to(torch.int32).to(dev),
+        q_offsets_host=tuple(offs),
     )
 
 
@@ -129,27 +163,27 @@ class AttentionBackend(Protocol):
 
 @dataclass(frozen=True)
 class _TorchPlan:
-    kv_slots: list[torch.Tensor]  # per sequence [ctx_b + n_b] int64
-    masks: list[torch.Tensor]  # per sequence [n_b, ctx_b + n_b] bool
+    kv_slots: list[torch.Tensor]  # per sequence [ctx_b + off_b + n_b] int64
+    masks: list[torch.Tensor]  # per sequence [n_b, ctx_b + off_b + n_b] bool
     cu_q: list[int]
 
 
 class TorchBackend:
-    """Reference backend: gathers each sequence's K/V and runs SDPA with a dense ``[n, ctx + n]`` mask."""
+    """Reference backend: gathers each sequence's K/V and runs SDPA with a dense ``[n, ctx + off + n]`` mask."""
 
     name = "torch"
 
     def plan(self, batch: TreeBatch, block_size: int) -> _TorchPlan:
-        cu, ctx = list(batch.cu_q_host), batch.context_lens_host
+        cu, ctx, offs = list(batch.cu_q_host), batch.context_lens_host, batch.q_offsets_host
         table = batch.block_table.long()
         kv_slots, masks, start = [], [], 0
         for b, c in enumerate(ctx):
-            n = cu[b + 1] - cu[b]
-            pos = torch.arange(c + n, device=table.device)
+            n, width = cu[b + 1] - cu[b], offs[b] + cu[b + 1] - cu[b]
+            pos = torch.arange(c + width, device=table.device)
             kv_slots.append(table[b, pos // block_size] * block_size + pos % block_size)
-            mask = torch.ones(n, c + n, dtype=torch.bool, device=table.device)
-            mask[:, c:] = batch.tree_mask[start : start + n * n].view(n, n).bool()
-            start += n * n
+            mask = torch.ones(n, c + width, dtype=torch.bool, device=table.device)
+            mask[:, c:] = batch.tree_mask[start : start + n * width].view(n, width).bool()
+            start += n * width
             masks.append(mask)
         return _TorchPlan(kv_slots, masks, cu)
 
@@ -160,6 +194,8 @@ class TorchBackend:
         v_flat = v_cache.flatten(0, 1)
         outs = []
         for b, slots in enumerate(plan.kv_slots):
+            if plan.cu_q[b + 1] == plan.cu_q[b]:
+                continue  # no query for this sequence (its offset covers its whole tree)
             qb = q[plan.cu_q[b] : plan.cu_q[b + 1]].transpose(0, 1)  # [Hq, n, D]
             kb = k_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, ctx + n, D]
             vb = v_flat.index_select(0, slots).transpose(0, 1)
@@ -168,7 +204,7 @@ class TorchBackend:
                 scale=sm_scale, enable_gqa=qb.shape[0] != kb.shape[0],
             )
             outs.append(out[0].transpose(0, 1))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return torch.cat(outs) if len(outs) != 1 else outs[0]
 
     def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         move_rows(k, v, src, dst)
@@ -197,8 +233,9 @@ class TritonBackend:
         args = (q, k_cache, v_cache, plan.block_table, plan.context_lens, plan.cu_q, plan.tree_mask,
                 plan.mask_indptr, sm_scale, plan.max_q)
         if q.is_cuda or torch.compiler.is_compiling():
-            return ops.paged_tree_attention(*args)  # the custom op: traceable by torch.compile, graph-safe
-        return paged_tree_attention(*args)  # CPU: the kernel itself, under TRITON_INTERPRET=1
+            # the custom op: traceable by torch.compile, graph-safe
+            return ops.paged_tree_attention(*args, q_offsets=plan.q_offsets)
+        return paged_tree_attention(*args, q_offsets=plan.q_offsets)  # CPU: the kernel, under TRITON_INTERPRET=1
 
     def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         commit_kv(k, v, src, dst)

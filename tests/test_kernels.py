@@ -89,14 +89,16 @@ def root_path(parents, i):
     return path[::-1]
 
 
-def build_case(ctxs, trees, hq=4, hkv=2, d=64, page=4, dtype=torch.float32, seed=0, masks=None):
+def build_case(ctxs, trees, hq=4, hkv=2, d=64, page=4, dtype=torch.float32, seed=0, masks=None, offsets=None):
     """Random batch written into a NaN-poisoned paged cache through a permuted block table.
 
     Unused slots, spare blocks and block-table padding all point at NaN, so any read outside a sequence's
-    ``[0, ctx + n)`` shows up as NaN in the output.
+    ``[0, ctx + n)`` shows up as NaN in the output. With ``offsets`` (one per tree, adds ``q_offsets`` to the
+    arguments) the queries are tree nodes ``offsets[b]:`` and the mask rows ``ancestor_mask[off:]``.
     """
     gen = torch.Generator().manual_seed(seed)
     sizes = [len(t) for t in trees]
+    q_offs = [0] * len(trees) if offsets is None else list(offsets)
     need = [-(-(c + n) // page) for c, n in zip(ctxs, sizes, strict=True)]
     num_blocks = sum(need) + 3
     perm = torch.randperm(num_blocks, generator=gen)
@@ -115,20 +117,23 @@ def build_case(ctxs, trees, hq=4, hkv=2, d=64, page=4, dtype=torch.float32, seed
         k_cache[blocks, offs], v_cache[blocks, offs] = k, v
         kv_seqs.append((k, v))
     if masks is None:
-        masks = [ancestor_mask(t) for t in trees]
+        masks = [ancestor_mask(t)[o:] for t, o in zip(trees, q_offs, strict=True)]
     cu = [0]
-    for n in sizes:
-        cu.append(cu[-1] + n)
+    for n, o in zip(sizes, q_offs, strict=True):
+        cu.append(cu[-1] + n - o)
     mptr = [0]
-    for n in sizes:
-        mptr.append(mptr[-1] + n * n)
+    for n, o in zip(sizes, q_offs, strict=True):
+        mptr.append(mptr[-1] + (n - o) * n)
     q = torch.randn(cu[-1], hq, d, generator=gen)
     args = dict(
         q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype), block_table=block_table,
         context_lens=torch.tensor(ctxs, dtype=torch.int32), cu_q=torch.tensor(cu, dtype=torch.int32),
         tree_mask=torch.cat([m.flatten() for m in masks]) if masks else torch.zeros(0, dtype=torch.uint8),
-        mask_indptr=torch.tensor(mptr, dtype=torch.int64), sm_scale=d ** -0.5, max_q=max(sizes, default=0),
+        mask_indptr=torch.tensor(mptr, dtype=torch.int64), sm_scale=d ** -0.5,
+        max_q=max((n - o for n, o in zip(sizes, q_offs, strict=True)), default=0),
     )
+    if offsets is not None:
+        args["q_offsets"] = torch.tensor(q_offs, dtype=torch.int32, device=DEVICE)
     args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     return args, kv_seqs, trees
 
@@ -139,17 +144,18 @@ def as_fp32(args):
 
 
 def oracle(args, kv_seqs, trees):
-    """Per node: plain softmax attention (fp64) over the prefix plus the root-to-node path, from the
+    """Per query node: plain softmax attention (fp64) over the prefix plus the root-to-node path, from the
     contiguous K/V that were written into the cache. Uses neither the paged cache nor the tree mask."""
     q = args["q"].double().cpu()
     hq, hkv = q.shape[1], kv_seqs[0][0].shape[1] if kv_seqs else 1
     group = hq // hkv
     ctxs, cu = args["context_lens"].tolist(), args["cu_q"].tolist()
+    offs = args["q_offsets"].tolist() if args.get("q_offsets") is not None else [0] * len(trees)
     out = torch.zeros_like(q)
     for b, parents in enumerate(trees):
         k, v = (x.double() for x in kv_seqs[b])
-        for i in range(len(parents)):
-            idx = list(range(ctxs[b])) + [ctxs[b] + j for j in root_path(parents, i)]
+        for i in range(len(parents) - offs[b]):
+            idx = list(range(ctxs[b])) + [ctxs[b] + j for j in root_path(parents, offs[b] + i)]
             kk = k[idx].repeat_interleave(group, 1)  # [L, Hq, D]
             vv = v[idx].repeat_interleave(group, 1)
             scores = torch.einsum("hd,lhd->hl", q[cu[b] + i], kk) * args["sm_scale"]
@@ -254,6 +260,15 @@ def test_kernel_fp16(d):
     check_kernel(args, atol=1e-2, rtol=1e-2)
 
 
+def test_kernel_fp16_with_tree_offsets_matches_oracle():
+    """Queries extending partial trees (offset 0, partial, all-but-one) in fp16 over a multi-page prefix."""
+    trees = [rand_tree(9, 31), rand_tree(12, 32), star(6)]
+    args, kv, trees = build_case([37, 3, 0], trees, hq=6, hkv=2, d=64, dtype=torch.float16, seed=12,
+                                 offsets=[0, 7, 5])
+    out, _ = check_kernel(args, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.double().cpu(), oracle(as_fp32(args), kv, trees), atol=1e-2, rtol=1e-2)
+
+
 @NOT_ON_INTERPRETER
 def test_kernel_bf16():
     args, _, _ = build_case([37, 0], [rand_tree(16, 7), star(7)], hq=6, hkv=2, d=128, dtype=torch.bfloat16)
@@ -352,6 +367,10 @@ BAD_INPUTS = [
     ("max_q", _set("max_q", lambda m: -1), ValueError, "max_q must be"),
     ("out_dtype", lambda a: {**a, "out": a["q"].half()}, ValueError, "out must be"),
     ("out_shape", lambda a: {**a, "out": a["q"][:-1]}, ValueError, "out must be"),
+    ("offsets_int64", lambda a: {**a, "q_offsets": torch.zeros(1, dtype=torch.int64, device=DEVICE)}, TypeError,
+     "q_offsets must be torch.int32"),
+    ("offsets_len", lambda a: {**a, "q_offsets": torch.zeros(2, dtype=torch.int32, device=DEVICE)}, ValueError,
+     "q_offsets has 2 entries but context_lens has 1"),
 ]
 
 
@@ -464,7 +483,7 @@ def test_commit_empty_is_noop():
     k, v, _ = paged_kv()
     empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
     kk, vk = run_both(k, v, empty, empty)
-    assert torch.equal(kk, k)
+    assert torch.equal(kk, k) and torch.equal(vk, v)
 
 
 @pytest.mark.parametrize("src,dst,exc,match", [

@@ -37,6 +37,15 @@ def test_attention_op_passes_opcheck(case):
     torch.library.opcheck(torch.ops.specdec.paged_tree_attention.default, attention_args(strided) + (3,))
 
 
+def test_attention_op_with_tree_offsets_passes_opcheck_and_equals_the_reference():
+    args, _, _ = build_case([9, 2], [rand_tree(7, 3), star(4)], hq=4, hkv=2, d=16, page=4, seed=2, offsets=[3, 1])
+    args = {k: torch.nan_to_num(v.cpu(), nan=0.0) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    op_args = attention_args(args) + (0, args["q_offsets"])
+    torch.library.opcheck(torch.ops.specdec.paged_tree_attention.default, op_args)
+    out = ops.paged_tree_attention(*attention_args(args), q_offsets=args["q_offsets"])
+    torch.testing.assert_close(out, K.paged_tree_attention_reference(**args))
+
+
 def test_write_kv_op_passes_opcheck():
     gen = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(4, 4, 2, 8, generator=gen), torch.randn(4, 4, 2, 8, generator=gen)

@@ -85,6 +85,15 @@ def test_split_kv_with_gqa_groups(hq, hkv):
     run_split(args, 3)
 
 
+@pytest.mark.parametrize("splits", [3, 8])
+def test_split_kv_with_tree_offsets_reads_earlier_levels_in_the_last_split(splits):
+    """Queries extending partial trees: the prefix is split, the earlier levels' keys stay with the last split."""
+    trees = [rand_tree(10, 41), chain(6), binary(9)]
+    args, kv, trees = build_case([200, 65, 0], trees, hq=4, hkv=1, d=32, page=4, seed=splits, offsets=[6, 5, 2])
+    out = run_split(args, splits)
+    torch.testing.assert_close(out.double().cpu(), oracle(args, kv, trees), atol=1e-4, rtol=1e-4)
+
+
 def test_split_kv_fp16_and_out_buffer():
     args, _, _ = build_case([100, 20], [rand_tree(9, 4), chain(2)], hq=4, hkv=2, d=64, dtype=torch.float16)
     out = torch.full_like(args["q"], float("nan"))
