@@ -251,23 +251,15 @@ def run_certificate(target: TargetModel, drafters: dict[str, Drafter | None], pr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m specdec.certify", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")
-    ap.add_argument("--drafter", nargs="+", default=["none", "ngram"], help="drafter specs ('none' = plain sampling)")
-    ap.add_argument("--prompts", default=None)
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=1, help="samples per prompt (seeds seed, seed + 1, ...)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--acceptance", choices=["exact", "typical_lossy"], default="exact")
-    ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=0.01)
-    ap.add_argument("--out", default=None, help="JSON report")
-    ap.add_argument("--plot", default=None, help="PIT histogram PNG")
-    args = ap.parse_args(argv)
+    from specdec.cmd_certify import HELP, add_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m specdec.certify", description=HELP)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Generate, PIT and test (arguments: :func:`specdec.cmd_certify.add_arguments`); exit status 1 if it fails."""
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.drafters import DrafterSpec, build_drafter

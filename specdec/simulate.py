@@ -193,33 +193,6 @@ def predicted_speedup(result: ReplayResult, cost) -> float:
     return ar / spec if spec > 0 else 0.0
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m specdec.simulate", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("record", help="record a trace (greedy trajectory, hidden states, top-K logits)")
-    rec.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")
-    rec.add_argument("--prompts", default=None, help="prompt file (default: the built-in set)")
-    rec.add_argument("--limit", type=int, default=None)
-    rec.add_argument("--no-chat", action="store_true")
-    rec.add_argument("--max-new-tokens", type=int, default=128)
-    rec.add_argument("--lookahead", type=int, default=16)
-    rec.add_argument("--topk", type=int, default=32)
-    rec.add_argument("--out", required=True)
-    rep = sub.add_parser("replay", help="score drafters on a trace (no target forward)")
-    rep.add_argument("trace")
-    rep.add_argument("--model", default=None, help="the traced model (drafters share its embeddings/LM head)")
-    rep.add_argument("--drafter", nargs="+", default=["ngram"])
-    rep.add_argument("--budget", type=int, nargs="*", default=[], help="sweep: each tree=dynamic drafter per budget")
-    rep.add_argument("--max-new-tokens", type=int, default=None)
-    rep.add_argument("--max-tree-nodes", type=int, default=64)
-    rep.add_argument("--temperature", type=float, default=0.0, help="> 0: first-order ESTIMATE")
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--cost", default=None, help="cost-model JSON (python -m specdec.cost_model calibrate)")
-    rep.add_argument("--auto-budget", action="store_true", help="also each drafter under AutoBudgetDrafter (--cost)")
-    rep.add_argument("--out", default=None)
-    return ap.parse_args(argv)
-
-
 def _with_budget(text: str, budget: int):
     """``(name, spec)`` of drafter spec ``text`` with its ``budget`` key set (replaced if present)."""
     from specdec.drafters import DrafterSpec
@@ -239,7 +212,15 @@ def _load_target(model: str | None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+    from specdec.cmd_simulate import HELP, add_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m specdec.simulate", description=HELP)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``record`` or ``replay`` (arguments: :func:`specdec.cmd_simulate.add_arguments`)."""
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.cost_model import CostModel
     from specdec.drafters import DrafterSpec, build_drafter
@@ -247,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from specdec.trace import record_trace
 
     target, tok, eos = _load_target(args.model)
-    if args.command == "record":
+    if args.action == "record":
         prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit)
         ids = [encode_prompt(tok, p.text, not args.no_chat) for p in prompts]
         trace = record_trace(target, ids, args.max_new_tokens, eos, [p.category for p in prompts], args.lookahead,

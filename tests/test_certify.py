@@ -145,3 +145,16 @@ def test_uniformity_statistics_match_scipy_and_detect_a_shift():
         stats.goodness_of_fit(stats.norm, z, known_params={"loc": 0, "scale": 1}, statistic="ad",
                               n_mc_samples=9).statistic, rel=1e-9)
     assert res["ad_p"] > 0.01 and uniformity(u ** 1.2)["ad_p"] < 1e-3
+
+
+def test_the_command_module_parses_the_certificate_settings():
+    import argparse
+
+    from specdec.cmd_certify import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--drafter", "none", "medusa:path=shipped", "--acceptance", "typical_lossy",
+                              "--temperature", "0.7", "--repeats", "3"])
+    assert args.drafter == ["none", "medusa:path=shipped"] and args.acceptance == "typical_lossy"
+    assert (args.temperature, args.repeats, args.alpha) == (0.7, 3, 0.01)

@@ -169,3 +169,16 @@ def test_the_temperature_estimate_is_labelled_and_tends_to_the_exact_replay_as_t
     assert cold["tau"] == pytest.approx(exact["tau"], abs=1e-3)
     assert cold["acceptance_by_depth"] == pytest.approx(exact["acceptance_by_depth"], abs=1e-3)
     assert warm["tau"] < exact["tau"] - 0.3  # the flat random target rarely samples the recorded argmax at T = 1
+
+
+def test_the_command_module_parses_record_and_replay_like_the_cli_would():
+    import argparse
+
+    from specdec.cmd_simulate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    rec = parser.parse_args(["record", "--out", "t.pt", "--max-new-tokens", "48", "--limit", "4"])
+    assert (rec.action, rec.max_new_tokens, rec.lookahead, rec.limit) == ("record", 48, 16, 4)
+    rep = parser.parse_args(["replay", "t.pt", "--drafter", "ngram", "eagle:tree=dynamic", "--budget", "4", "8"])
+    assert rep.drafter == ["ngram", "eagle:tree=dynamic"] and rep.budget == [4, 8] and rep.temperature == 0.0
