@@ -18,6 +18,7 @@ from specdec.target import TargetModel
 from .conftest import inputs, tiny_llama
 
 H, V, HEADS, KV = 32, 64, 4, 2
+THETA = 10000.0  # RoPE base of the synthetic heads (published heads copy their target's)
 OPTIONS = {"depth": 3, "budget": 8, "topk": 2, "num_blocks": 32, "block_size": 4}
 
 
@@ -46,7 +47,7 @@ def _llama_config(**extra):
     return {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": H, "intermediate_size": 64,
             "max_position_embeddings": 1024, "model_type": "llama", "num_attention_heads": HEADS,
             "num_hidden_layers": 1, "num_key_value_heads": KV, "rms_norm_eps": 1e-6, "rope_scaling": None,
-            "rope_theta": 10000.0, "torch_dtype": "float16", "transformers_version": "4.28.1", "vocab_size": V,
+            "rope_theta": THETA, "torch_dtype": "float16", "transformers_version": "4.28.1", "vocab_size": V,
             **extra}
 
 
@@ -82,7 +83,7 @@ def _rms(x, w, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _rope(x, pos, theta=10000.0):
+def _rope(x, pos, theta=THETA):
     d = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
     ang = torch.cat([pos.float()[:, None] * inv[None]] * 2, dim=-1)
@@ -143,7 +144,8 @@ def test_eagle1_head_reproduces_the_published_architecture_step_by_step(target, 
 @pytest.mark.parametrize(("file", "bias"), [("pytorch_model.bin", True), ("model.safetensors", False)])
 def test_eagle1_checkpoint_proposes_what_the_same_weights_propose_natively(target, tmp_path, file, bias):
     state = _eagle1_state(target, seed=2, bias=bias)
-    folder = _write(tmp_path / "eagle", _llama_config(bias=bias), state, file)
+    theta = target.model.config.rope_parameters["rope_theta"]  # the native head uses the target's RoPE
+    folder = _write(tmp_path / "eagle", _llama_config(bias=bias, rope_theta=theta), state, file)
     loaded = load_drafter(folder, target, tree="dynamic", **OPTIONS)
     native_head = EagleHead(EagleConfig.from_target(target), target)
     native_head.layer.input_layernorm = torch.nn.Identity()  # EAGLE-1's layer 0 has none
