@@ -5,7 +5,8 @@ A step costs ``draft(depth) + verify(nodes, context)`` seconds and yields ``1 + 
 once per device and model (``python -m specdec.cost_model calibrate``, stored as JSON):
 
 * ``verify(n, ctx)``: the target's forward over an ``n``-node tree on top of ``ctx`` cached tokens, on a grid of
-  tree sizes and contexts, fitted by least squares as ``c0 + c1 n + c2 ctx + c3 n ctx`` (median of repeats);
+  tree sizes and contexts (median of repeats), fitted by non-negative least squares as ``c0 + c1 n + c2 ctx +
+  c3 n ctx``;
 * ``draft(depth)``: per drafter spec, the wall time of each ``propose`` during real engine runs (a timing wrapper
   on the protocol), fitted as ``d0 + d1 depth``.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
 
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.target import TargetModel
@@ -73,24 +75,25 @@ class CostModel:
 
 
 def fit_verify(grid: Sequence[tuple[int, int, float]]) -> tuple[float, float, float, float]:
-    """Least-squares ``(c0, c1, c2, c3)`` of ``seconds ~ c0 + c1 n + c2 ctx + c3 n ctx`` over ``(n, ctx, s)`` points
-    (needs at least two sizes and two contexts)."""
+    """Non-negative least-squares ``(c0, c1, c2, c3)`` of ``seconds ~ c0 + c1 n + c2 ctx + c3 n ctx`` over
+    ``(n, ctx, s)`` points (needs at least two sizes and two contexts)."""
     if len({g[0] for g in grid}) < 2 or len({g[1] for g in grid}) < 2:
         raise ValueError(f"the verify fit needs >= 2 tree sizes and >= 2 contexts, got {len(grid)} points")
     a = np.array([[1.0, n, c, n * c] for n, c, _ in grid])
     y = np.array([s for _, _, s in grid])
-    return tuple(float(x) for x in np.linalg.lstsq(a, y, rcond=None)[0])
+    return tuple(float(x) for x in nnls(a, y)[0])
 
 
 def fit_draft(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """``(d0, d1)`` of ``seconds ~ d0 + d1 depth`` over ``(depth, seconds)``; one depth only: ``(mean, 0)``."""
+    """Non-negative least-squares ``(d0, d1)`` of ``seconds ~ d0 + d1 depth`` over ``(depth, seconds)``; one depth
+    only: ``(mean, 0)``."""
     if not samples:
         raise ValueError("no draft timings to fit")
     depths = {d for d, _ in samples}
     if len(depths) < 2:
         return statistics.fmean(s for _, s in samples), 0.0
     a = np.array([[1.0, d] for d, _ in samples])
-    return tuple(float(x) for x in np.linalg.lstsq(a, np.array([s for _, s in samples]), rcond=None)[0])
+    return tuple(float(x) for x in nnls(a, np.array([s for _, s in samples]))[0])
 
 
 def choose_size(values: Sequence[float], step_time: Callable[[int], float], max_nodes: int | None = None) -> int:
