@@ -77,6 +77,9 @@ def detect_format(folder: Path) -> str:
     if any((folder / f).is_file() for f in MEDUSA_FILES):
         return "medusa"
     config = _json(folder / "config.json")
+    if "kind" in config:  # specdec's own checkpoints (specdec.checkpoint) declare their kind
+        raise ValueError(f"{folder} is a specdec {config['kind']} checkpoint, not a published one: use "
+                         f"{config['kind']}:path={folder}")
     if "medusa_num_heads" in config:
         return "medusa"
     if "draft_vocab_size" in config:

@@ -262,6 +262,9 @@ def test_mismatched_checkpoints_name_both_sizes(target, tmp_path, case, fmt, con
 def test_bad_folders_and_vocabulary_maps_give_clear_errors(target, deep_target, tmp_path):
     with pytest.raises(ValueError, match="holds no EAGLE"):
         load_drafter(_write(tmp_path / "empty", _llama_config(), {}, "other.safetensors"), target)
+    EagleDrafter.untrained(target).head.save_pretrained(tmp_path / "native")
+    with pytest.raises(ValueError, match="is a specdec eagle checkpoint, not a published one: use eagle:path="):
+        load_drafter(tmp_path / "native", target)
     with pytest.raises(ValueError, match="is an EAGLE-3 head"):
         load_eagle_head(_write(tmp_path / "e3", _llama_config(), {"midlayer.x": torch.zeros(1)}, "model.safetensors"),
                         target)

@@ -64,7 +64,8 @@ def _tree(root, paths):
 
 
 REPEATING = [3, 9, 4, 1, 5, 9, 2, 6, 3, 9, 4, 1, 5, 9, 2, 6, 3, 9, 4]  # "... 3 9 4" recurs: n-gram continues it
-def _ngram_friendly_prompt(target) -> list[int]:
+@pytest.fixture(scope="module")
+def friendly_prompt(target) -> list[int]:
     """A prefix of the target's own greedy text after which the n-gram's first proposal is the target's next token
     (greedy decoding from the prefix reproduces the rest), so the first step accepts an n-gram draft."""
     cache = target.new_cache(64, 4)
@@ -77,20 +78,22 @@ def _ngram_friendly_prompt(target) -> list[int]:
     raise AssertionError("no n-gram-predictable position in 20 greedy texts of the tiny target")
 
 
-@pytest.mark.parametrize("model", ["eagle", "medusa"])
-def test_greedy_output_equals_autoregressive_with_drafts_accepted(target, model):
+@pytest.mark.parametrize(("model", "skip"), [("eagle", None), ("eagle", 0.0), ("medusa", None)],
+                         ids=["eagle", "eagle-skipped-where-matched", "medusa"])
+def test_greedy_output_equals_autoregressive_with_drafts_accepted(target, friendly_prompt, model, skip):
+    """``skip=0.0``: the model is not asked on matched steps, so EAGLE catches up several steps' pairs at once."""
     cache = target.new_cache(64, 4)
     if model == "eagle":
         sub = EagleDrafter.untrained(target, tree="dynamic", **EAGLE)
     else:
         sub = MedusaDrafter.untrained(target, num_heads=3, budget=8, topk=2)
-    hybrid = HybridDrafter(sub, budget=12)
-    prompt = _ngram_friendly_prompt(target)
-    ar = SpeculativeEngine(target, cache).generate(prompt, 12)
-    spec = SpeculativeEngine(target, cache, hybrid, max_tree_nodes=12).generate(prompt, 12)
+    hybrid = HybridDrafter(sub, budget=12, skip_model_above=skip)
+    ar = SpeculativeEngine(target, cache).generate(friendly_prompt, 12)
+    spec = SpeculativeEngine(target, cache, hybrid, max_tree_nodes=12).generate(friendly_prompt, 12)
     assert spec.tokens == ar.tokens and spec.stats.tree_nodes <= 12 * spec.stats.steps
     assert spec.stats.tau > 1.0  # at least the first step's n-gram draft was accepted
     assert cache.allocator.num_free == 64 and len(hybrid._state) == 0 and hybrid.model_calls > 0
+    assert (hybrid.model_calls < spec.stats.steps) if skip == 0.0 else (hybrid.model_calls == spec.stats.steps)
     if model == "eagle":
         assert sub.cache.allocator.num_free == EAGLE["num_blocks"]  # the sub-drafter's state was released
 
