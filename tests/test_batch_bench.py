@@ -17,15 +17,15 @@ PROMPTS = [{"prompt": "Copy: red green blue red green blue", "category": "rewrit
 
 
 @pytest.mark.slow
-def test_left_padded_hf_batches_equal_one_prompt_at_a_time(smollm2, tiny_model_dir):  # noqa: F811
-    from transformers import AutoModelForCausalLM
+def test_left_padded_hf_batches_equal_one_prompt_at_a_time(tiny_model_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from specdec.app.batch_bench import hf_generate_batch
     from specdec.app.bench import hf_generate
     from specdec.app.prompts import encode_prompt
     from specdec.sampling import GREEDY
 
-    _, tokenizer = smollm2
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [encode_prompt(tokenizer, p["prompt"]) for p in PROMPTS]
     assert len({p.numel() for p in prompts}) == 3  # padding matters

@@ -11,8 +11,10 @@ from .conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2):
-    _, tokenizer = smollm2
+def tiny_model_dir(tmp_path_factory):
+    from specdec.app.loaders import load_tokenizer
+
+    tokenizer = load_tokenizer(None)  # the embedded model's tokenizer alone (no model load)
     path = tmp_path_factory.mktemp("tiny")
     model = tiny_llama(vocab=len(tokenizer), layers=2, dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

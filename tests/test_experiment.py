@@ -125,8 +125,11 @@ def test_equality_check_flags_a_wrong_drafter_result(tiny_model_dir, prompt_file
 
 
 @pytest.mark.slow
-def test_check_greedy_by_hand(smollm2):
-    model, tokenizer = smollm2
+def test_check_greedy_by_hand(tiny_model_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = encode_prompt(tokenizer, "Name three colours.")
     ref, _ = hf_generate(model, ids, 6)
     assert check_greedy(model, ids, ref, ref).identical
@@ -159,7 +162,7 @@ def test_mean_ci_bootstrap():
     mean, low, high = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     assert mean == 4.5 and 2.5 < low < 4.5 < high < 6.5
     assert mean_ci([1.0, 2.0, 3.0]) == mean_ci([1.0, 2.0, 3.0])  # fixed seed: reproducible
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mean_ci needs at least one value"):
         mean_ci([])
 
 
@@ -186,10 +189,12 @@ def test_prompt_sets_multi_turn_and_hf_dataset_errors(tmp_path):
         load_hf_prompts(str(folder), "validation")
 
 
-def test_conversation_encoding_holds_earlier_answers(smollm2):
+@pytest.mark.slow
+def test_conversation_encoding_holds_earlier_answers():
+    from specdec.app.loaders import load_tokenizer
     from specdec.app.prompts import encode_conversation
 
-    _, tokenizer = smollm2
+    tokenizer = load_tokenizer(None)
     ids = encode_conversation(tokenizer, ["Hi", "And?"], ["Hello there"])
     text = tokenizer.decode(ids)
     assert text.index("Hi") < text.index("Hello there") < text.index("And?")
