@@ -17,6 +17,7 @@ first ``accept`` with an error that says so; it runs wherever the fused features
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 
 from specdec.attention import ATTENTION_NAME, ForwardContext
 from specdec.draft_vocab import check_vocab_ids, expand_logits
+from specdec.drafters import formats
 from specdec.drafters.eagle import EagleDrafter
 
 if TYPE_CHECKING:
@@ -153,3 +155,49 @@ class Eagle3Drafter(EagleDrafter):
                              f"(it passes the last hidden state only); got {got}")
         with torch.inference_mode():
             super().accept(seq_id, tokens, self.head.fc(hidden.to(self.head.fc.weight.dtype)))
+
+
+def load_eagle3_head(path_or_id: str | Path, target: TargetModel) -> Eagle3Head:
+    """An EAGLE-3 head (layout in the module docstring) as an :class:`Eagle3Head` on ``target``."""
+    folder = formats.resolve_folder(path_or_id)
+    raw = formats.read_json(folder / "config.json")
+    state = formats.read_weights(folder, formats.EAGLE_FILES)
+    hidden_t, vocab = formats.target_sizes(target)
+    formats.check_size(folder, "vocabulary", raw.get("vocab_size"), vocab)
+    formats.check_size(folder, "target hidden size", raw.get("target_hidden_size", raw.get("hidden_size")), hidden_t)
+    fc = formats.require(state, "fc.weight", folder, "(not an EAGLE-3 head)")
+    layers = fused_layers(target.num_layers)
+    formats.check_size(folder, f"fused feature size (fc.weight [H, {len(layers)}*H_target])", fc.shape[1],
+                       len(layers) * hidden_t)
+    draft_vocab = int(raw.get("draft_vocab_size", vocab))
+    config = Eagle3Config(hidden_size=raw["hidden_size"], target_hidden_size=hidden_t, vocab_size=vocab,
+                          draft_vocab_size=draft_vocab, layer_config=formats.llama_layer_config(raw))
+    d2t, t2d = state.pop("d2t", None), state.pop("t2d", None)
+    vocab_ids = _draft_vocabulary(folder, d2t, t2d, draft_vocab, vocab)
+    order = torch.argsort(vocab_ids)  # specdec keeps draft vocabularies sorted: permute the LM-head rows to match
+    lm_head = formats.require(state, "lm_head.weight", folder, "[draft_vocab_size, H]")
+    formats.check_size(folder, "draft vocabulary (lm_head.weight rows)", lm_head.shape[0], draft_vocab)
+    state["lm_head.weight"] = lm_head[order]
+    embed = state.pop("embed_tokens.weight", None)
+    head = Eagle3Head(config, target, vocab_ids[order], embed)
+    formats.load_strict(head, state, folder)
+    return head.eval()
+
+
+def _draft_vocabulary(folder: Path, d2t: torch.Tensor | None, t2d: torch.Tensor | None, size: int,
+                      vocab: int) -> torch.Tensor:
+    """Target id of each draft index (``i + d2t[i]``, EAGLE-3's map), checked against ``t2d``."""
+    if d2t is None:
+        if size != vocab:
+            raise ValueError(f"{folder}: draft_vocab_size {size} < vocabulary {vocab} needs the d2t map")
+        return torch.arange(vocab)
+    formats.check_size(folder, "draft vocabulary (d2t)", d2t.numel(), size)
+    ids = torch.arange(size) + d2t.long().flatten()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab or ids.unique().numel() != size:
+        raise ValueError(f"{folder}: d2t maps draft ids outside [0, {vocab}) or twice onto one token")
+    if t2d is not None:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        mask[ids] = True
+        if t2d.numel() != vocab or not torch.equal(t2d.bool().flatten(), mask):
+            raise ValueError(f"{folder}: t2d [{t2d.numel()}] does not mark exactly the {size} tokens d2t maps to")
+    return ids

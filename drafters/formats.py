@@ -35,9 +35,9 @@ from torch import nn
 
 from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead
 from specdec.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
+from specdec.drafters.registry import Option, register
 
 if TYPE_CHECKING:
-    from specdec.drafters.eagle3 import Eagle3Head
     from specdec.target import TargetModel
 
 FORMATS = ("eagle", "eagle3", "medusa")
@@ -76,7 +76,7 @@ def detect_format(folder: Path) -> str:
     """``"medusa"``, ``"eagle3"`` or ``"eagle"`` from the files and ``config.json`` of a published checkpoint."""
     if any((folder / f).is_file() for f in MEDUSA_FILES):
         return "medusa"
-    config = _json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if "kind" in config:  # specdec's own checkpoints (specdec.checkpoint) declare their kind
         raise ValueError(f"{folder} is a specdec {config['kind']} checkpoint, not a published one: use "
                          f"{config['kind']}:path={folder}")
@@ -85,7 +85,7 @@ def detect_format(folder: Path) -> str:
     if "draft_vocab_size" in config:
         return "eagle3"
     if any((folder / f).is_file() for f in EAGLE_FILES):
-        keys = _read_weights(folder, EAGLE_FILES)
+        keys = read_weights(folder, EAGLE_FILES)
         return "eagle3" if any(k.startswith("midlayer.") for k in keys) else "eagle"
     raise ValueError(f"{folder} holds no EAGLE ({' or '.join(EAGLE_FILES)}) or Medusa ({' or '.join(MEDUSA_FILES)}) "
                      "weights")
@@ -100,7 +100,7 @@ def load_drafter(path_or_id: str | Path, target: TargetModel, fmt: str = "auto",
         options.setdefault("backend", target.backend)
         return EagleDrafter(load_eagle_head(folder, target), **options)
     if fmt == "eagle3":
-        from specdec.drafters.eagle3 import Eagle3Drafter
+        from specdec.drafters.eagle3 import Eagle3Drafter, load_eagle3_head
 
         options.setdefault("backend", target.backend)
         return Eagle3Drafter(load_eagle3_head(folder, target), **options)
@@ -113,8 +113,8 @@ def load_drafter(path_or_id: str | Path, target: TargetModel, fmt: str = "auto",
 def load_eagle_head(path_or_id: str | Path, target: TargetModel) -> EagleHead:
     """An EAGLE-1/2 head (layout in the module docstring) as an :class:`EagleHead` on ``target``'s device/dtype."""
     folder = resolve_folder(path_or_id)
-    raw = _json(folder / "config.json")
-    state = _read_weights(folder, EAGLE_FILES)
+    raw = read_json(folder / "config.json")
+    state = read_weights(folder, EAGLE_FILES)
     if any(k.startswith("midlayer.") for k in state):
         raise ValueError(f"{folder} is an EAGLE-3 head (midlayer.* keys): load it with format eagle3")
     layers = raw.get("num_hidden_layers", 1)
@@ -123,14 +123,14 @@ def load_eagle_head(path_or_id: str | Path, target: TargetModel) -> EagleHead:
                          "drafter runs exactly 1)")
     if raw.get("qkv_bias") or raw.get("attention_bias"):
         raise ValueError(f"{folder}: attention biases (Qwen-style EAGLE heads) are not supported; Llama heads only")
-    hidden, vocab = _target_sizes(target)
-    _check_size(folder, "hidden size", raw.get("hidden_size"), hidden)
-    _check_size(folder, "vocabulary", raw.get("vocab_size"), vocab)
+    hidden, vocab = target_sizes(target)
+    check_size(folder, "hidden size", raw.get("hidden_size"), hidden)
+    check_size(folder, "vocabulary", raw.get("vocab_size"), vocab)
     if "fc.weight" not in state:
         raise ValueError(f"{folder}: no fc.weight, not an EAGLE head")
-    _check_size(folder, "hidden size (fc.weight [H, 2H])", state["fc.weight"].shape[0], hidden)
+    check_size(folder, "hidden size (fc.weight [H, 2H])", state["fc.weight"].shape[0], hidden)
     with_bias = bool(raw.get("bias", True))
-    layer_config = _layer_config(raw)
+    layer_config = llama_layer_config(raw)
     head = EagleHead(EagleConfig(hidden, vocab, layer_config), target)
     factory = {"dtype": head.fc.weight.dtype, "device": head.fc.weight.device}
     if not with_bias:
@@ -138,18 +138,18 @@ def load_eagle_head(path_or_id: str | Path, target: TargetModel) -> EagleHead:
     head.layer.input_layernorm = nn.Identity()  # EAGLE's only layer has index 0: no input norm
     mapped = {"fc.weight": state["fc.weight"]}
     if with_bias:
-        mapped["fc.bias"] = _require(state, "fc.bias", folder, '(or "bias": false in config.json)')
+        mapped["fc.bias"] = require(state, "fc.bias", folder, '(or "bias": false in config.json)')
     for key, value in state.items():
         if _EAGLE_LAYER.fullmatch(key):
             mapped["layer." + key.removeprefix("layers.0.")] = value
         elif key not in ("fc.weight", "fc.bias", "embed_tokens.weight") and not key.endswith("rotary_emb.inv_freq"):
             raise ValueError(f"{folder}: unexpected key {key!r} for an EAGLE-1/2 head")
-    _load_strict(head, mapped, folder)
+    load_strict(head, mapped, folder)
     _own_embedding(head, state, folder, vocab, hidden, factory)
     return head.eval()
 
 
-def _layer_config(raw: dict[str, Any]) -> dict[str, Any]:
+def llama_layer_config(raw: dict[str, Any]) -> dict[str, Any]:
     """The head layer's transformers config (as the JSON dict :class:`EagleConfig` keeps) from an EAGLE
     ``config.json``; ``head_dim`` is EAGLE's ``hidden_size // num_attention_heads``."""
     from transformers import AutoConfig
@@ -175,62 +175,13 @@ def _own_embedding(head: nn.Module, state: dict[str, torch.Tensor], folder: Path
     object.__setattr__(head, "embed_tokens", embedding)  # like the target's: used, not saved
 
 
-# ---------------------------------------------------------------------------------------------------- EAGLE-3
-def load_eagle3_head(path_or_id: str | Path, target: TargetModel) -> Eagle3Head:
-    """An EAGLE-3 head (layout in the module docstring) as an :class:`Eagle3Head` on ``target``."""
-    from specdec.drafters.eagle3 import Eagle3Config, Eagle3Head, fused_layers
-
-    folder = resolve_folder(path_or_id)
-    raw = _json(folder / "config.json")
-    state = _read_weights(folder, EAGLE_FILES)
-    hidden_t, vocab = _target_sizes(target)
-    _check_size(folder, "vocabulary", raw.get("vocab_size"), vocab)
-    _check_size(folder, "target hidden size", raw.get("target_hidden_size", raw.get("hidden_size")), hidden_t)
-    fc = _require(state, "fc.weight", folder, "(not an EAGLE-3 head)")
-    layers = fused_layers(target.num_layers)
-    _check_size(folder, f"fused feature size (fc.weight [H, {len(layers)}*H_target])", fc.shape[1],
-                len(layers) * hidden_t)
-    draft_vocab = int(raw.get("draft_vocab_size", vocab))
-    config = Eagle3Config(hidden_size=raw["hidden_size"], target_hidden_size=hidden_t, vocab_size=vocab,
-                          draft_vocab_size=draft_vocab, layer_config=_layer_config(raw))
-    d2t, t2d = state.pop("d2t", None), state.pop("t2d", None)
-    vocab_ids = _draft_vocabulary(folder, d2t, t2d, draft_vocab, vocab)
-    order = torch.argsort(vocab_ids)  # specdec keeps draft vocabularies sorted: permute the LM-head rows to match
-    lm_head = _require(state, "lm_head.weight", folder, "[draft_vocab_size, H]")
-    _check_size(folder, "draft vocabulary (lm_head.weight rows)", lm_head.shape[0], draft_vocab)
-    state["lm_head.weight"] = lm_head[order]
-    embed = state.pop("embed_tokens.weight", None)
-    head = Eagle3Head(config, target, vocab_ids[order], embed)
-    _load_strict(head, state, folder)
-    return head.eval()
-
-
-def _draft_vocabulary(folder: Path, d2t: torch.Tensor | None, t2d: torch.Tensor | None, size: int,
-                      vocab: int) -> torch.Tensor:
-    """Target id of each draft index (``i + d2t[i]``, EAGLE-3's map), checked against ``t2d``."""
-    if d2t is None:
-        if size != vocab:
-            raise ValueError(f"{folder}: draft_vocab_size {size} < vocabulary {vocab} needs the d2t map")
-        return torch.arange(vocab)
-    _check_size(folder, "draft vocabulary (d2t)", d2t.numel(), size)
-    ids = torch.arange(size) + d2t.long().flatten()
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab or ids.unique().numel() != size:
-        raise ValueError(f"{folder}: d2t maps draft ids outside [0, {vocab}) or twice onto one token")
-    if t2d is not None:
-        mask = torch.zeros(vocab, dtype=torch.bool)
-        mask[ids] = True
-        if t2d.numel() != vocab or not torch.equal(t2d.bool().flatten(), mask):
-            raise ValueError(f"{folder}: t2d [{t2d.numel()}] does not mark exactly the {size} tokens d2t maps to")
-    return ids
-
-
 # ---------------------------------------------------------------------------------------------------- Medusa
 def load_medusa_heads(path_or_id: str | Path, target: TargetModel) -> MedusaHeads:
     """Medusa-1 heads (layout in the module docstring) on ``target``'s device and dtype."""
     folder = resolve_folder(path_or_id)
     config_file = folder / "config.json"
-    raw = _json(config_file) if config_file.is_file() else {}
-    state = {k.removeprefix("medusa_head."): v for k, v in _read_weights(folder, MEDUSA_FILES).items()}
+    raw = read_json(config_file) if config_file.is_file() else {}
+    state = {k.removeprefix("medusa_head."): v for k, v in read_weights(folder, MEDUSA_FILES).items()}
     parsed = [_MEDUSA_KEY.fullmatch(k) for k in state]
     bad = [k for k, m in zip(state, parsed, strict=True) if m is None]
     if bad or not state:
@@ -240,37 +191,37 @@ def load_medusa_heads(path_or_id: str | Path, target: TargetModel) -> MedusaHead
     if heads != list(range(len(heads))):
         raise ValueError(f"{folder}: Medusa heads {heads} are not numbered 0..{len(heads) - 1}")
     num_layers = int(raw.get("medusa_num_layers", max(int(m.group(2)) for m in parsed)))
-    hidden, vocab = _target_sizes(target)
+    hidden, vocab = target_sizes(target)
     for k in heads:
         note = f"(head {k}'s LM head, medusa_num_layers={num_layers})"
-        lm = _require(state, f"{k}.{num_layers}.weight", folder, note)
-        _check_size(folder, f"hidden size (head {k})", lm.shape[1], hidden)
-        _check_size(folder, f"vocabulary (head {k})", lm.shape[0], vocab)
+        lm = require(state, f"{k}.{num_layers}.weight", folder, note)
+        check_size(folder, f"hidden size (head {k})", lm.shape[1], hidden)
+        check_size(folder, f"vocabulary (head {k})", lm.shape[0], vocab)
     config = MedusaConfig(hidden, vocab, len(heads), num_layers, share_lm_head=False)
     module = MedusaHeads(config).to(target.device, target.dtype)  # loading casts the published dtype to the target's
-    _load_strict(module, {f"heads.{k}": v for k, v in state.items()}, folder)
+    load_strict(module, {f"heads.{k}": v for k, v in state.items()}, folder)
     return module.eval()
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
-def _target_sizes(target: TargetModel) -> tuple[int, int]:
+def target_sizes(target: TargetModel) -> tuple[int, int]:
     weight = target.model.get_output_embeddings().weight
     return int(weight.shape[1]), int(weight.shape[0])
 
 
-def _check_size(folder: Path, what: str, theirs: Any, ours: int) -> None:
+def check_size(folder: Path, what: str, theirs: Any, ours: int) -> None:
     if theirs is not None and int(theirs) != ours:
         raise ValueError(f"{folder}: the checkpoint's {what} is {int(theirs)}, the target's is {ours}; "
                          "this head was trained for another model")
 
 
-def _require(state: dict[str, torch.Tensor], key: str, folder: Path, note: str) -> torch.Tensor:
+def require(state: dict[str, torch.Tensor], key: str, folder: Path, note: str) -> torch.Tensor:
     if key not in state:
         raise ValueError(f"{folder}: missing weight {key!r} {note}")
     return state[key]
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -282,7 +233,7 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], folder: Path
         raise ValueError(f"{folder}: weights do not fit config.json: {str(err).splitlines()[-1].strip()}") from None
 
 
-def _json(file: Path) -> dict[str, Any]:
+def read_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"not a drafter checkpoint: {file} is missing")
     try:
@@ -294,7 +245,7 @@ def _json(file: Path) -> dict[str, Any]:
     return value
 
 
-def _read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The first of ``names`` in ``folder`` (safetensors, or a torch pickle read with ``weights_only``)."""
     for name in names:
         file = folder / name
@@ -310,3 +261,36 @@ def _read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tenso
             raise ValueError(f"{file} must hold a state dict of tensors")
         return dict(state)
     raise ValueError(f"no weights in {folder}: expected one of {list(names)}")
+
+
+@register("published", help="EAGLE-1/2 or Medusa heads in their reference repositories' layouts (local folder or "
+                            "cached HF id)", options=(
+    Option("path", str, None, "the checkpoint folder, or a Hugging Face id already in the local cache"),
+    Option("format", str, "auto", "checkpoint layout", ("auto", *FORMATS)),
+    Option("tree", str, None, "draft tree shape (EAGLE: chain, dynamic; Medusa: chain, dynamic, static)"),
+    Option("depth", int, None, "draft depth"),
+    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("topk", int, None, "children per expanded node (dynamic tree)"),
+))
+def _build(target, path=None, format="auto", tree=None, depth=None, budget=None, topk=None):  # noqa: A002
+    if path is None:
+        raise ValueError("the published drafter needs a checkpoint: published:path=FOLDER_OR_HF_ID")
+    folder = resolve_folder(path)
+    fmt = detect_format(folder) if format == "auto" else format
+    if fmt == "eagle3":
+        raise ValueError(f"{folder} is an EAGLE-3 head: EAGLE-3 heads need fused low/mid/high target features, which "
+                         "this engine version does not capture (load_drafter() runs it where they are passed)")
+    if fmt == "medusa":
+        from specdec.tree_builders import chain_choices
+
+        heads = load_medusa_heads(folder, target)
+        if tree == "dynamic":
+            return MedusaDrafter(heads, budget=budget or 16, depth=depth, topk=topk or 4)
+        if tree in (None, "static"):
+            return MedusaDrafter(heads)  # Medusa's own static tree for the heads' count
+        return MedusaDrafter(heads, choices=chain_choices(depth or heads.config.num_heads))
+    if tree == "static":
+        raise ValueError("EAGLE heads build chain or dynamic trees, not static ones")
+    sizes = {"depth": depth, "budget": budget, "topk": topk}
+    shape = {"tree": tree or "dynamic", **{k: v for k, v in sizes.items() if v is not None}}
+    return load_drafter(folder, target, fmt, **shape)

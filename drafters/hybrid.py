@@ -29,6 +29,7 @@ import torch
 
 from specdec.drafters.common import PerSequence
 from specdec.drafters.ngram import NgramDrafter
+from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.tree import TokenTree
 from specdec.tree_builders import union_tree
@@ -179,3 +180,26 @@ class HybridDrafter:
             rates[d - 1] += self.weight * (float(hit) - rates[d - 1])
             if not hit:
                 return
+
+
+MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
+
+
+@register("hybrid", help="n-gram where the text repeats, a model drafter's tree elsewhere, under one node budget",
+          options=(
+    Option("model", str, "eagle", "the model sub-drafter", MODEL_DRAFTERS),
+    Option("path", str, None, "the model's weights, as its own path option ('shipped' for the embedded SmolLM2)"),
+    Option("tree", str, "dynamic", "the model's tree shape (as its own tree option)"),
+    Option("budget", int, None, "merged tree nodes, root included (default 16; also the model's budget)"),
+    Option("depth", int, None, "deepest draft node (default 8; also the model's depth)"),
+    Option("topk", int, None, "children per expanded node of the model's dynamic tree"),
+    Option("skip", float, None, "depth-1 n-gram rate above which a matched sequence skips the model (default 0.9; "
+                                "2 = never skip)"),
+))
+def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=None, topk=None,
+           skip=None) -> HybridDrafter:
+    given = {"path": path, "tree": tree, "budget": budget, "depth": depth, "topk": topk}
+    sub = DrafterSpec.parse(model)
+    sub = sub.with_options(**{k: v for k, v in given.items() if v is not None and k in sub.options})
+    kwargs = {"budget": budget, "max_depth": depth, "skip_model_above": 0.9 if skip is None else skip}
+    return HybridDrafter(build_drafter(sub, target), **{k: v for k, v in kwargs.items() if v is not None})

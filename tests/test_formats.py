@@ -282,3 +282,19 @@ def test_a_hugging_face_id_resolves_to_its_snapshot_in_the_local_cache(target, t
     (tmp_path / "hf" / "models--org--eagle-tiny" / "refs").mkdir()
     (tmp_path / "hf" / "models--org--eagle-tiny" / "refs" / "main").write_text("a" * 40)
     assert resolve_folder("org/eagle-tiny", cache_dir=tmp_path / "hf") == snapshot
+
+
+def test_the_published_drafter_is_registered_with_its_options(target, deep_target, tmp_path):
+    from specdec.drafters.registry import DrafterSpec, build_drafter
+
+    eagle = _write(tmp_path / "eagle", _llama_config(), _eagle1_state(target), "model.safetensors")
+    drafter = build_drafter(DrafterSpec.parse(f"published:path={eagle},tree=dynamic,budget=6"), target)
+    assert isinstance(drafter, EagleDrafter) and (drafter.tree, drafter.budget) == ("dynamic", 6)
+    medusa = _write(tmp_path / "medusa", MEDUSA, _medusa_state(), "medusa_lm_head.safetensors")
+    drafter = build_drafter(DrafterSpec.parse(f"published:path={medusa},tree=chain,depth=1"), target)
+    assert isinstance(drafter, MedusaDrafter) and drafter.choices == [(0,)]
+    folder, _ = _eagle3_checkpoint(tmp_path, deep_target, torch.arange(V))
+    with pytest.raises(ValueError, match="need fused low/mid/high target features, which this engine version"):
+        build_drafter(DrafterSpec.parse(f"published:path={folder}"), deep_target)
+    with pytest.raises(ValueError, match="needs a checkpoint: published:path="):
+        build_drafter(DrafterSpec.parse("published"), target)

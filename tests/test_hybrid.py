@@ -183,3 +183,14 @@ def test_a_confident_ngram_drafts_alone_and_the_model_runs_only_where_it_has_no_
     hybrid.accept(0, torch.tensor([2]))  # the n-gram was wrong: its rate drops below the threshold
     hybrid.propose(inputs([0], [REPEATING]))
     assert model.proposed == [1, 0]
+
+
+def test_the_hybrid_is_registered_and_passes_its_options_to_the_model(target):
+    from specdec.drafters.registry import DrafterSpec, build_drafter
+
+    hybrid = build_drafter(DrafterSpec.parse("hybrid:model=medusa,budget=6,depth=2,skip=2"), target)
+    assert isinstance(hybrid, HybridDrafter) and isinstance(hybrid.model, MedusaDrafter)
+    assert (hybrid.budget, hybrid.max_depth, hybrid.skip_model_above) == (6, 2, 2.0)
+    assert (hybrid.model.budget, hybrid.model.depth) == (6, 2)  # the model's own dynamic tree gets the same limits
+    with pytest.raises(ValueError, match="option 'model' of drafter 'hybrid' must be one of"):
+        DrafterSpec.parse("hybrid:model=ngram")
