@@ -158,3 +158,10 @@ def test_the_command_module_parses_the_certificate_settings():
                               "--temperature", "0.7", "--repeats", "3"])
     assert args.drafter == ["none", "medusa:path=shipped"] and args.acceptance == "typical_lossy"
     assert (args.temperature, args.repeats, args.alpha) == (0.7, 3, 0.01)
+
+
+def test_the_pit_histogram_is_written_as_a_png(sharp_target, tmp_path):
+    cert = run_certificate(sharp_target, {"d": SampledTreeDrafter()}, PROMPTS[:1], T1, 8, repeats=4)
+    cert.plot(str(tmp_path / "pit.png"))
+    assert (tmp_path / "pit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(cert.marginal) == 4 * 8 and len(cert.conditional) >= len(cert.marginal)

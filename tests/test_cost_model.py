@@ -84,6 +84,14 @@ def test_the_tracker_learns_per_depth_rates_and_is_calibrated_on_stationary_data
         assert big[0] == pytest.approx(big[1], abs=0.04)
 
 
+def test_the_reliability_plot_is_written_as_a_png(tmp_path):
+    tracker = AcceptanceTracker()
+    for i in range(50):
+        tracker.observe(1 + i % 3, 0, i % 2 == 0)
+    tracker.plot(str(tmp_path / "rel.png"))
+    assert (tmp_path / "rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tracker_update_counts_the_tried_children_up_to_the_accepted_one():
     tree = TokenTree(torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 0, 0, 2]))
     tracker = AcceptanceTracker()
