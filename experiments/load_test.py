@@ -7,8 +7,9 @@ machine (loopback only), or one this script starts (``--start-server``) on a fre
 Per run (one concurrency x one drafter): throughput (completion tokens / wall time), time to first token and
 inter-token latency p50/p99 as the client sees them (ITL: the gap between two streamed chunks; one chunk may carry
 several tokens of a speculative step), time per output token p50/p99 ((latency - TTFT) / (tokens - 1) per request),
-tau from the server's ``/metrics`` (the run's share of ``specdec_tokens_per_step``), errors, and KV blocks still in
-use after the run (leaks). Prints a table and writes JSON. Every wait is bounded (``--timeout``, ``--run-timeout``).
+tau and the mean tree size per verification step from the server's ``/metrics`` (the run's share of
+``specdec_tokens_per_step`` and ``specdec_tree_nodes_total``), errors, and KV blocks still in use after the run
+(leaks). Prints a table and writes JSON. Every wait is bounded (``--timeout``, ``--run-timeout``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ async def run_once(url: str, prompts: list[str], concurrency: int, drafter: str 
              - metric_sum(before, "specdec_tokens_per_step_count", drafter))
     step_tokens = (metric_sum(after, "specdec_tokens_per_step_sum", drafter)
                    - metric_sum(before, "specdec_tokens_per_step_sum", drafter))
+    nodes = (metric_sum(after, "specdec_tree_nodes_total", drafter)
+             - metric_sum(before, "specdec_tree_nodes_total", drafter))
     ok = [r for r in results if r["error"] is None]
     ms = lambda values, q: None if percentile(values, q) is None else round(1000 * percentile(values, q), 2)  # noqa: E731
     ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
@@ -124,6 +127,7 @@ async def run_once(url: str, prompts: list[str], concurrency: int, drafter: str 
             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "itl_p50_ms": ms(itl, 50),
             "itl_p99_ms": ms(itl, 99), "tpot_p50_ms": ms(tpot, 50), "tpot_p99_ms": ms(tpot, 99),
             "tau": round(step_tokens / steps, 3) if steps else None,
+            "tree_nodes_per_step": round(nodes / steps, 2) if steps else None,
             "leaked_blocks": health["kv_blocks_total"] - health["kv_blocks_free"]}
 
 
@@ -183,7 +187,7 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 def table(runs: list[dict]) -> str:
     cols = ["concurrency", "drafter", "requests", "errors", "throughput_tok_s", "ttft_p50_ms", "ttft_p99_ms",
-            "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "tau", "leaked_blocks"]
+            "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "tau", "tree_nodes_per_step", "leaked_blocks"]
     rows = [[str(r[c]) for c in cols] for r in runs]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(x.rjust(w) for x, w in zip(cells, widths, strict=True))  # noqa: E731

@@ -246,6 +246,7 @@ def test_ngram_reports_tau_and_acceptance_by_depth_on_a_repetitive_prompt(served
     assert metric(text, "specdec_depth_tried_total", drafter="ngram", depth="1") > 0
     assert 0 <= metric(text, "specdec_acceptance_rate_by_depth", drafter="ngram", depth="1") <= 1
     assert metric(text, "specdec_accepted_draft_tokens_total", drafter="ngram") > 0
+    assert metric(text, "specdec_tree_nodes_total", drafter="ngram") > info["verification_steps"]  # real trees
 
 
 def test_a_seeded_sampled_request_reproduces_and_top_k_one_is_greedy(served, tiny_parts):

@@ -15,7 +15,7 @@ from .test_server import start_server, tiny_parts  # noqa: F401 - fixtures
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "load_test.py"
 FIELDS = {"concurrency", "drafter", "requests", "errors", "error_messages", "completion_tokens", "wall_s",
           "throughput_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms",
-          "tpot_p99_ms", "tau", "leaked_blocks"}
+          "tpot_p99_ms", "tau", "tree_nodes_per_step", "leaked_blocks"}
 
 
 def load_test_module():
@@ -40,7 +40,8 @@ def test_load_test_reports_throughput_latencies_and_tau_per_drafter(start_server
         assert run["completion_tokens"] == 6 * 12 and run["throughput_tok_s"] > 0
         assert 0 < run["ttft_p50_ms"] <= run["ttft_p99_ms"] and run["itl_p50_ms"] <= run["itl_p99_ms"]
         assert run["tau"] >= 1.0
-    assert [r["tau"] for r in report["runs"] if r["drafter"] == "none"] == [1.0, 1.0]
+    none = [r for r in report["runs"] if r["drafter"] == "none"]
+    assert [r["tau"] for r in none] == [1.0, 1.0] and [r["tree_nodes_per_step"] for r in none] == [1.0, 1.0]
     assert "throughput_tok_s" in capsys.readouterr().out
     served.stop()
 

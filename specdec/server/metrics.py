@@ -7,6 +7,8 @@ Every per-request series carries a ``drafter`` label (the name a request was ser
   tokens + the bonus token). ``_sum / _count`` is tau (1.0 for ``none``).
 * ``specdec_depth_tried_total`` / ``specdec_depth_accepted_total`` (label ``depth``): the counters of
   :mod:`specdec.stats` summed over finished requests; ``specdec_acceptance_rate_by_depth`` is their ratio.
+* ``specdec_tree_nodes_total``: tree nodes verified by finished requests (root included); divided by their
+  verification steps it is the mean tree size, the extra forward cost a drafter buys tau with.
 * ``specdec_inter_token_latency_seconds``: the gap between two outputs of a request divided by the tokens in the
   later one, observed once per token (speculative steps deliver several tokens at once).
 * ``specdec_time_to_first_token_seconds``: from admission to the server (after tokenization) to the first token.
@@ -45,6 +47,8 @@ class ServerMetrics:
         self.accepted = Counter("specdec_accepted_draft_tokens", "draft tokens accepted", d, registry=r)
         self.step_tokens = Histogram("specdec_tokens_per_step", "tokens per verification step (tau = sum/count)", d,
                                      buckets=STEP_TOKEN_BUCKETS, registry=r)
+        self.tree_nodes = Counter("specdec_tree_nodes", "tree nodes verified (root included), finished requests",
+                                  d, registry=r)
         self.depth_tried = Counter("specdec_depth_tried", "steps whose tree reached depth d with all above accepted",
                                    [*d, "depth"], registry=r)
         self.depth_accepted = Counter("specdec_depth_accepted", "steps that accepted a depth-d token", [*d, "depth"],
@@ -103,7 +107,9 @@ class ServerMetrics:
         self.prompt_tokens.labels(drafter).inc(prompt_tokens)
 
     def request_stats(self, drafter: str, stats: RequestStats) -> None:
-        """A finished request's acceptance-by-depth counters."""
+        """A finished request's tree-size and acceptance-by-depth counters."""
+        if stats.tree_nodes:
+            self.tree_nodes.labels(drafter).inc(stats.tree_nodes)
         for depth, (tried, acc) in enumerate(zip(stats.depth_tried, stats.depth_accepted, strict=True), start=1):
             if not tried:
                 continue
