@@ -9,9 +9,10 @@ from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead
 from specdec.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
 from specdec.engine import SpeculativeEngine
 from specdec.target import TargetModel
+from tests.conftest import inputs
+from tests.oracles import PlantedMedusaHeads, plant_eagle
 
 from .conftest import tiny_llama
-from tests.conftest import inputs
 
 VOCAB_IDS = torch.tensor([0, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47], dtype=torch.long)
 
@@ -83,21 +84,34 @@ def test_eagle_head_with_a_draft_vocab(target, tmp_path):
 
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 def test_greedy_output_with_a_draft_vocab_equals_autoregressive(target, kind):
+    """Heads over a draft vocabulary of the target's 10 most frequent output tokens (how draft vocabularies are
+    built), planted with the true continuation at random depths (tests/oracles.py): drafts stay inside the
+    vocabulary, are accepted (depth 2 and deeper) and rejected, and the output equals autoregressive decoding."""
     cache = target.new_cache(96, 4)
-    if kind == "medusa":
-        lm_head = target.model.get_output_embeddings()
-        config = MedusaConfig(32, 64, num_heads=3, draft_vocab_size=VOCAB_IDS.numel())
-        drafter = MedusaDrafter(MedusaHeads(config, lm_head, VOCAB_IDS).to(target.dtype), budget=8, topk=2)
-    else:
-        base = EagleConfig.from_target(target)
-        config = EagleConfig(base.hidden_size, base.vocab_size, base.layer_config, VOCAB_IDS.numel())
-        drafter = EagleDrafter(EagleHead(config, target, VOCAB_IDS), tree="dynamic", depth=3, budget=8, topk=2,
-                               num_blocks=64, block_size=4)
     for seed in range(3):
         prompt = torch.randint(0, 64, (6 + seed,), generator=torch.Generator().manual_seed(seed))
         ar = SpeculativeEngine(target, cache).generate(prompt, 16)
+        reference = prompt.tolist() + ar.tokens
+        vocab_ids = frequent_tokens([ar.tokens], 10, 64)
+        if kind == "medusa":
+            lm_head = target.model.get_output_embeddings()
+            config = MedusaConfig(32, 64, num_heads=3, draft_vocab_size=vocab_ids.numel())
+            drafter = MedusaDrafter(MedusaHeads(config, lm_head, vocab_ids).to(target.dtype), budget=8, topk=2)
+            drafter.heads = PlantedMedusaHeads(drafter.heads, target.model, reference, seed)
+        else:
+            base = EagleConfig.from_target(target)
+            config = EagleConfig(base.hidden_size, base.vocab_size, base.layer_config, vocab_ids.numel())
+            drafter = EagleDrafter(EagleHead(config, target, vocab_ids), tree="dynamic", depth=3, budget=8, topk=2,
+                                   num_blocks=64, block_size=4)
+            plant_eagle(drafter.head, target.model, reference, seed=seed)
+        proposed = []
+        propose = drafter.propose
+        drafter.propose = lambda batch, propose=propose, log=proposed: [log.append(d) or d for d in propose(batch)]
         spec = SpeculativeEngine(target, cache, drafter, max_tree_nodes=16).generate(prompt, 16)
         assert spec.tokens == ar.tokens
+        assert all(set(d.tree.tokens[1:].tolist()) <= set(vocab_ids.tolist()) for d in proposed)
+        s = spec.stats
+        assert s.tau > 1.3 and s.depth_accepted[1] > 0 and sum(s.depth_accepted) < sum(s.depth_tried)
     assert cache.allocator.num_free == 96
 
 

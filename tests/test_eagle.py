@@ -10,9 +10,10 @@ from specdec.drafters.eagle import EagleDrafter, EagleHead
 from specdec.engine import SpeculativeEngine
 from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
+from tests.conftest import inputs
+from tests.oracles import plant_eagle
 
 from .conftest import assert_same_committed_kv, first_two_tokens_pvalue, tiny_llama
-from tests.conftest import inputs
 
 OPTIONS = {"depth": 3, "budget": 8, "topk": 2, "num_blocks": 64, "block_size": 4}
 
@@ -34,13 +35,18 @@ def _features(target: TargetModel, tokens: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("tree", ["chain", "dynamic"])
 def test_greedy_output_equals_autoregressive(target, tree):
+    """A head that predicts the target's true next feature part of the time (planted into the real head's
+    forward, at random rows): drafts are accepted at depth 2 and deeper and rejected too; output unchanged."""
     cache = target.new_cache(96, 4)
-    drafter = EagleDrafter.untrained(target, tree=tree, **OPTIONS)
     for seed in range(3):
+        drafter = EagleDrafter.untrained(target, tree=tree, **OPTIONS)
         prompt = _prompt(seed, n=5 + 3 * seed)
         ar = SpeculativeEngine(target, cache).generate(prompt, 20)
+        plant_eagle(drafter.head, target.model, prompt.tolist() + ar.tokens, seed=seed)
         spec = SpeculativeEngine(target, cache, drafter, max_tree_nodes=16).generate(prompt, 20)
         assert spec.tokens == ar.tokens
+        s = spec.stats
+        assert s.tau > 1.3 and s.depth_accepted[1] > 0 and sum(s.depth_accepted) < sum(s.depth_tried)
         assert cache.allocator.num_free == 96 and drafter.cache.allocator.num_free == 64
 
 

@@ -108,6 +108,28 @@ def test_stats_count_steps_and_depths(tiny_target):
     assert s.depth_tried[0] >= s.depth_accepted[0]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_acceptance_counters_equal_a_drafter_with_known_acceptance_depths(tiny_target, seed):
+    """Every step's accepted depth is fixed by the drafter in advance (true prefix, then a wrong token): the
+    engine's depth_tried / depth_accepted / accepted_hist / tau must equal the counts computed from that plan."""
+    from tests.oracles import KnownDepthDrafter
+
+    prompt = torch.randint(0, 64, (7,), generator=torch.Generator().manual_seed(seed))
+    cache = tiny_target.new_cache(64, 4)
+    ar = SpeculativeEngine(tiny_target, cache).generate(prompt, 40)
+    drafter = KnownDepthDrafter(prompt.tolist() + ar.tokens, seed)
+    spec = SpeculativeEngine(tiny_target, cache, drafter).generate(prompt, 30)
+    s = spec.stats
+    assert spec.tokens == ar.tokens[:30]
+    want = drafter.expected_counters()
+    assert s.steps == len(drafter.log) and s.step_tokens == sum(g + 1 for _, g in drafter.log)
+    assert (s.depth_tried, s.depth_accepted, s.accepted_hist) == (
+        want["depth_tried"], want["depth_accepted"], want["accepted_hist"])
+    assert len(s.depth_tried) >= 3 and s.depth_accepted[1] > 0  # deep acceptances and rejections both happened
+    assert s.acceptance_by_depth == [a / t for a, t in zip(want["depth_accepted"], want["depth_tried"], strict=True)]
+    assert cache.allocator.num_free == 64
+
+
 # ---------------------------------------------------------------------- bad input, and no leaked blocks
 
 

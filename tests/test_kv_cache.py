@@ -109,10 +109,16 @@ def test_random_reserve_commit_release_keeps_invariants(seed):
             del shadow[seq]
             continue
         n = rng.randint(1, 6)
+        held, free = list(cache.blocks(seq)), cache.allocator.num_free
         try:
             cache.reserve(seq, n)
         except OutOfBlocks:
+            # justified only if the request needs more blocks than are free; a failed reserve takes nothing
+            need = -(-(len(shadow[seq]) + n) // cache.block_size) - len(held)
+            assert need > free, f"OutOfBlocks for {need} blocks with {free} free"
+            assert cache.blocks(seq) == held and cache.allocator.num_free == free
             continue
+        assert len(cache.blocks(seq)) == max(len(held), -(-(len(shadow[seq]) + n) // cache.block_size))
         vals = [counter + i for i in range(n)]
         counter += n
         ctx = len(shadow[seq])

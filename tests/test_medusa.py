@@ -11,9 +11,10 @@ from specdec.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads, me
 from specdec.engine import SpeculativeEngine
 from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
+from tests.conftest import inputs
+from tests.oracles import PlantedMedusaHeads
 
 from .conftest import tiny_llama
-from tests.conftest import inputs
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_save_load_gives_identical_proposals(target, tmp_path, share):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "config.json").read_text()) == {
         "hidden_size": 32, "vocab_size": 64, "num_heads": 3, "num_layers": 1, "share_lm_head": share,
-        "draft_vocab_size": 0}
+        "draft_vocab_size": 0, "kind": "medusa"}
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     assert ((64, 32) in shapes.values()) != share  # a shared LM head is never saved
@@ -172,16 +173,23 @@ def test_save_load_gives_identical_proposals(target, tmp_path, share):
 
 @pytest.mark.parametrize("mode", [{}, {"budget": 12}, {"share_lm_head": True, "budget": 8, "depth": 2}])
 def test_greedy_equals_autoregressive(target, mode):
+    """Heads that know the next ``g`` tokens for a random ``g`` per step (planted into the real heads' logits,
+    the rest of the tree from the heads themselves): drafts are accepted at every depth and rejected too, and
+    the output still equals autoregressive decoding."""
     cache = target.new_cache(64, 4)
+    depth = mode.get("depth", 3)
     for seed in range(3):
         prompt = _prompt(seed, 5 + 4 * seed)
         ar = SpeculativeEngine(target, cache).generate(prompt, 24)
         drafter = MedusaDrafter.untrained(target, **mode)
         if seed == 2:
             _perturb(drafter.heads, seed)  # heads that disagree with each other and with the LM head
+        drafter.heads = PlantedMedusaHeads(drafter.heads, target.model, prompt.tolist() + ar.tokens, seed)
         spec = SpeculativeEngine(target, cache, drafter).generate(prompt, 24)
         assert spec.tokens == ar.tokens
-        assert spec.stats.tau >= 1.0
+        s = spec.stats
+        assert s.tau > 1.3 and s.depth_accepted[depth - 1] > 0  # accepted, down to the deepest head
+        assert sum(s.depth_accepted) < sum(s.depth_tried)  # and rejected
         assert cache.allocator.num_free == 64
         assert drafter._hidden == {}  # released
 

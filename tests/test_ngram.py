@@ -54,3 +54,17 @@ def test_drafting_depth_shrinks_when_drafts_are_rejected_and_recovers():
     [deep] = d.propose(inputs([0], [history]))
     assert deep.tree.max_depth == 8
     d.release(0)
+
+
+def test_the_most_recent_window_right_before_the_suffix_is_matched():
+    """The window ending just before the last token (it overlaps the suffix) is a match too: in a run of one
+    token the longest suffix occurs only there, and its continuation is the last token itself."""
+    d = NgramDrafter(max_ngram=3, min_ngram=2, max_depth=4, max_nodes=16)
+    history = torch.tensor([1, 2, 7, 7, 7, 7])
+    assert d.continuations(history, max_matches=4) == [[7], [7, 7]]  # 3-gram at 2..4, then the 2-gram at 3..4
+    assert d.continuations(history, max_matches=1) == [[7]]
+    [draft] = d.propose(inputs([0], [history]))
+    assert draft.tree.tokens.tolist() == [7, 7, 7] and draft.tree.parents.tolist() == [-1, 0, 1]
+    # a period-2 text: the most recent occurrence of the suffix (2 tokens back) wins over older ones
+    d2 = NgramDrafter(max_ngram=2, min_ngram=2, max_depth=3, max_nodes=16)
+    assert d2.continuations(torch.tensor([5, 1, 2, 3, 2, 3, 2, 3]), 4) == [[2, 3], [2, 3, 2]]

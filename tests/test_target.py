@@ -51,13 +51,34 @@ def test_batch_of_ragged_trees_equals_each_alone(tiny_target):
     torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-10)
 
 
-def test_model_still_works_with_hf_generate_after_a_forward(tiny_target, tiny_model):
-    cache = tiny_target.new_cache(8, 4)
+def test_hf_generate_after_a_specdec_forward_equals_generate_before_any(tiny_target):
+    """The caller's model is left untouched: ``generate`` (tokens and per-step logits) is the same before any
+    specdec forward and after several, and still differs for another prompt (it really ran)."""
+    from specdec.target import TargetModel
+
+    model = tiny_llama(seed=4)  # a fresh model: nothing of specdec has touched it yet
+    prompt = torch.tensor([[1, 2, 3, 9, 4]])
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "output_scores": True,
+              "return_dict_in_generate": True}
+    attn = model.config._attn_implementation
+    with torch.inference_mode():
+        before = model.generate(prompt, **kwargs)
+    target = TargetModel(model)
+    cache = target.new_cache(8, 4)
     seq = cache.add_sequence()
     cache.reserve(seq, 3)
-    tiny_target.forward(cache, [seq], [TokenTree.chain([1, 2, 3])])
-    assert tiny_model.config._attn_implementation != "specdec_paged"
-    tiny_model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    target.forward(cache, [seq], [TokenTree.chain([1, 2, 3])])
+    cache.commit(seq, range(3))
+    cache.reserve(seq, 4)
+    target.forward(cache, [seq], [TokenTree(torch.tensor([3, 9, 5, 4]), torch.tensor([-1, 0, 0, 1]))])
+    assert model.config._attn_implementation == attn != "specdec_paged"
+    with torch.inference_mode():
+        after = model.generate(prompt, **kwargs)
+        other = model.generate(torch.tensor([[7, 7, 1]]), **kwargs)
+    assert torch.equal(after.sequences, before.sequences)
+    for a, b in zip(after.scores, before.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(other.sequences[0, 3:], before.sequences[0, 5:])
 
 
 def test_build_tree_batch_positions_and_slots():
