@@ -40,3 +40,35 @@ class PerSequence(Generic[T]):
         state = self._states.pop(seq_id, None)
         if state is not None and self._on_release is not None:
             self._on_release(state)
+
+
+class GrowingTree:
+    """A draft tree built level by level, each level forwarding only its new nodes (the tree offset).
+
+    Node 0 is the root (already written to the drafter's cache by the catch-up forward); nodes are numbered in
+    the order they were added, so parents come first and a level's new nodes are the tree's last ones.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.index: dict[tuple[int, ...], int] = {(): 0}
+        self.tokens, self.parents = [root], [-1]
+        self.written = 1  # nodes whose K/V are in the cache
+
+    def add(self, paths: list[tuple[int, ...]]) -> None:
+        """Append ``paths`` (token tuples below the root) not yet in the tree; their parents must be in it."""
+        for p in paths:
+            if p not in self.index:
+                self.index[p] = len(self.tokens)
+                self.tokens.append(p[-1])
+                self.parents.append(self.index[p[:-1]])
+
+    def pending(self) -> int:
+        """Nodes added since the last forward."""
+        return len(self.tokens) - self.written
+
+    def tree(self):
+        import torch
+
+        from specdec.tree import TokenTree  # local: keeps this module light
+
+        return TokenTree(torch.tensor(self.tokens), torch.tensor(self.parents))

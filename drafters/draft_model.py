@@ -23,14 +23,14 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from specdec.attention import AttentionBackend
-from specdec.drafters.common import PerSequence
+from specdec.attention import AttentionBackend, build_tree_batch
+from specdec.drafters.common import GrowingTree, PerSequence
 from specdec.drafters.registry import Option, register
 from specdec.interfaces import Draft, DraftInput
-from specdec.sampling import SamplingParams, process_logits, sample
+from specdec.sampling import process_logits, sample
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
-from specdec.tree_builders import best_first_tree, choices_tree, union_tree
+from specdec.tree_builders import best_first_steps, choices_steps, drive_batch
 
 
 class DraftModelDrafter:
@@ -78,8 +78,35 @@ class DraftModelDrafter:
             return self.budget
         return len({tuple(c) for c in self.tree}) + 1
 
+    @torch.inference_mode()
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
-        return [self._propose_one(item) for item in batch]
+        """One catch-up forward for the whole batch, then one forward per tree level for the whole batch, each
+        forwarding only that level's new nodes (they attend to the earlier levels' K/V in the draft cache)."""
+        if not batch:
+            return []
+        dseqs = [self._seqs[item.seq_id] for item in batch]
+        roots = [int(item.history[-1]) for item in batch]
+        root_logits = self._catch_up(dseqs, [item.history for item in batch])  # [B, V]
+        if self.tree == "chain":
+            return self._chains(dseqs, roots, root_logits, batch)
+        grown = [GrowingTree(r) for r in roots]
+        scores: list[dict[tuple[int, ...], torch.Tensor]] = [{(): row.log_softmax(-1)} for row in root_logits]
+
+        def expand_batch(requests):
+            need = [i for i, r in enumerate(requests) if r is not None and any(p not in scores[i] for p in r)]
+            for i in need:
+                grown[i].add(requests[i])
+            if need:
+                logits = self._forward_new([dseqs[i] for i in need], [grown[i] for i in need])
+                for i, rows in zip(need, logits, strict=True):
+                    new_paths = sorted(grown[i].index, key=grown[i].index.__getitem__)[-rows.shape[0]:]
+                    scores[i].update(zip(new_paths, rows.log_softmax(-1), strict=True))
+            return [None if r is None else torch.stack([scores[i][p] for p in r]) for i, r in enumerate(requests)]
+
+        if self.tree == "dynamic":
+            builders = [best_first_steps(r, self.budget, self.depth, self.topk) for r in roots]
+            return [Draft(tree) for tree, _ in drive_batch(builders, expand_batch)]
+        return [Draft(t) for t in drive_batch([choices_steps(r, self.tree) for r in roots], expand_batch)]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Nothing to do: accepted tokens are caught up at the next ``propose`` (no speculative commits)."""
@@ -88,54 +115,48 @@ class DraftModelDrafter:
         self._seqs.release(seq_id)
 
     # ------------------------------------------------------------------ drafting
-    def _propose_one(self, item: DraftInput) -> Draft:
-        dseq, history = self._seqs[item.seq_id], item.history
-        root_logits = self._catch_up(dseq, history)
-        root = int(history[-1])
-        if self.tree == "chain":
-            return self._chain(dseq, root, root_logits, item.sampling, item.generator)
-        expand = self._expander(dseq, root, root_logits)
-        if self.tree == "dynamic":
-            tree, _ = best_first_tree(root, expand, self.budget, self.depth, self.topk)
-            return Draft(tree)
-        return Draft(choices_tree(root, self.tree, expand))
+    def _catch_up(self, dseqs: list[int], histories: list[torch.Tensor]) -> torch.Tensor:
+        """Forward the history tokens each draft sequence lacks (one ragged forward); commit all but the roots.
+        Returns the logits after each root ``[B, V]``."""
+        pending = [h[self.cache.num_tokens(d) :] for d, h in zip(dseqs, histories, strict=True)]
+        for d, p in zip(dseqs, pending, strict=True):
+            self.cache.reserve(d, p.numel() + self.max_nodes)
+        out = self.model.forward(self.cache, dseqs, [TokenTree.chain(p) for p in pending], last_only=True)
+        for d, p in zip(dseqs, pending, strict=True):
+            self.cache.advance(d, p.numel() - 1, keep_reserved=self.max_nodes)
+        return out.logits
 
-    def _catch_up(self, dseq: int, history: torch.Tensor) -> torch.Tensor:
-        """Forward the history tokens the draft cache lacks; commit all but the root. Returns logits ``[V]``
-        after the root."""
-        cached = self.cache.num_tokens(dseq)
-        pending = history[cached:]
-        self.cache.reserve(dseq, pending.numel() + self.max_nodes)
-        out = self.model.forward(self.cache, [dseq], [TokenTree.chain(pending)], last_only=True)
-        self.cache.commit(dseq, range(pending.numel() - 1), keep_reserved=self.max_nodes)
-        return out.logits[-1]
+    def _forward_new(self, dseqs: list[int], grown: list[GrowingTree]) -> list[torch.Tensor]:
+        """Logits after each tree's new nodes (``[pending_b, V]`` per tree), one forward with tree offsets."""
+        trees = [g.tree() for g in grown]
+        for d, t in zip(dseqs, trees, strict=True):
+            self.cache.reserve(d, t.num_nodes)
+        batch = build_tree_batch(self.cache, dseqs, trees, offsets=[g.written for g in grown])
+        logits = self.model.run(self.cache, batch).logits
+        out, at = [], 0
+        for g in grown:
+            n = g.pending()
+            out.append(logits[at : at + n])
+            at += n
+            g.written = len(g.tokens)
+        return out
 
-    def _forward_last(self, dseq: int, tree: TokenTree, nodes: list[int]) -> torch.Tensor:
-        """Logits ``[len(nodes), V]`` after the given nodes of ``tree`` (rooted at the uncommitted root)."""
-        self.cache.reserve(dseq, tree.num_nodes)
-        return self.model.forward(self.cache, [dseq], [tree]).logits[nodes]
-
-    def _chain(
-        self, dseq: int, root: int, logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator | None
-    ) -> Draft:
-        tokens, rows = [root], [torch.zeros_like(logits)]
+    def _chains(self, dseqs: list[int], roots: list[int], logits: torch.Tensor,
+                batch: Sequence[DraftInput]) -> list[Draft]:
+        """``depth``-token chains for every sequence: argmax at temperature 0, else sampled from the processed
+        draft distribution with the request's own generator (reported in ``Draft.probs``)."""
+        grown = [GrowingTree(r) for r in roots]
+        rows: list[list[torch.Tensor]] = [[torch.zeros_like(logits[0])] for _ in roots]
         for d in range(self.depth):
-            q = process_logits(logits, sampling)
-            tokens.append(int(logits.argmax()) if sampling.greedy else int(sample(q, gen)))
-            rows.append(q)
+            for i, item in enumerate(batch):
+                q = process_logits(logits[i], item.sampling)
+                tok = int(logits[i].argmax()) if item.sampling.greedy else int(sample(q, item.generator))
+                grown[i].add([tuple(grown[i].tokens[1:]) + (tok,)])
+                rows[i].append(q)
             if d + 1 < self.depth:
-                logits = self._forward_last(dseq, TokenTree.chain(tokens), [-1])[0]
-        tree = TokenTree.chain(tokens)
-        return Draft(tree, None if sampling.greedy else torch.stack(rows))
-
-    def _expander(self, dseq: int, root: int, root_logits: torch.Tensor):
-        def expand(paths: list[tuple[int, ...]]) -> torch.Tensor:
-            if paths == [()]:
-                return root_logits.log_softmax(-1)[None]
-            tree, index = union_tree(root, paths)
-            return self._forward_last(dseq, tree, [index[p] for p in paths]).log_softmax(-1)
-
-        return expand
+                logits = torch.cat(self._forward_new(dseqs, grown))  # one new node per sequence
+        return [Draft(TokenTree.chain(g.tokens), None if item.sampling.greedy else torch.stack(r))
+                for g, r, item in zip(grown, rows, batch, strict=True)]
 
 
 def tree_shape(tree: str, depth: int | None, budget: int | None, topk: int | None) -> dict:

@@ -32,13 +32,13 @@ from transformers import AutoConfig
 from specdec.attention import ATTENTION_NAME, AttentionBackend, ForwardContext, build_tree_batch, select_backend
 from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.draft_vocab import check_vocab_ids, expand_logits
-from specdec.drafters.common import PerSequence
+from specdec.drafters.common import GrowingTree, PerSequence
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
 from specdec.kv_cache import PagedKVCache
-from specdec.sampling import SamplingParams, process_logits, sample
+from specdec.sampling import process_logits, sample
 from specdec.tree import TokenTree
-from specdec.tree_builders import best_first_tree, union_tree
+from specdec.tree_builders import best_first_steps, drive_batch
 
 if TYPE_CHECKING:
     from specdec.target import TargetModel
@@ -214,8 +214,33 @@ class EagleDrafter:
     # ------------------------------------------------------------------ protocol
     @torch.inference_mode()
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
-        """One draft per sequence; ``history [L]`` int64, last token = root (see the module docstring)."""
-        return [self._propose_one(item) for item in batch]
+        """One draft per sequence; ``history [L]`` int64, last token = root (see the module docstring). One
+        catch-up forward for the batch, then one head forward per tree level for the batch, each forwarding only
+        that level's new nodes."""
+        if not batch:
+            return []
+        missing = [item.seq_id for item in batch if item.seq_id not in self._feats]
+        if missing:
+            raise ValueError(f"EagleDrafter has no features for sequence {missing[0]}: call accept(seq_id, tokens, "
+                             "hidden) with the target's hidden states after prefill first")
+        dseqs = [self._seqs[item.seq_id] for item in batch]
+        roots = [int(item.history[-1]) for item in batch]
+        root_out = self._catch_up(batch, dseqs)  # [B, H]
+        grown = [GrowingTree(r) for r in roots]
+        pred: list[dict[Path_, torch.Tensor]] = [{(): row} for row in root_out]
+        if self.tree == "chain":
+            return self._chains(batch, dseqs, grown, pred)
+
+        def expand_batch(requests):
+            need = [i for i, r in enumerate(requests) if r is not None and any(p not in pred[i] for p in r)]
+            for i in need:
+                grown[i].add(requests[i])
+            self._forward_new([dseqs[i] for i in need], [grown[i] for i in need], [pred[i] for i in need])
+            return [None if r is None else self.head.full_logits(torch.stack([pred[i][p] for p in r])).log_softmax(-1)
+                    for i, r in enumerate(requests)]
+
+        builders = [best_first_steps(r, self.budget, self.depth, self.topk) for r in roots]
+        return [Draft(tree) for tree, _ in drive_batch(builders, expand_batch)]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Queue the target's features ``hidden [S, H]`` (row ``j`` predicted the token after span token ``j``);
@@ -231,78 +256,71 @@ class EagleDrafter:
         self._feats.pop(seq_id, None)
 
     # ------------------------------------------------------------------ drafting
-    def _propose_one(self, item: DraftInput) -> Draft:
-        seq_id, history, sampling = item.seq_id, item.history, item.sampling
-        if seq_id not in self._feats:
-            raise ValueError(f"EagleDrafter has no features for sequence {seq_id}: call accept(seq_id, tokens, "
-                             "hidden) with the target's hidden states after prefill first")
-        dseq = self._seqs[seq_id]
-        root_in, root_out = self._catch_up(seq_id, dseq, history)
-        root = int(history[-1])
-        if self.tree == "chain":
-            return self._chain(dseq, root, root_in, root_out, sampling, item.generator)
-        expand = self._expander(dseq, root, root_in, root_out)
-        tree, _ = best_first_tree(root, expand, self.budget, self.depth, self.topk)
-        return Draft(tree)
+    def _catch_up(self, batch: Sequence[DraftInput], dseqs: list[int]) -> torch.Tensor:
+        """Feed each sequence's pending pairs ``(h_t, x_{t+1})`` (one ragged forward for the batch); commit all
+        but the last (the root pair, the tree's node 0). Returns each root's predicted feature ``[B, H]``."""
+        dev = self.cache.device
+        chains, feats = [], []
+        for item, dseq in zip(batch, dseqs, strict=True):
+            pending = self._feats[item.seq_id]  # pairs committed .. committed + P - 1
+            tokens = item.history[self.cache.num_tokens(dseq) + 1 :].to(dev)
+            if pending.shape[0] != tokens.numel() or tokens.numel() == 0:
+                raise ValueError(f"sequence {item.seq_id}: {pending.shape[0]} pending features for {tokens.numel()} "
+                                 "pending history tokens; every history token after the first needs the target's "
+                                 "feature")
+            self.cache.reserve(dseq, tokens.numel() + self.max_nodes)
+            chains.append(TokenTree.chain(tokens))
+            feats.append(pending)
+        out = self._run(build_tree_batch(self.cache, dseqs, chains), torch.cat(feats))
+        ends = torch.tensor([c.num_nodes for c in chains]).cumsum(0) - 1
+        for item, dseq, chain, f in zip(batch, dseqs, chains, feats, strict=True):
+            self.cache.advance(dseq, chain.num_nodes - 1, keep_reserved=self.max_nodes)
+            self._feats[item.seq_id] = f[-1:]  # the root pair's input feature stays pending
+        return out[ends.to(out.device)]
 
-    def _catch_up(self, seq_id: int, dseq: int, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed pairs ``(h_t, x_{t+1})`` for ``t`` from the committed length to ``L - 2``; commit all but the last
-        (the root pair). Returns the root's input feature ``[H]`` and its predicted feature ``[H]``."""
-        committed = self.cache.num_tokens(dseq)
-        feats = self._feats[seq_id]  # pairs committed .. committed + P - 1
-        tokens = history[committed + 1 :].to(self.cache.k.device)
-        if feats.shape[0] != tokens.numel() or tokens.numel() == 0:
-            raise ValueError(f"sequence {seq_id}: {feats.shape[0]} pending features for {tokens.numel()} pending "
-                             "history tokens; every history token after the first needs the target's feature")
-        self.cache.reserve(dseq, tokens.numel() + self.max_nodes)
-        out = self._run(dseq, TokenTree.chain(tokens), feats)
-        self.cache.commit(dseq, range(tokens.numel() - 1), keep_reserved=self.max_nodes)
-        self._feats[seq_id] = feats[-1:]
-        return feats[-1], out[-1]
-
-    def _run(self, dseq: int, tree: TokenTree, features: torch.Tensor) -> torch.Tensor:
-        """Head outputs ``[N, H]`` for ``tree`` (rooted at the first uncommitted position) with input
-        ``features [N, H]``; writes K/V at the tree's slots, commits nothing."""
-        self.cache.reserve(dseq, tree.num_nodes)
-        batch = build_tree_batch(self.cache, [dseq], [tree])
+    def _run(self, batch, features: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``[T, H]`` for a prepared batch with input ``features [T, H]``; writes K/V, commits nothing."""
         ctx = ForwardContext(self.cache, batch, self.backend, self.backend.plan(batch, self.cache.block_size))
         return self.head(features, batch.input_ids, batch.positions, ctx)
 
-    def _path_tree(self, root: int, root_in: torch.Tensor, pred: dict[Path_, torch.Tensor],
-                   paths: list[Path_]) -> tuple[TokenTree, torch.Tensor, dict[Path_, int]]:
-        """Union tree of ``paths`` and each node's input feature (root: real; others: parent's prediction)."""
-        tree, index = union_tree(root, paths)
-        by_node = sorted(index, key=index.__getitem__)  # path prefixes in node order; () is the root
-        feats = [root_in] + [pred[p[:-1]] for p in by_node[1:]]
-        return tree, torch.stack(feats), index
+    def _forward_new(self, dseqs: list[int], grown: list[GrowingTree], pred: list[dict[Path_, torch.Tensor]]) -> None:
+        """Forward each tree's new nodes (input: the parent's predicted feature) with tree offsets; store their
+        predicted features in ``pred``."""
+        if not dseqs:
+            return
+        trees = [g.tree() for g in grown]
+        feats, new_paths = [], []
+        for dseq, g, t, p in zip(dseqs, grown, trees, pred, strict=True):
+            self.cache.reserve(dseq, t.num_nodes)
+            paths = sorted(g.index, key=g.index.__getitem__)[g.written :]
+            new_paths.append(paths)
+            feats += [p[q[:-1]] for q in paths]
+        out = self._run(build_tree_batch(self.cache, dseqs, trees, offsets=[g.written for g in grown]),
+                        torch.stack(feats))
+        at = 0
+        for g, p, paths in zip(grown, pred, new_paths, strict=True):
+            p.update(zip(paths, out[at : at + len(paths)], strict=True))
+            at += len(paths)
+            g.written = len(g.tokens)
 
-    def _chain(self, dseq: int, root: int, root_in: torch.Tensor, root_out: torch.Tensor, sampling: SamplingParams,
-               gen: torch.Generator | None) -> Draft:
-        path: Path_ = ()
-        pred = {(): root_out}
-        rows = [torch.zeros(self.head.config.vocab_size, dtype=root_out.dtype, device=root_out.device)]
+    def _chains(self, batch: Sequence[DraftInput], dseqs: list[int], grown: list[GrowingTree],
+                pred: list[dict[Path_, torch.Tensor]]) -> list[Draft]:
+        """``depth``-token chains: argmax at temperature 0, else sampled from the processed head distribution with
+        the request's own generator (reported in ``Draft.probs``)."""
+        v = self.head.config.vocab_size
+        rows = [[torch.zeros(v, dtype=self.head.fc.weight.dtype, device=self.cache.device)] for _ in batch]
         for d in range(self.depth):
-            logits = self.head.full_logits(pred[path])
-            q = process_logits(logits, sampling)
-            path += (int(logits.argmax()) if sampling.greedy else int(sample(q, gen)),)
-            rows.append(q.to(rows[0].dtype))
+            for i, item in enumerate(batch):
+                path = tuple(grown[i].tokens[1:])
+                logits = self.head.full_logits(pred[i][path])
+                q = process_logits(logits, item.sampling)
+                tok = int(logits.argmax()) if item.sampling.greedy else int(sample(q, item.generator))
+                grown[i].add([path + (tok,)])
+                rows[i].append(q.to(rows[i][0].dtype))
             if d + 1 < self.depth:
-                tree, feats, index = self._path_tree(root, root_in, pred, [path])
-                pred[path] = self._run(dseq, tree, feats)[index[path]]
-        tree = TokenTree.chain([root, *path])
-        return Draft(tree, None if sampling.greedy else torch.stack(rows))
-
-    def _expander(self, dseq: int, root: int, root_in: torch.Tensor, root_out: torch.Tensor):
-        pred: dict[Path_, torch.Tensor] = {(): root_out}
-
-        def expand(paths: list[Path_]) -> torch.Tensor:
-            if paths != [()]:
-                tree, feats, index = self._path_tree(root, root_in, pred, paths)
-                out = self._run(dseq, tree, feats)
-                pred.update({p: out[index[p]] for p in paths})
-            return self.head.full_logits(torch.stack([pred[p] for p in paths])).log_softmax(-1)
-
-        return expand
+                self._forward_new(dseqs, grown, pred)
+        return [Draft(TokenTree.chain(g.tokens), None if item.sampling.greedy else torch.stack(r))
+                for g, r, item in zip(grown, rows, batch, strict=True)]
 
 
 @register("eagle", help="EAGLE-style feature head (one decoder layer over the target's features)", options=(

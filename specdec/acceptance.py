@@ -58,6 +58,8 @@ def tree_rejection_sample(
     draft_probs: torch.Tensor | None,
     generator: torch.Generator | None = None,
     without_replacement: bool = False,
+    uniforms: torch.Tensor | None = None,
+    race: torch.Tensor | None = None,
 ) -> Verdict:
     """Lossless multi-draft speculative sampling over a token tree (recursive rejection sampling).
 
@@ -71,6 +73,9 @@ def tree_rejection_sample(
         without_replacement: the siblings were drawn from their parent's ``q`` without replacement (e.g. the
             Gumbel-top-k trick); each later sibling's proposal is then ``q`` restricted to the tokens not yet
             drawn, renormalised.
+        uniforms, race: pre-drawn noise instead of ``generator``: ``uniforms [N]`` (node ``c``'s test uses
+            ``uniforms[c]``) and ``race [V]`` Exp(1) (the bonus is ``argmax(p / race)``), as
+            :func:`specdec.acceptance_batch.rejection_sample_batch` uses them.
 
     At node ``u`` with target ``p``: for each child ``c_i`` (token ``x_i``, proposal ``q_i``) accept with probability
     ``min(1, p(x_i) / q_i(x_i))``; on rejection ``p <- normalize(max(p - q_i, 0))`` and try the next sibling; if all
@@ -92,7 +97,8 @@ def tree_rejection_sample(
         for child in children[node]:
             x = tokens[child]
             q = _proposal(draft_probs, child, x, p, drawn)
-            u = torch.rand((), generator=generator, dtype=p.dtype, device=p.device)
+            u = uniforms[child] if uniforms is not None else torch.rand(
+                (), generator=generator, dtype=p.dtype, device=p.device)
             if u * q[x] < p[x]:  # u < p/q, without dividing
                 accepted = child
                 break
@@ -100,7 +106,7 @@ def tree_rejection_sample(
             if drawn is not None:
                 drawn[x] = True
         if accepted is None:
-            bonus = int(sample(p, generator))
+            bonus = int((p / race).argmax()) if race is not None else int(sample(p, generator))
             break
         path.append(accepted)
     accepted_tokens = [tokens[i] for i in path[1:]] + [bonus]
@@ -154,86 +160,3 @@ def typical_accept_lossy(
     bonus = int(sample(target_probs[path[-1]], generator))
     return Verdict(path, torch.tensor([tokens[i] for i in path[1:]] + [bonus], dtype=torch.long))
 
-
-@dataclass(frozen=True)
-class PaddedTrees:
-    """A batch of trees padded to ``N`` nodes, for whole-batch tensor ops (all on one device).
-
-    Attributes:
-        tokens: ``[B, N]`` int64 (padding 0).
-        parents: ``[B, N]`` int64 (root and padding -1).
-        depth: ``[B, N]`` int64 (padding 0).
-        ancestors: ``[B, N, N]`` bool, each tree's ancestor mask (padding rows and columns false).
-        valid: ``[B, N]`` bool, real nodes.
-    """
-
-    tokens: torch.Tensor
-    parents: torch.Tensor
-    depth: torch.Tensor
-    ancestors: torch.Tensor
-    valid: torch.Tensor
-
-    @classmethod
-    def stack(cls, trees: list[TokenTree], device: torch.device | str = "cpu") -> PaddedTrees:
-        n = max(t.num_nodes for t in trees)
-
-        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, n - x.shape[-1]), value=value)
-
-        anc = torch.stack([torch.nn.functional.pad(t.ancestor_mask, (0, n - t.num_nodes, 0, n - t.num_nodes))
-                           for t in trees])
-        return cls(
-            tokens=torch.stack([pad(t.tokens, 0) for t in trees]).to(device),
-            parents=torch.stack([pad(t.parents, -1) for t in trees]).to(device),
-            depth=torch.stack([pad(t.depth, 0) for t in trees]).to(device),
-            ancestors=anc.to(device),
-            valid=torch.stack([pad(torch.ones(t.num_nodes, dtype=torch.long), 0) for t in trees]).bool().to(device),
-        )
-
-
-@dataclass(frozen=True)
-class BatchVerdict:
-    """Fixed-shape outcome of verifying ``B`` trees (``D`` = the deepest tree's depth).
-
-    Attributes:
-        accept_len: ``[B]`` int64, accepted draft tokens per tree (the bonus token not counted).
-        tokens: ``[B, D + 1]`` int64, the accepted draft tokens then the bonus token, padded with -1.
-        path: ``[B, D + 1]`` int64, accepted node indices from the root (``path[:, 0] == 0``), padded with -1.
-    """
-
-    accept_len: torch.Tensor
-    tokens: torch.Tensor
-    path: torch.Tensor
-
-
-def greedy_accept_batch(trees: PaddedTrees, target_tokens: torch.Tensor, max_depth: int) -> BatchVerdict:
-    """:func:`greedy_accept` for a whole batch with tensor ops only (no host sync, no per-node Python).
-
-    ``target_tokens [B, N]`` int64: the target's argmax after each node (padding: anything); ``max_depth`` = ``D``
-    (host value, bounds the output width). A node is **ok** when its token equals the target's argmax at its
-    parent and it is the first child of that parent carrying that token (the walk of :func:`greedy_accept`
-    takes the first match); its path is ok when every ancestor is. At most one child per parent is ok, so the ok
-    paths form one chain; the deepest ok node is where the walk ends, its ancestor row is the accepted path.
-    """
-    tokens, parents, valid, anc = trees.tokens, trees.parents, trees.valid, trees.ancestors
-    b, n = tokens.shape
-    want = target_tokens.gather(1, parents.clamp(min=0))  # [B, N], the argmax at each node's parent
-    ok = (tokens == want) & valid & (parents >= 0)
-    same = (parents[:, :, None] == parents[:, None, :]) & (tokens[:, :, None] == tokens[:, None, :])
-    earlier = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril_(-1)  # j < i
-    ok &= ~(same & earlier & valid[:, None, :]).any(-1)
-    ok[:, 0] = True  # the root
-    path_ok = ~(anc & ~ok[:, None, :]).any(-1) & valid  # [B, N]
-    deepest = torch.where(path_ok, trees.depth, -1).argmax(-1, keepdim=True)  # [B, 1]
-    accept_len = trees.depth.gather(1, deepest)[:, 0]
-    cols = torch.arange(n, device=tokens.device)
-    on_path = anc.gather(1, deepest[:, :, None].expand(b, 1, n))[:, 0]  # [B, N]
-    path = torch.where(on_path, cols, n).sort(-1).values[:, : max_depth + 1]
-    width = path.shape[1]
-    pos = torch.arange(width, device=tokens.device)[None]
-    path = torch.where(pos <= accept_len[:, None], path, -1)
-    drafted = tokens.gather(1, path.clamp(min=0))  # [B, D + 1], token of each path node
-    bonus = target_tokens.gather(1, deepest)  # [B, 1]
-    shifted = torch.nn.functional.pad(drafted[:, 1:], (0, 1), value=-1)
-    out = torch.where(pos < accept_len[:, None], shifted, torch.where(pos == accept_len[:, None], bonus, -1))
-    return BatchVerdict(accept_len, out, path)

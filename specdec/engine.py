@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import count
 
 import torch
 
-from specdec.acceptance import tree_rejection_sample, typical_accept_lossy
+from specdec.acceptance import typical_accept_lossy
 from specdec.attention import tree_batch
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.kv_cache import OutOfBlocks, PagedKVCache
@@ -62,6 +63,7 @@ class _Slot:
     final_chunk: bool = False  # prefill: the chunk that ends the prefill
     inner: frozenset[int] = frozenset()  # decode: nodes with children (host, read while drafting)
     depth: int = 0  # decode: tree depth (host)
+    max_children: int = 0  # decode: most children of one node (host)
 
 
 class SpeculativeEngine:
@@ -198,7 +200,9 @@ class SpeculativeEngine:
                 continue  # failed, or preempted by an older request's tree
             if self.scheduler.reserve_tree(req, draft.tree.num_nodes):
                 parents = draft.tree.parents.tolist()
-                slots.append(_Slot(req, draft.tree, draft, inner=frozenset(parents[1:]), depth=draft.tree.max_depth))
+                kids = max(Counter(parents[1:]).values(), default=0)
+                slots.append(_Slot(req, draft.tree, draft, inner=frozenset(parents[1:]), depth=draft.tree.max_depth,
+                                   max_children=kids))
         budget = self.scheduler.max_step_tokens - sum(s.tree.num_nodes for s in slots)
         prefilling = sorted((r for r in self.scheduler.running if not r.decoding), key=lambda r: r.arrival)
         for req in prefilling:
@@ -263,11 +267,8 @@ class SpeculativeEngine:
         verify_s = time.perf_counter() - t0
         return self._commit(slots, result, out.hidden, batch, draft_s, verify_s)
 
-    def _accept_sampled(self, slot: _Slot, probs: torch.Tensor):
-        req, draft = slot.req, slot.draft
-        if self.acceptance == "typical_lossy":
-            return typical_accept_lossy(draft.tree, probs, req.generator)
-        return tree_rejection_sample(draft.tree, probs, draft.probs, req.generator, draft.without_replacement)
+    def _accept_lossy(self, slot: _Slot, probs: torch.Tensor):
+        return typical_accept_lossy(slot.draft.tree, probs, slot.req.generator)
 
     def _commit(self, slots, result, hidden, batch, draft_s: float, verify_s: float) -> list[StepOutput]:
         outputs: list[StepOutput] = []

@@ -6,13 +6,51 @@ temperature. Drafters that sample their tokens instead report probabilities in `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import torch
 
 from specdec.tree import TokenTree
 
 Expand = Callable[[list[tuple[int, ...]]], torch.Tensor]
+# A tree builder as a generator: it yields the paths it wants expanded (one level at a time), receives their
+# log-probabilities ``[len(paths), V]``, and returns its result. Many builders can then share one batched forward.
+Steps = Generator[list[tuple[int, ...]], torch.Tensor, Any]
+
+
+def drive(steps: Steps, expand: Expand) -> Any:
+    """Run one builder with ``expand`` answering each request; returns the builder's result."""
+    try:
+        paths = next(steps)
+        while True:
+            paths = steps.send(expand(paths))
+    except StopIteration as stop:
+        return stop.value
+
+
+def drive_batch(builders: Sequence[Steps], expand_batch: Callable[[list[list[tuple[int, ...]] | None]],
+                                                                   list[torch.Tensor | None]]) -> list[Any]:
+    """Run many builders level by level in lockstep: ``expand_batch(requests)`` gets each builder's paths (``None``
+    for a finished builder) and answers all of them at once (one batched forward per level)."""
+    results: list[Any] = [None] * len(builders)
+    requests: list[list[tuple[int, ...]] | None] = []
+    for i, b in enumerate(builders):
+        try:
+            requests.append(next(b))
+        except StopIteration as stop:
+            results[i] = stop.value
+            requests.append(None)
+    while any(r is not None for r in requests):
+        answers = expand_batch(requests)
+        for i, (b, r) in enumerate(zip(builders, requests, strict=True)):
+            if r is None:
+                continue
+            try:
+                requests[i] = b.send(answers[i])
+            except StopIteration as stop:
+                results[i], requests[i] = stop.value, None
+    return results
 
 
 def static_tree(root: int, choices: Sequence[Sequence[int]], topk_tokens: torch.Tensor) -> TokenTree:
@@ -26,6 +64,11 @@ def chain_choices(depth: int) -> list[tuple[int, ...]]:
 
 
 def best_first_tree(root: int, expand: Expand, budget: int, depth: int, topk: int) -> tuple[TokenTree, torch.Tensor]:
+    """:func:`best_first_steps` driven by ``expand`` (one call per level)."""
+    return drive(best_first_steps(root, budget, depth, topk), expand)
+
+
+def best_first_steps(root: int, budget: int, depth: int, topk: int) -> Steps:
     """EAGLE-2-style dynamic tree: grow by draft confidence, then keep the best nodes.
 
     Args:
@@ -48,7 +91,7 @@ def best_first_tree(root: int, expand: Expand, budget: int, depth: int, topk: in
     pool: list[tuple[float, tuple[int, ...]]] = []  # (cumulative log-prob, path)
     frontier: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
     for _ in range(depth if budget > 1 else 0):
-        logprobs = expand([path for _, path in frontier])
+        logprobs = yield [path for _, path in frontier]
         top = logprobs.topk(topk, dim=-1)
         children = [
             (score + float(lp), path + (int(tok),))
@@ -72,6 +115,11 @@ def best_first_tree(root: int, expand: Expand, budget: int, depth: int, topk: in
 
 
 def choices_tree(root: int, choices: Sequence[Sequence[int]], expand: Expand) -> TokenTree:
+    """:func:`choices_steps` driven by ``expand``."""
+    return drive(choices_steps(root, choices), expand)
+
+
+def choices_steps(root: int, choices: Sequence[Sequence[int]]) -> Steps:
     """A static-shape tree whose node ``(c_1, ..., c_d)`` is the rank-``c_d`` child of node ``(c_1, ..., c_{d-1})``
     under the drafter's own distribution at that node (``expand`` as in :func:`best_first_tree`, called once per
     level with the nodes that have children in ``choices``)."""
@@ -83,7 +131,7 @@ def choices_tree(root: int, choices: Sequence[Sequence[int]], expand: Expand) ->
         missing = [p for p in parents if p not in token_of]
         if missing:
             raise ValueError(f"bad tree: choice {missing[0] + (0,)} has no parent choice {missing[0]}")
-        logprobs = expand([token_of[p] for p in parents])
+        logprobs = yield [token_of[p] for p in parents]
         ranked = {p: logprobs[i].topk(1 + max(c[-1] for c in level if c[:-1] == p)).indices.tolist()
                   for i, p in enumerate(parents)}
         for c in level:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.acceptance import PaddedTrees, greedy_accept_batch, tree_rejection_sample
+from specdec.acceptance import tree_rejection_sample
+from specdec.acceptance_batch import PaddedTrees, greedy_accept_batch
 from specdec.attention import tree_batch
 from specdec.sampling import GREEDY, SamplingParams, process_logits
 from specdec.target import TargetModel
