@@ -258,15 +258,18 @@ def test_a_finished_request_leaves_no_state_behind(tiny_target):
     assert not len(engine.drafter._state)
 
 
-def test_greedy_step_reads_the_device_once(tiny_target, monkeypatch):
-    """Host syncs of one decode step's verify phase (forward, acceptance, KV moves, bookkeeping): exactly the one
-    documented read, counted by patching the tensor methods that copy device values to the host."""
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_decode_step_reads_the_device_once(tiny_target, monkeypatch, mixed):
+    """Host syncs of one decode step's verify phase (forward, acceptance of greedy and sampled requests, KV moves,
+    bookkeeping): exactly the one documented read, counted by patching the tensor methods that copy device
+    values to the host."""
     prompts = _prompts(2, 3)
     solo = _solo(tiny_target, prompts, 12)
     drafter = OracleDrafter({tuple(p): s for p, s in zip(prompts, solo, strict=True)}, 1)
     engine = SpeculativeEngine(tiny_target, tiny_target.new_cache(64, 4), drafter, max_batch=3)
-    for p in prompts:
-        engine.add_request(p, SamplingParams(max_new_tokens=12))
+    for i, p in enumerate(prompts):
+        temperature = 0.8 if mixed and i % 2 == 0 else 0.0
+        engine.add_request(p, SamplingParams(temperature, top_k=10 * i, top_p=0.9, seed=i, max_new_tokens=12))
     engine.step()  # prefill
     reads = []
     verify = engine._verify
