@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from specdec.drafters.draft_model import DraftModelDrafter  # noqa: I001 - registration order = listing order
 from specdec.drafters.eagle import EagleDrafter
+from specdec.drafters.formats import load_drafter
+from specdec.drafters.hybrid import HybridDrafter
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.registry import SHIPPED, DrafterSpec, Option, build_drafter, register, shipped_weights
@@ -25,6 +27,6 @@ from specdec.drafters.registry import REGISTRY  # noqa: E402
 DRAFTER_NAMES = tuple(REGISTRY)
 
 __all__ = [
-    "DRAFTER_NAMES", "SHIPPED", "DraftModelDrafter", "DrafterSpec", "EagleDrafter", "MedusaDrafter", "NgramDrafter",
-    "Option", "SelfSpeculativeDrafter", "build_drafter", "register", "shipped_weights",
+    "DRAFTER_NAMES", "SHIPPED", "DraftModelDrafter", "DrafterSpec", "EagleDrafter", "HybridDrafter", "MedusaDrafter",
+    "NgramDrafter", "Option", "SelfSpeculativeDrafter", "build_drafter", "load_drafter", "register", "shipped_weights",
 ]

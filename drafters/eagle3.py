@@ -151,8 +151,8 @@ class Eagle3Drafter(EagleDrafter):
         if hidden is None or hidden.ndim != 2 or hidden.shape[-1] != fused:
             got = None if hidden is None else list(hidden.shape)
             raise ValueError(f"EAGLE-3 heads need fused low/mid/high target features [S, {fused}] (the inputs of "
-                             f"target layers 2, L//2, L-3 concatenated), which this engine version does not capture "
-                             f"(it passes the last hidden state only); got {got}")
+                             f"target layers 2, L//2, L-3 concatenated; the engine passes them when the drafter's "
+                             f"feature_layers is set, as load_drafter does); got {got}")
         with torch.inference_mode():
             super().accept(seq_id, tokens, self.head.fc(hidden.to(self.head.fc.weight.dtype)))
 

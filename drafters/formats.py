@@ -100,10 +100,12 @@ def load_drafter(path_or_id: str | Path, target: TargetModel, fmt: str = "auto",
         options.setdefault("backend", target.backend)
         return EagleDrafter(load_eagle_head(folder, target), **options)
     if fmt == "eagle3":
-        from specdec.drafters.eagle3 import Eagle3Drafter, load_eagle3_head
+        from specdec.drafters.eagle3 import Eagle3Drafter, fused_layers, load_eagle3_head
 
         options.setdefault("backend", target.backend)
-        return Eagle3Drafter(load_eagle3_head(folder, target), **options)
+        drafter = Eagle3Drafter(load_eagle3_head(folder, target), **options)
+        drafter.feature_layers = fused_layers(target.num_layers)  # the engine passes these layers, concatenated
+        return drafter
     if fmt == "medusa":
         return MedusaDrafter(load_medusa_heads(folder, target), **options)
     raise ValueError(f"unknown checkpoint format {fmt!r}; choose auto or one of {list(FORMATS)}")
@@ -278,8 +280,8 @@ def _build(target, path=None, format="auto", tree=None, depth=None, budget=None,
     folder = resolve_folder(path)
     fmt = detect_format(folder) if format == "auto" else format
     if fmt == "eagle3":
-        raise ValueError(f"{folder} is an EAGLE-3 head: EAGLE-3 heads need fused low/mid/high target features, which "
-                         "this engine version does not capture (load_drafter() runs it where they are passed)")
+        shape = {"tree": tree or "chain", "depth": depth, "budget": budget, "topk": topk}
+        return load_drafter(folder, target, "eagle3", **{k: v for k, v in shape.items() if v is not None})
     if fmt == "medusa":
         from specdec.tree_builders import chain_choices
 

@@ -261,7 +261,8 @@ class SpeculativeEngine:
                      for i, s in enumerate(slots) if s.draft is not None or s.final_chunk]
         keep = torch.tensor([r for rows in keep_rows for r in rows], dtype=torch.long, device=self.cache.device)
         needs_hidden = self.drafter is not None and self.drafter.needs_hidden
-        out = self.target.run(self.cache, batch, keep, return_hidden=needs_hidden)
+        layers = getattr(self.drafter, "feature_layers", None)  # e.g. EAGLE-3's fused low/mid/high layers
+        out = self.target.run(self.cache, batch, keep, return_hidden=needs_hidden, hidden_layers=layers)
         logits = out.logits  # [K, V], rows in keep order
         result = accept_step(self, slots, batch, logits, keep_rows)
         verify_s = time.perf_counter() - t0

@@ -61,8 +61,10 @@ class Drafter(Protocol):
     The engine calls :meth:`propose` once per step with every running sequence. ``vocab_size`` is the size of
     the drafter's vocabulary, or ``None`` for model-free drafters; the engine refuses a drafter whose vocabulary
     differs from the target's. ``needs_hidden`` asks the engine for the target's last hidden states (Medusa /
-    EAGLE-style heads), taken from the verification pass itself. A drafter that raises fails only the requests
-    of that call (the engine retries them one by one to find the culprit), never the engine.
+    EAGLE-style heads), taken from the verification pass itself; an optional ``feature_layers`` attribute (indices
+    into HF ``hidden_states``) asks for those layers concatenated instead of the last one. A drafter that raises
+    fails only the requests of that call (the engine retries them one by one to find the culprit), never the
+    engine.
     """
 
     vocab_size: int | None

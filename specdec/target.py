@@ -129,11 +129,13 @@ class TargetModel:
 
     @torch.inference_mode()
     def run(self, cache: PagedKVCache, batch: TreeBatch, keep: torch.Tensor | None = None,
-            return_hidden: bool = False) -> TargetOutput:
+            return_hidden: bool = False, hidden_layers: Sequence[int] | None = None) -> TargetOutput:
         """One forward over a prepared :class:`TreeBatch`; ``keep [K]`` int64 selects the rows whose logits are
         computed (``None``: all ``T``). ``cache`` is anything with ``write(layer, slots, k, v)`` and
         ``layer_kv(layer) -> (k, v)`` (a :class:`PagedKVCache`, or a server's own cache, see
-        :mod:`specdec.verify`). Writes every node's K/V; commits nothing."""
+        :mod:`specdec.verify`). Writes every node's K/V; commits nothing. ``hidden_layers`` (with
+        ``return_hidden``): indices into HF ``hidden_states`` whose rows are concatenated instead of the last
+        hidden state (``[T, len * H]``; EAGLE-3 fuses low, middle and high layers), from the same forward."""
         ctx = ForwardContext(cache, batch, self.backend, self.backend.plan(batch, cache.block_size))
         linear_mode = SplitGemvMode() if self.split_gemv else contextlib.nullcontext()
         with linear_mode:
@@ -145,7 +147,10 @@ class TargetModel:
                 output_hidden_states=return_hidden,
                 specdec=ctx,
             )
-        hidden = out.hidden_states[-1][0] if return_hidden else None
+        hidden = None
+        if return_hidden:
+            layers = [-1] if hidden_layers is None else list(hidden_layers)
+            hidden = torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
         return TargetOutput(out.logits[0], batch, hidden)
 
 

@@ -294,7 +294,24 @@ def test_the_published_drafter_is_registered_with_its_options(target, deep_targe
     drafter = build_drafter(DrafterSpec.parse(f"published:path={medusa},tree=chain,depth=1"), target)
     assert isinstance(drafter, MedusaDrafter) and drafter.choices == [(0,)]
     folder, _ = _eagle3_checkpoint(tmp_path, deep_target, torch.arange(V))
-    with pytest.raises(ValueError, match="need fused low/mid/high target features, which this engine version"):
-        build_drafter(DrafterSpec.parse(f"published:path={folder}"), deep_target)
+    drafter = build_drafter(DrafterSpec.parse(f"published:path={folder},tree=dynamic,budget=6"), deep_target)
+    assert isinstance(drafter, Eagle3Drafter) and drafter.feature_layers == fused_layers(deep_target.num_layers)
     with pytest.raises(ValueError, match="needs a checkpoint: published:path="):
         build_drafter(DrafterSpec.parse("published"), target)
+
+
+def test_a_published_eagle3_head_runs_in_the_engine_on_fused_features(deep_target, tmp_path):
+    """The engine hands EAGLE-3 the concatenated low/mid/high layers of the verification pass; greedy output
+    equals autoregressive decoding, for a chain and a dynamic tree."""
+    from specdec.drafters.formats import load_drafter
+    from specdec.engine import SpeculativeEngine
+
+    folder, _ = _eagle3_checkpoint(tmp_path, deep_target, torch.arange(0, V, 2))
+    prompt = torch.arange(3, 12)
+    cache = deep_target.new_cache(64, 4)
+    ar = SpeculativeEngine(deep_target, cache).generate(prompt, 12)
+    for shape in ({"tree": "chain", "depth": 3}, {"tree": "dynamic", "budget": 6, "topk": 2}):
+        drafter = load_drafter(folder, deep_target, **shape, num_blocks=32, block_size=4)
+        spec = SpeculativeEngine(deep_target, cache, drafter, max_tree_nodes=8).generate(prompt, 12)
+        assert spec.tokens == ar.tokens and spec.stats.steps > 0
+        assert cache.allocator.num_free == 64 and drafter.cache.allocator.num_free == 32
