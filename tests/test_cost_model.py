@@ -14,6 +14,7 @@ from specdec.simulate import replay
 from specdec.target import TargetModel
 from specdec.trace import record_trace
 from specdec.tree import TokenTree
+from tests.test_simulate import OracleDrafter
 
 PROMPT = [5, 9, 14, 3, 5, 9, 14, 3, 5, 9]
 
@@ -122,21 +123,19 @@ def test_calibration_measures_a_grid_and_draft_timings_on_the_tiny_model(tiny_ta
 
 @pytest.mark.parametrize(("per_node", "expect"), [(0.0, "full"), (10.0, "root")])
 def test_auto_budget_keeps_greedy_output_exact_and_sizes_trees_by_cost(tiny_target, per_node, expect):
-    """Free nodes: every drafted node is kept; a node costing 10 one-token forwards: the root alone. Either way
-    the greedy output equals autoregressive decoding, and the simulator predicts the adapter's statistics exactly."""
+    """A random oracle tree (the true continuation to a random depth, then noise). Free nodes: every drafted node
+    is kept; a node costing 10 one-token forwards: the root alone. Either way the greedy output equals
+    autoregressive decoding, and the simulator predicts the adapter's statistics exactly."""
     cost = CostModel((1.0, per_node, 0.0, 0.0))
-    full = build_drafter(DrafterSpec.parse("ngram:budget=12"), tiny_target)
-    auto = AutoBudgetDrafter(full, cost, drafter_name="none")
-    engine = SpeculativeEngine(tiny_target, tiny_target.new_cache(16, 16), auto)
-    got = engine.generate(PROMPT, 16)
-    ref = SpeculativeEngine(tiny_target, tiny_target.new_cache(16, 16), None).generate(PROMPT, 16)
-    assert got.tokens == ref.tokens
+    trace = record_trace(tiny_target, [PROMPT], 16, (), lookahead=12, hidden_dtype=tiny_target.dtype)
+    truth = [trace.prompts[0].tokens.tolist()]
+    auto = AutoBudgetDrafter(OracleDrafter(truth), cost, drafter_name="none")
+    got = SpeculativeEngine(tiny_target, tiny_target.new_cache(16, 16), auto).generate(PROMPT, 16)
+    assert got.tokens == truth[0][len(PROMPT) : len(PROMPT) + 16]
     if expect == "root":
         assert set(auto.chosen) == {1} and got.stats.tau == 1.0
     else:
-        assert max(auto.chosen) > 2 and got.stats.tau > 1.0
-    trace = record_trace(tiny_target, [PROMPT], 16, (), lookahead=12, hidden_dtype=tiny_target.dtype)
-    sim = AutoBudgetDrafter(build_drafter(DrafterSpec.parse("ngram:budget=12"), tiny_target), cost,
-                            drafter_name="none")
+        assert set(auto.chosen) == {12} and got.stats.tau > 1.0
+    sim = AutoBudgetDrafter(OracleDrafter(truth), cost, drafter_name="none")
     [res] = replay(trace, sim)
     assert sim.chosen == auto.chosen and res.stats.step_tokens == got.stats.step_tokens

@@ -96,21 +96,43 @@ def _drafter(name: str, target: TargetModel, trace: Trace):
     return drafter
 
 
+class TreeLog:
+    """Protocol wrapper logging every proposed tree (tokens, parents): equal logs mean the drafter saw the same
+    histories and hidden states in both runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.vocab_size, self.needs_hidden = inner, inner.vocab_size, inner.needs_hidden
+        self.trees: list[tuple[list[int], list[int]]] = []
+
+    def propose(self, batch):
+        drafts = self.inner.propose(batch)
+        self.trees += [(d.tree.tokens.tolist(), d.tree.parents.tolist()) for d in drafts]
+        return drafts
+
+    def accept(self, seq_id, tokens, hidden=None):
+        self.inner.accept(seq_id, tokens, hidden)
+
+    def release(self, seq_id):
+        self.inner.release(seq_id)
+
+
 @pytest.mark.parametrize("name", ["ngram", "ngram:depth=3,budget=6", "medusa:tree=dynamic,budget=6",
                                   "medusa:tree=static", "eagle:tree=dynamic,budget=7,depth=3",
                                   "eagle:tree=chain,depth=3", "oracle"])
-def test_replay_statistics_equal_the_engines_exactly(setup, name):
+def test_replay_statistics_and_proposed_trees_equal_the_engines_exactly(setup, name):
     target, trace, eos = setup
     drafter = _drafter(name, target, trace)
-    engine = SpeculativeEngine(target, target.new_cache(16, 16), drafter, eos, max_tree_nodes=32)
+    real_log, sim_log = TreeLog(drafter), TreeLog(drafter)
+    engine = SpeculativeEngine(target, target.new_cache(16, 16), real_log, eos, max_tree_nodes=32)
     real = [engine.generate(p, MAX_NEW) for p in PROMPTS]
-    sim = replay(trace, drafter, max_tree_nodes=32, hidden_dtype=target.dtype)
+    sim = replay(trace, sim_log, max_tree_nodes=32, hidden_dtype=target.dtype)
+    assert sim_log.trees == real_log.trees and len(real_log.trees) == sum(r.stats.steps for r in real)
     for r, s in zip(real, sim, strict=True):
         assert s.tokens == r.tokens and s.stop_reason == r.stop_reason
         for key in ("steps", "step_tokens", "tree_nodes", "depth_tried", "depth_accepted", "accepted_hist"):
             assert getattr(s.stats, key) == getattr(r.stats, key), key
-    assert sum(r.stats.step_tokens - r.stats.steps for r in real) > 0 or name.startswith("medusa"), \
-        "the case accepted no draft token at all: it would not test the walk"
+    if name == "oracle":  # random model drafters may accept nothing on a random target; the oracle always does
+        assert sum(r.stats.step_tokens - r.stats.steps for r in real) > 10
 
 
 def test_trace_records_the_eos_stop_and_round_trips_through_a_file(setup, tmp_path):
@@ -164,7 +186,7 @@ def test_the_temperature_estimate_is_labelled_and_tends_to_the_exact_replay_as_t
     exact = summarize_replay("oracle", replay(trace, _drafter("oracle", target, trace)))
     cold, warm = (summarize_replay("oracle", estimate_replay(trace, _drafter("oracle", target, trace),
                                                              SamplingParams(t, seed=0)), estimate=True)
-                  for t in (1e-3, 1.0))
+                  for t in (1e-6, 1.0))
     assert cold["estimate"] is True and exact["tau"] > 1.5
     assert cold["tau"] == pytest.approx(exact["tau"], abs=1e-3)
     assert cold["acceptance_by_depth"] == pytest.approx(exact["acceptance_by_depth"], abs=1e-3)
