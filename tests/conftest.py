@@ -19,27 +19,35 @@ QK_SCALE, VO_SCALE = 16.0, 4.0  # trained-like attention: sharp, position-depend
 
 
 def tiny_llama(vocab: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-               dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+               dtype: torch.dtype = torch.float64, position_sensitive: bool | None = None) -> LlamaForCausalLM:
     """A random-weight Llama small enough for exhaustive CPU tests (GQA 4/2, head_dim 8).
 
     Position-sensitive on purpose (``tests/test_positions.py`` checks it): at the default initialisation (weights
     of std 0.02, ``rope_theta`` 1e4) attention is nearly uniform, so moving a token's RoPE position by 5 moves the
     logits by ~6e-4 against a median top-2 margin of ~0.027, and end-to-end tests could not see position bugs.
     Here ``rope_theta`` is small and the attention projections are scaled up (q, k by ``QK_SCALE``; v, o by
-    ``VO_SCALE``), so the same shift moves the logits by about ten times the typical margin."""
+    ``VO_SCALE``), so the same shift moves the logits by about ten times the typical margin.
+
+    ``position_sensitive`` defaults to True for float64 models (the exact verification tests) and False
+    otherwise: the float32 teachers of the training tests keep the smooth HF initialisation, which a drafter
+    learns to imitate within those tests' few steps."""
+    if position_sensitive is None:
+        position_sensitive = dtype == torch.float64
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None, rope_theta=ROPE_THETA,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        **({"rope_theta": ROPE_THETA} if position_sensitive else {}),
     )
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            for proj, scale in ((attn.q_proj, QK_SCALE), (attn.k_proj, QK_SCALE), (attn.v_proj, VO_SCALE),
-                                (attn.o_proj, VO_SCALE)):
-                proj.weight.mul_(scale)
+    if position_sensitive:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj, scale in ((attn.q_proj, QK_SCALE), (attn.k_proj, QK_SCALE), (attn.v_proj, VO_SCALE),
+                                    (attn.o_proj, VO_SCALE)):
+                    proj.weight.mul_(scale)
     return model.to(dtype).eval()
 
 
