@@ -22,10 +22,12 @@ import torch
 from specdec.app.prompts import encode_prompt
 from specdec.drafters import DrafterSpec, NgramDrafter, build_drafter
 from specdec.engine import SpeculativeEngine
+from specdec.interfaces import Draft
 from specdec.server.lifecycle import serve_in_thread
 from specdec.server.openai_api import ServerState, create_app
 from specdec.server.settings import ServerSettings, build_state
 from specdec.target import TargetModel, eos_token_ids
+from specdec.tree import TokenTree
 
 from .conftest import tiny_llama
 
@@ -43,6 +45,33 @@ class FailingDrafter:
 
     def propose(self, batch):
         raise RuntimeError("drafter failed on purpose")
+
+    def accept(self, seq_id, tokens, hidden=None):
+        return None
+
+    def release(self, seq_id):
+        return None
+
+
+class OracleDrafter:
+    """Proposes the target's own greedy continuation (``depth`` tokens, one plain HF forward each): every draft
+    token is accepted, so tau and acceptance do not depend on what the random model happens to repeat."""
+
+    vocab_size = None
+    needs_hidden = False
+
+    def __init__(self, model, depth: int = 3) -> None:
+        self.model, self.depth = model, depth
+
+    @torch.inference_mode()
+    def propose(self, batch):
+        drafts = []
+        for item in batch:
+            seq = item.history.clone()
+            for _ in range(self.depth):
+                seq = torch.cat([seq, self.model(seq[None]).logits[0, -1].argmax().view(1)])
+            drafts.append(Draft(TokenTree.chain(seq[item.history.numel() - 1 :])))
+        return drafts
 
     def accept(self, seq_id, tokens, hidden=None):
         return None
@@ -86,6 +115,7 @@ def start_server(tiny_parts):
         settings = ServerSettings(**{"model_name": MODEL, "default_drafter": "ngram", "num_blocks": 160,
                                      "max_waiting": 16, "default_max_tokens": 16, **overrides})
         drafters = {"ngram": NgramDrafter(), "none": None, "failing": FailingDrafter(),
+                    "oracle": OracleDrafter(target.model),
                     **{spec: build_drafter(DrafterSpec.parse(spec), target) for spec in MODEL_DRAFTERS}}
         state = build_state(target, tokenizer, drafters, settings)
         server, thread, url = serve_in_thread(create_app(state), state.loop.stop_soon)
@@ -233,20 +263,25 @@ def test_metrics_health_and_models_describe_the_server(served):
     assert metric(text, "specdec_kv_blocks_free") + metric(text, "specdec_kv_blocks_used") == 160
 
 
-def test_ngram_reports_tau_and_acceptance_by_depth_on_a_repetitive_prompt(served, tiny_parts):
+def test_accepted_drafts_show_in_tau_acceptance_by_depth_and_the_metrics(served, tiny_parts):
     c = client(served.url)
-    prompt = " ".join(["one two three four"] * 12)
-    expected, _, _ = reference(tiny_parts, prompt, 32, chat=False)
-    out = c.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0)
+    expected, _, _ = reference(tiny_parts, PROMPTS[2], 32, chat=False)
+    out = c.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=32, temperature=0,
+                               extra_body={"specdec": {"drafter": "oracle"}})
     assert out.choices[0].text == expected
     info = out.model_extra["specdec"]
-    assert info["drafter"] == "ngram" and info["verification_steps"] >= 1 and info["tau"] >= 1.0
-    assert info["acceptance_by_depth"] and info["tau"] > 1.0  # the n-gram drafter found the repetition
+    assert info["drafter"] == "oracle" and info["tau"] > 2.5  # 3 planted tokens + the bonus, but near the end
+    assert info["acceptance_by_depth"][:3] == [1.0, 1.0, 1.0]
     text = httpx.get(f"{served.url}/metrics", timeout=10).text
-    assert metric(text, "specdec_depth_tried_total", drafter="ngram", depth="1") > 0
-    assert 0 <= metric(text, "specdec_acceptance_rate_by_depth", drafter="ngram", depth="1") <= 1
-    assert metric(text, "specdec_accepted_draft_tokens_total", drafter="ngram") > 0
-    assert metric(text, "specdec_tree_nodes_total", drafter="ngram") > info["verification_steps"]  # real trees
+    assert metric(text, "specdec_depth_tried_total", drafter="oracle", depth="3") > 0
+    assert metric(text, "specdec_acceptance_rate_by_depth", drafter="oracle", depth="1") == 1.0
+    steps = metric(text, "specdec_verification_steps_total", drafter="oracle")
+    # 32 tokens = 1 from the prefill + (accepted + 1) per step; the last step may be clipped at max_tokens
+    assert 31 - steps <= metric(text, "specdec_accepted_draft_tokens_total", drafter="oracle") <= 31 - steps + 3
+    assert metric(text, "specdec_tree_nodes_total", drafter="oracle") > 3 * steps
+    ngram = c.completions.create(model=MODEL, prompt=" ".join(["one two three four"] * 12), max_tokens=16,
+                                 temperature=0)
+    assert ngram.model_extra["specdec"]["drafter"] == "ngram" and ngram.model_extra["specdec"]["tau"] >= 1.0
 
 
 def test_a_seeded_sampled_request_reproduces_and_top_k_one_is_greedy(served, tiny_parts):

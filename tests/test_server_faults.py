@@ -56,7 +56,7 @@ BAD_INPUTS = [
     (CHAT, {"messages": HI, "n": 2}, 400, "n", "invalid_value", "n must be 1"),
     (CHAT, {"messages": HI, "model": "gpt-9"}, 400, "model", "model_not_found", f"serves '{MODEL}'"),
     (CHAT, {"messages": HI, "specdec": {"drafter": "medusa"}}, 400, "specdec.drafter", "unknown_drafter",
-     "allows ['ngram', 'none', 'failing', 'self:layers=1', 'eagle:tree=dynamic,budget=6']"),
+     "allows ['ngram', 'none', 'failing', 'oracle', 'self:layers=1', 'eagle:tree=dynamic,budget=6']"),
     (CHAT, {"messages": HI, "specdec": {"drafter": "self:layers=2"}}, 400, "specdec.drafter", "unknown_drafter",
      "unknown drafter 'self:layers=2'"),
     (CHAT, {"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value", "at most 4"),
