@@ -278,7 +278,8 @@ def test_a_decode_step_reads_the_device_once(tiny_target, monkeypatch, mixed):
         names = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
         originals = {n: getattr(torch.Tensor, n) for n in names}
         for n, f in originals.items():
-            monkeypatch.setattr(torch.Tensor, n, lambda self, *a, _f=f, _n=n, **k: (reads.append(_n), _f(self, *a, **k))[1])
+            monkeypatch.setattr(torch.Tensor, n,
+                                lambda self, *a, _f=f, _n=n, **k: (reads.append(_n), _f(self, *a, **k))[1])
         try:
             return verify(*args)
         finally:

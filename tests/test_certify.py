@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.certify import ProvenanceDrafter, RootOnlyDrafter, run_certificate, step_records
 from specdec.drafters import MedusaDrafter
 from specdec.interfaces import Draft, DraftInput
-from specdec.pit import anderson_darling_uniform, uniformity
+from specdec.research.certify import ProvenanceDrafter, RootOnlyDrafter, run_certificate, step_records
+from specdec.research.pit import anderson_darling_uniform, uniformity
 from specdec.sampling import SamplingParams, process_logits, sample
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
@@ -153,7 +153,7 @@ def test_uniformity_statistics_match_scipy_and_detect_a_shift():
 def test_the_command_module_parses_the_certificate_settings():
     import argparse
 
-    from specdec.cmd_certify import add_arguments
+    from specdec.app.cmd_certify import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

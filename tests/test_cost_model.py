@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.auto_budget import AcceptanceTracker, AutoBudgetDrafter, prune
-from specdec.cost_model import CostModel, choose_size, fit_draft, fit_verify, measure_draft, measure_verify
 from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft
-from specdec.simulate import replay
+from specdec.research.auto_budget import AcceptanceTracker, AutoBudgetDrafter, prune
+from specdec.research.cost_model import CostModel, choose_size, fit_draft, fit_verify, measure_draft, measure_verify
+from specdec.research.simulate import replay
+from specdec.research.trace import record_trace
 from specdec.target import TargetModel
-from specdec.trace import record_trace
 from specdec.tree import TokenTree
 from tests.test_simulate import OracleDrafter
 

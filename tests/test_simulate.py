@@ -10,11 +10,11 @@ import torch
 from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft
+from specdec.research.sim_estimate import estimate_replay, node_acceptance
+from specdec.research.simulate import TraceTooShort, replay, summarize_replay
+from specdec.research.trace import Trace, record_trace
 from specdec.sampling import SamplingParams
-from specdec.sim_estimate import estimate_replay, node_acceptance
-from specdec.simulate import TraceTooShort, replay, summarize_replay
 from specdec.target import TargetModel
-from specdec.trace import Trace, record_trace
 from specdec.tree import TokenTree
 
 MAX_NEW = 20
@@ -196,7 +196,7 @@ def test_the_temperature_estimate_is_labelled_and_tends_to_the_exact_replay_as_t
 def test_the_command_module_parses_record_and_replay_like_the_cli_would():
     import argparse
 
-    from specdec.cmd_simulate import add_arguments
+    from specdec.app.cmd_simulate import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -20,8 +20,8 @@ COMMANDS = {
     "generate": "specdec.app.cmd_generate",
     "bench": "specdec.app.cmd_bench",
     "serve": "specdec.server.cmd_serve",
-    "simulate": "specdec.cmd_simulate",
-    "certify": "specdec.cmd_certify",
+    "simulate": "specdec.app.cmd_simulate",
+    "certify": "specdec.app.cmd_certify",
 }
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 

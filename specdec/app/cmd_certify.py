@@ -1,4 +1,4 @@
-"""``specdec certify`` (light command module: argparse only; the work is in :mod:`specdec.certify`)."""
+"""``specdec certify`` (light command module: argparse only; the work is in :mod:`specdec.research.certify`)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdec.certify import run_command
+    from specdec.research.certify import run_command
 
     return run_command(args)

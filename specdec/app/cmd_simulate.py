@@ -1,4 +1,4 @@
-"""``specdec simulate`` (light command module: argparse only; the work is in :mod:`specdec.simulate`)."""
+"""``specdec simulate`` (light command module: argparse only; the work is in :mod:`specdec.research.simulate`)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--max-tree-nodes", type=int, default=64)
     rep.add_argument("--temperature", type=float, default=0.0, help="> 0: first-order ESTIMATE")
     rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--cost", default=None, help="cost-model JSON (python -m specdec.cost_model calibrate)")
+    rep.add_argument("--cost", default=None, help="cost-model JSON (python -m specdec.research.cost_model calibrate)")
     rep.add_argument("--auto-budget", action="store_true", help="also each drafter under AutoBudgetDrafter (--cost)")
     rep.add_argument("--out", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdec.simulate import run_command
+    from specdec.research.simulate import run_command
 
     return run_command(args)

@@ -11,7 +11,8 @@ IS the confidence being calibrated; sampled drafts' ``q(x)`` would be another (n
 :class:`AutoBudgetDrafter` wraps any drafter (configured with its LARGEST budget) through the protocol:
 
 * deterministic drafts (``probs is None``): keep the root plus the ``N - 1`` nodes of highest value, ``N`` from
-  :func:`specdec.cost_model.choose_size` with this step's context length and measured draft time. Any function of
+  :func:`specdec.research.cost_model.choose_size` with this step's context length and measured draft time.
+  Any function of
   the history is a valid deterministic proposal, so the pruned tree is verified exactly as any other;
 * sampled drafts (``probs`` given): only a depth cut, chosen from the tracker BEFORE looking at the draft (a chain
   model), so the cut never depends on the sampled tokens and exactness is kept.
@@ -28,8 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
-from specdec.cost_model import CostModel, choose_size
 from specdec.interfaces import Draft, Drafter, DraftInput
+from specdec.research.cost_model import CostModel, choose_size
 from specdec.tree import TokenTree
 
 
@@ -198,8 +199,8 @@ class AutoBudgetDrafter:
 def main(argv: Sequence[str] | None = None) -> int:
     """Real engine runs, interleaved prompt by prompt: each drafter at its fixed budget and under the adapter;
     tokens per second, tau, chosen sizes, the predicted speedup of each step's choice, and the reliability plot."""
-    ap = argparse.ArgumentParser(prog="python -m specdec.auto_budget", description=main.__doc__.split(";")[0])
-    ap.add_argument("--cost", required=True, help="cost-model JSON (python -m specdec.cost_model calibrate)")
+    ap = argparse.ArgumentParser(prog="python -m specdec.research.auto_budget", description=main.__doc__.split(";")[0])
+    ap.add_argument("--cost", required=True, help="cost-model JSON (python -m specdec.research.cost_model calibrate)")
     ap.add_argument("--drafter", nargs="+", default=["eagle:path=shipped,tree=dynamic,budget=16"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompts", default=None)

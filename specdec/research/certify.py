@@ -2,7 +2,7 @@
 
 After generating, one teacher-forced forward of the unmodified target over prompt + output gives the target's
 processed distribution ``p_t`` at every position (:func:`specdec.sampling.process_logits` with the run's settings).
-Two families of randomized PITs (:mod:`specdec.pit`), each exactly i.i.d. U(0, 1) under an exact sampler:
+Two families of randomized PITs (:mod:`specdec.research.pit`), each exactly i.i.d. U(0, 1) under an exact sampler:
 
 * **marginal** (the certificate): every emitted token under ``p_t``. Split by drafter and by step depth (the token's
   position in its verification step, fixed by the past, so the split keeps uniformity).
@@ -16,14 +16,14 @@ Two families of randomized PITs (:mod:`specdec.pit`), each exactly i.i.d. U(0, 1
 Verdict (``passed``): no impossible event (a token of probability 0, a rejected child of acceptance probability 1
 or an accepted one of 0) and KS and AD p-values >= ``alpha`` for the pooled marginal and the pooled conditional
 PITs. Group p-values are diagnostics (expect a few small ones among many groups; a Bonferroni minimum is reported).
-Power: see :mod:`specdec.pit` (20,000 tokens detect a CDF deviation of 0.014 at p < 0.001).
+Power: see :mod:`specdec.research.pit` (20,000 tokens detect a CDF deviation of 0.014 at p < 0.001).
 
 Provenance comes from :class:`ProvenanceDrafter`, a protocol-level wrapper (no engine hook): it keeps the draft
 each ``propose`` returned and labels the tokens of the next ``accept``. Memory: a sampled draft's ``q`` rows (``V``
 floats per tried child) are kept until the request's PITs are computed, as it finishes. Known limit: with duplicate
 sibling tokens (drafts sampled with replacement) a decision is attributed to the first sibling carrying the token.
 
-    python -m specdec.certify --drafter none ngram "medusa:path=shipped" --temperature 1.0 --limit 18 \\
+    python -m specdec.research.certify --drafter none ngram "medusa:path=shipped" --temperature 1.0 --limit 18 \\
         --repeats 4 --max-new-tokens 128 --out cert.json --plot cert.png
 """
 
@@ -40,7 +40,7 @@ import torch
 
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft, Drafter, DraftInput
-from specdec.pit import bernoulli_pit, token_pit, uniformity
+from specdec.research.pit import bernoulli_pit, token_pit, uniformity
 from specdec.sampling import SamplingParams, process_logits
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
@@ -251,15 +251,15 @@ def run_certificate(target: TargetModel, drafters: dict[str, Drafter | None], pr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from specdec.cmd_certify import HELP, add_arguments
+    from specdec.app.cmd_certify import HELP, add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m specdec.certify", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m specdec.research.certify", description=HELP)
     add_arguments(parser)
     return run_command(parser.parse_args(argv))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Generate, PIT and test (arguments: :func:`specdec.cmd_certify.add_arguments`); exit status 1 if it fails."""
+    """Generate, PIT and test (arguments: :func:`specdec.app.cmd_certify.add_arguments`); exit status 1 if it fails."""
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.drafters import DrafterSpec, build_drafter

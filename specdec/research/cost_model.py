@@ -2,7 +2,7 @@
 
 A step costs ``draft(depth) + verify(nodes, context)`` seconds and yields ``1 + sum_i v_i`` tokens in expectation,
 ``v_i`` being the probability that draft node ``i`` is accepted (its whole path accepted). Calibration measures,
-once per device and model (``python -m specdec.cost_model calibrate``, stored as JSON):
+once per device and model (``python -m specdec.research.cost_model calibrate``, stored as JSON):
 
 * ``verify(n, ctx)``: the target's forward over an ``n``-node tree on top of ``ctx`` cached tokens, on a grid of
   tree sizes and contexts (median of repeats), fitted by non-negative least squares as ``c0 + c1 n + c2 ctx +
@@ -11,7 +11,8 @@ once per device and model (``python -m specdec.cost_model calibrate``, stored as
   on the protocol), fitted as ``d0 + d1 depth``.
 
 :func:`choose_size` picks the number of nodes ``N`` (root included) maximising
-``(1 + sum of the N - 1 largest v_i) / (draft + verify(N, ctx))``; :mod:`specdec.auto_budget` applies it per step.
+``(1 + sum of the N - 1 largest v_i) / (draft + verify(N, ctx))``; :mod:`specdec.research.auto_budget` applies it
+per step.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class CostModel:
     def load(cls, path: str | Path) -> CostModel:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"cost-model file not found: {path} (make one: python -m specdec.cost_model calibrate)")
+            raise ValueError(f"cost-model file not found: {path} "
+                             "(make one: python -m specdec.research.cost_model calibrate)")
         raw = json.loads(path.read_text(encoding="utf-8"))
         if "verify_coef" not in raw or len(raw["verify_coef"]) != 4:
             raise ValueError(f"{path} is not a cost model: it needs verify_coef with 4 numbers")
@@ -178,7 +180,7 @@ def measure_draft(target: TargetModel, drafter: Drafter, prompts: Sequence[torch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m specdec.cost_model", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m specdec.research.cost_model", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     cal = sub.add_parser("calibrate", help="measure verify cost (tree size x context) and draft cost per level")
     cal.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")

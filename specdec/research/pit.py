@@ -1,4 +1,4 @@
-"""Randomized probability integral transforms (PIT) and uniformity tests, for :mod:`specdec.certify`.
+"""Randomized probability integral transforms (PIT) and uniformity tests, for :mod:`specdec.research.certify`.
 
 For a token ``x`` drawn from a distribution ``p`` over a finite vocabulary, ranked by decreasing ``p`` (ties by id),
 

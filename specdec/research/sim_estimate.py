@@ -23,10 +23,10 @@ import torch
 
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.request import Request
+from specdec.research.simulate import ReplayResult, StepRecord, check_draft
+from specdec.research.trace import PromptTrace, Trace
 from specdec.sampling import SamplingParams, process_logits
-from specdec.simulate import ReplayResult, StepRecord, check_draft
 from specdec.stats import RequestStats
-from specdec.trace import PromptTrace, Trace
 from specdec.tree import TokenTree
 
 

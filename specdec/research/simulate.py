@@ -1,7 +1,7 @@
 """Trace-replay acceptance simulator: score any drafter x tree shape x budget with NO target forward.
 
 The real drafter objects run through their protocol (:class:`specdec.interfaces.Drafter`) on a recorded
-:class:`specdec.trace.Trace`, step by step exactly as :class:`specdec.engine.SpeculativeEngine` drives them:
+:class:`specdec.research.trace.Trace`, step by step exactly as :class:`specdec.engine.SpeculativeEngine` drives them:
 
 1. after the prefill: ``accept(seq, [first token], hidden rows of the prompt)``;
 2. each step: ``propose`` on the recorded history; the engine's tree checks (root token, ``max_tree_nodes``,
@@ -14,14 +14,14 @@ The real drafter objects run through their protocol (:class:`specdec.interfaces.
 
 At temperature 0 tau, acceptance by depth and per-category figures therefore equal the engine's up to numerical
 differences between a verification pass and the teacher-forced recording (none on the float64 test model; float16
-hidden states may flip a model drafter's near-tie). At temperature > 0 see :mod:`specdec.sim_estimate` (an
+hidden states may flip a model drafter's near-tie). At temperature > 0 see :mod:`specdec.research.sim_estimate` (an
 ESTIMATE). The JSON has the bench's fields minus timing, plus a predicted speedup from a measured cost model
-(:mod:`specdec.cost_model`) and the replay's own wall time.
+(:mod:`specdec.research.cost_model`) and the replay's own wall time.
 
 Usage::
 
-    python -m specdec.simulate record --prompts P.jsonl --max-new-tokens 128 --out trace.pt
-    python -m specdec.simulate replay trace.pt --drafter ngram "eagle:path=shipped,tree=dynamic,budget=8" \\
+    python -m specdec.research.simulate record --prompts P.jsonl --max-new-tokens 128 --out trace.pt
+    python -m specdec.research.simulate replay trace.pt --drafter ngram "eagle:path=shipped,tree=dynamic,budget=8" \\
         --cost cost.json --out sim.json
 """
 
@@ -42,9 +42,9 @@ import torch
 from specdec.acceptance import greedy_accept
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.request import Request
+from specdec.research.trace import PromptTrace, Trace
 from specdec.sampling import GREEDY, SamplingParams
 from specdec.stats import RequestStats, mean_ci
-from specdec.trace import PromptTrace, Trace
 from specdec.tree import TokenTree
 
 
@@ -212,20 +212,20 @@ def _load_target(model: str | None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from specdec.cmd_simulate import HELP, add_arguments
+    from specdec.app.cmd_simulate import HELP, add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m specdec.simulate", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m specdec.research.simulate", description=HELP)
     add_arguments(parser)
     return run_command(parser.parse_args(argv))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``record`` or ``replay`` (arguments: :func:`specdec.cmd_simulate.add_arguments`)."""
+    """``record`` or ``replay`` (arguments: :func:`specdec.app.cmd_simulate.add_arguments`)."""
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
-    from specdec.cost_model import CostModel
     from specdec.drafters import DrafterSpec, build_drafter
-    from specdec.sim_estimate import estimate_replay
-    from specdec.trace import record_trace
+    from specdec.research.cost_model import CostModel
+    from specdec.research.sim_estimate import estimate_replay
+    from specdec.research.trace import record_trace
 
     target, tok, eos = _load_target(args.model)
     if args.action == "record":
@@ -244,7 +244,7 @@ def run_command(args: argparse.Namespace) -> int:
         for b in args.budget if spec.tree == "dynamic" and args.budget else [None]:
             specs.append((text, spec) if b is None else _with_budget(text, b))
     if args.auto_budget and cost is None:
-        raise SystemExit("--auto-budget needs --cost (python -m specdec.cost_model calibrate)")
+        raise SystemExit("--auto-budget needs --cost (python -m specdec.research.cost_model calibrate)")
     if args.auto_budget:
         specs += [(f"{name}+auto", spec) for name, spec in specs]
     sampling = SamplingParams(args.temperature, seed=args.seed) if args.temperature > 0 else GREEDY
@@ -252,7 +252,7 @@ def run_command(args: argparse.Namespace) -> int:
     for name, spec in specs:
         drafter = build_drafter(spec, target)
         if name.endswith("+auto"):
-            from specdec.auto_budget import AutoBudgetDrafter
+            from specdec.research.auto_budget import AutoBudgetDrafter
 
             base = name.removesuffix("+auto")
             drafter = AutoBudgetDrafter(drafter, cost, drafter_name=base if base in cost.draft_coef else None,

@@ -1,4 +1,5 @@
-"""Target traces: what the acceptance simulator (:mod:`specdec.simulate`) replays instead of running the target.
+"""Target traces: what the acceptance simulator (:mod:`specdec.research.simulate`) replays instead of running the
+target.
 
 A :class:`Trace` holds, per prompt, the target's greedy trajectory and, at every position, the target's last hidden
 state and top-K logits, from ONE recording per target and prompt set:
