@@ -69,6 +69,31 @@ def smollm2():
     return load_model_and_tokenizer(None, torch.float32)
 
 
+def run_first_two(target, drafter, prompt, trials, params, max_tree_nodes=8, batch=64):
+    """Counts ``[V * V]`` of the first two generated tokens over ``trials`` seeded requests (seed = trial index), run
+    ``batch`` at a time through one engine (each request has its own generators, so batching changes no request's
+    distribution and exercises batched acceptance), and how many requests accepted a draft token. Checks that every
+    KV block is free afterwards."""
+    from specdec.engine import SpeculativeEngine
+    from specdec.sampling import SamplingParams
+
+    vocab = target.vocab_size
+    blocks = batch * (-(-(len(prompt) + 3 + max_tree_nodes) // 4) + 1)
+    cache = target.new_cache(blocks, 4)
+    engine = SpeculativeEngine(target, cache, drafter, max_tree_nodes=max_tree_nodes, max_batch=batch,
+                               max_step_tokens=batch * (len(prompt) + max_tree_nodes))
+    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
+    accepted = 0
+    for start in range(0, trials, batch):
+        seeds = range(start, min(trials, start + batch))
+        runs = [SamplingParams(params.temperature, params.top_k, params.top_p, seed=i) for i in seeds]
+        for result in engine.generate_batch([prompt] * len(runs), 3, runs):
+            counts[result.tokens[0] * vocab + result.tokens[1]] += 1
+            accepted += int(result.stats.step_tokens > result.stats.steps)
+    assert cache.allocator.num_free == blocks
+    return counts, accepted
+
+
 def first_two_tokens_pvalue(target, drafter, prompt, trials, params, max_tree_nodes=8):
     """Chi-square p-value of the first two generated tokens' joint (``trials`` seeded speculative runs) against the
     exact target joint computed by enumerating the first token; also returns how many runs accepted a draft token.
@@ -76,24 +101,14 @@ def first_two_tokens_pvalue(target, drafter, prompt, trials, params, max_tree_no
     The vocabulary must be small (the joint has ``V**2`` cells); the target cache is checked for leaks."""
     from scipy.stats import chisquare
 
-    from specdec.engine import SpeculativeEngine
-    from specdec.sampling import SamplingParams, process_logits
+    from specdec.sampling import process_logits
 
     vocab = target.vocab_size
     with torch.inference_mode():
         p1 = process_logits(target.model(torch.tensor([prompt])).logits[0, -1], params)
         p2 = process_logits(target.model(torch.tensor([prompt + [a] for a in range(vocab)])).logits[:, -1], params)
     expected = (p1[:, None] * p2).flatten()
-    cache = target.new_cache(16, 4)
-    engine = SpeculativeEngine(target, cache, drafter, max_tree_nodes=max_tree_nodes)
-    counts = torch.zeros(vocab * vocab, dtype=torch.float64)
-    accepted = 0
-    for i in range(trials):
-        run = SamplingParams(params.temperature, params.top_k, params.top_p, seed=i)
-        result = engine.generate(prompt, 3, sampling=run)
-        counts[result.tokens[0] * vocab + result.tokens[1]] += 1
-        accepted += int(result.stats.step_tokens > result.stats.steps)
-    assert cache.allocator.num_free == 16
+    counts, accepted = run_first_two(target, drafter, prompt, trials, params, max_tree_nodes)
     assert counts[expected == 0].sum() == 0, "a token pair with zero target probability was generated"
     keep = expected > 0
     return chisquare(counts[keep], expected[keep] * counts[keep].sum() / expected[keep].sum()).pvalue, accepted

@@ -121,8 +121,8 @@ def test_specs_build_drafters(deep_target):
 def _small_vocab_drafters(target):
     return {
         "draft-model-chain": lambda: DraftModelDrafter(tiny_llama(vocab=8, layers=1, seed=12), tree="chain", depth=2,
-                                                       num_blocks=16),
-        "self-chain": lambda: SelfSpeculativeDrafter(target.model, 1, tree="chain", depth=2, num_blocks=16),
+                                                       num_blocks=1024),
+        "self-chain": lambda: SelfSpeculativeDrafter(target.model, 1, tree="chain", depth=2, num_blocks=1024),
         "medusa-static": lambda: MedusaDrafter.untrained(target, num_heads=2, choices=[(0,), (1,), (0, 0)]),
         "ngram": lambda: NgramDrafter(min_ngram=1, max_nodes=8, prior_alpha=0.9),
     }

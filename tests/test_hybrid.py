@@ -110,7 +110,7 @@ def test_sampling_preserves_the_target_distribution(prompt, budget, trials):
     target-distributed."""
     target = TargetModel(tiny_llama(vocab=8, seed=11), split_gemv=False)
     torch.manual_seed(4)
-    sub = EagleDrafter.untrained(target, tree="chain", depth=3, num_blocks=16, block_size=4)
+    sub = EagleDrafter.untrained(target, tree="chain", depth=3, num_blocks=1024, block_size=4)
     hybrid = HybridDrafter(sub, budget=budget, skip_model_above=None)
     seen = []
     propose = hybrid.propose
@@ -122,7 +122,7 @@ def test_sampling_preserves_the_target_distribution(prompt, budget, trials):
         assert len(seen) - len(with_probs) >= trials // 2
     else:
         assert len(with_probs) >= trials and all(d.tree.num_nodes == 3 == d.probs.shape[0] for d in with_probs)
-    assert sub.cache.allocator.num_free == 16 and len(hybrid._state) == 0
+    assert sub.cache.allocator.num_free == 1024 and len(hybrid._state) == 0
 
 
 @pytest.mark.parametrize("budget", [1, 2, 5, 9])

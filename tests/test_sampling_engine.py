@@ -11,7 +11,7 @@ from specdec.sampling import SamplingParams, process_logits, sample
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
 
-from .conftest import first_two_tokens_pvalue, tiny_llama
+from .conftest import first_two_tokens_pvalue, run_first_two, tiny_llama
 
 V = 8
 PROMPT = [1, 5, 2, 7, 3]
@@ -77,17 +77,8 @@ def _exact_joint(target, params):
 
 
 def _first_two(target, drafter, params, trials):
-    cache = target.new_cache(16, 4)
-    counts = torch.zeros(V, V, dtype=torch.float64)
-    steps_with_accepts = 0
-    for i in range(trials):
-        engine = SpeculativeEngine(target, cache, drafter, max_tree_nodes=8)
-        result = engine.generate(PROMPT, 3, sampling=SamplingParams(params.temperature, params.top_k, params.top_p,
-                                                                     seed=i))
-        counts[result.tokens[0], result.tokens[1]] += 1
-        steps_with_accepts += int(result.stats.step_tokens > result.stats.steps)
-    assert cache.allocator.num_free == 16
-    return counts, steps_with_accepts
+    counts, steps_with_accepts = run_first_two(target, drafter, PROMPT, trials, params)
+    return counts.view(V, V), steps_with_accepts
 
 
 PARAMS = [SamplingParams(1.0), SamplingParams(0.8, top_k=5, top_p=0.95)]
