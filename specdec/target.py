@@ -78,8 +78,9 @@ class TargetModel:
     Args:
         model: a causal LM (``PreTrainedModel``); put in eval mode by the caller.
         backend: attention backend (default: :func:`specdec.attention.select_backend` for the model's device).
-        split_gemv: run small-batch linears through :class:`specdec.split_gemv.SplitGemvMode` (default: on for
-            CPU models when torch uses more than one thread).
+        split_gemv: run small-batch linears through :class:`specdec.split_gemv.SplitGemvMode` (default: off. With
+            torch 2.13 on this project's 2-core CPU it made a SmolLM2 decode step slower, 59.6 ms against 47.5 ms
+            without; it paid with older builds, whose GEMV used one thread).
     """
 
     def __init__(
@@ -97,9 +98,7 @@ class TargetModel:
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2**31
-        if split_gemv is None:
-            split_gemv = self.device.type == "cpu" and torch.get_num_threads() > 1
-        self.split_gemv = split_gemv
+        self.split_gemv = bool(split_gemv)
 
     def new_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A paged cache shaped for this model, using this backend's commit."""
