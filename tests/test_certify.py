@@ -25,13 +25,7 @@ PROMPTS = [torch.tensor([3, 17, 8, 3, 17, 8, 40]), torch.tensor([11, 12, 13, 14,
 T1 = SamplingParams(1.0, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~15x faster on one thread than on two contended ones (thread hand-off dominates)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

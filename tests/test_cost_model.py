@@ -19,13 +19,7 @@ from tests.test_simulate import OracleDrafter
 PROMPT = [5, 9, 14, 3, 5, 9, 14, 3, 5, 9]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~15x faster on one thread than on two contended ones (thread hand-off dominates)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7, 0.9, 0.97])

@@ -21,13 +21,7 @@ MAX_NEW = 20
 PROMPTS = [[5, 9, 14, 3, 5, 9, 14, 3, 5, 9], [40, 2, 33, 40, 2, 33, 17, 40, 2]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~15x faster on one thread than on two contended ones (thread hand-off dominates)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class OracleDrafter:

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.app.bench import BenchSettings, build_engines, check_greedy, summarize
+from specdec.app.bench import BenchSettings, build_engines, check_greedy, hf_sampling_kwargs, summarize
 from specdec.app.prompts import Prompt, encode_prompt
 from specdec.app.report import Baseline, BenchReport, EqualityCheck, RequestRecord
 from specdec.drafters import DrafterSpec
@@ -37,12 +37,7 @@ def hf_generate_batch(model: PreTrainedModel, prompts: Sequence[torch.Tensor], m
     for b, p in enumerate(prompts):
         ids[b, width - p.numel():] = p
         mask[b, width - p.numel():] = 1
-    kwargs: dict = {"do_sample": False}
-    if not sampling.greedy:
-        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
-                  "top_p": sampling.top_p}
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+    kwargs = hf_sampling_kwargs(sampling)
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,

@@ -74,17 +74,21 @@ class _Run:
     checks: list[EqualityCheck | None] = field(default_factory=list)
 
 
+def hf_sampling_kwargs(sampling: SamplingParams) -> dict:
+    """HF ``generate`` keywords for the same sampling settings; seeds the global RNG (how HF samples)."""
+    if sampling.greedy:
+        return {"do_sample": False}
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    return {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+
+
 def hf_generate(
     model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingParams = GREEDY
 ) -> tuple[list[int], float]:
     """Tokens and seconds of Hugging Face ``generate`` on ``ids [L]``: greedy, or sampling with the same
     temperature / top-k / top-p (seeded through the global RNG, which is how HF samples)."""
-    kwargs: dict = {"do_sample": False}
-    if not sampling.greedy:
-        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k,
-                  "top_p": sampling.top_p}
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+    kwargs = hf_sampling_kwargs(sampling)
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = model.generate(ids[None], max_new_tokens=max_new_tokens, attention_mask=None, **kwargs)
