@@ -184,7 +184,7 @@ class TorchBackend:
             mask = torch.ones(n, c + width, dtype=torch.bool, device=table.device)
             mask[:, c:] = batch.tree_mask[start : start + n * width].view(n, width).bool()
             start += n * width
-            masks.append(mask)
+            masks.append(None if n == 1 and width == 1 else mask)  # a lone root sees everything: no mask
         return _TorchPlan(kv_slots, masks, cu)
 
     def attend(
