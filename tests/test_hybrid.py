@@ -19,13 +19,7 @@ from .conftest import first_two_tokens_pvalue, inputs, tiny_llama
 EAGLE = {"depth": 3, "budget": 8, "topk": 2, "num_blocks": 64, "block_size": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny float64 models run ~8x faster on one thread on a shared CPU (threads only contend here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,11 @@ from tests.test_kernels import (  # noqa: E402
     star,
 )
 
-pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("one_thread")]
 SPLITS = (1, 2, 3, 4, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_split(args, splits, atol=1e-4):

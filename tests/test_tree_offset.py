@@ -25,16 +25,11 @@ from specdec.tree import TokenTree  # noqa: E402
 from .conftest import tiny_llama  # noqa: E402
 from .test_kernels import DEVICE, HAS_CUDA, INTERPRET, build_case, oracle, rand_tree  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("one_thread")]
 SPLITS = (1, 2, 3, 4, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def level_tree(level_sizes, seed, vocab=64):
