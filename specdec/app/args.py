@@ -7,6 +7,7 @@ This module imports nothing heavy (no torch, no transformers) so that ``--help``
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 TREE_SHAPES = ("chain", "dynamic", "static")
+AUTO_MAX_BUDGET = 32  # --tree-budget auto: the drafter's tree before the chooser prunes it
 HEAD_CHECKPOINTS = ("medusa", "eagle")  # drafters whose path= is a specdec checkpoint (specdec.checkpoint)
 
 
@@ -59,8 +61,11 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
     p.add_argument("--drafter-path", default=None,
                    help="trained medusa / eagle heads folder, or 'shipped' (default: untrained heads)")
     p.add_argument("--tree", choices=TREE_SHAPES, default=None, help="draft tree shape (default: the drafter's own)")
-    p.add_argument("--tree-budget", type=int, default=None,
-                   help="nodes per draft tree, root included (default: the drafter's own)")
+    p.add_argument("--tree-budget", type=tree_budget, default=None,
+                   help="nodes per draft tree, root included, or 'auto': each step's size chosen by --cost-model "
+                        f"(up to {AUTO_MAX_BUDGET} unless the spec sets budget=) (default: the drafter's own)")
+    p.add_argument("--cost-model", default=None,
+                   help="cost-model JSON for --tree-budget auto (make one: specdec calibrate --out cost.json)")
     p.add_argument("--tree-depth", type=int, default=None, help="draft depth (default: the drafter's own)")
     p.add_argument("--tree-topk", type=int, default=None,
                    help="children per expanded node of a dynamic tree (default: the drafter's own)")
@@ -85,9 +90,26 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
                    help="run every turn, earlier answers in the context (default: first turn only)")
 
 
+def tree_budget(text: str) -> int | str:
+    """``--tree-budget``: an integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def auto_cost_model(args: argparse.Namespace) -> str | None:
+    """The cost-model path when ``--tree-budget auto`` (drafters then run under the budget chooser), else None."""
+    return args.cost_model if getattr(args, "tree_budget", None) == "auto" else None
+
+
 def spec_defaults(args: argparse.Namespace) -> dict:
-    """Drafter-spec keys set by flags (``--tree``, ``--tree-budget``, ...); a spec string's own keys win."""
-    return {"layers": args.draft_layers, "tree": args.tree, "depth": args.tree_depth, "budget": args.tree_budget,
+    """Drafter-spec keys set by flags (``--tree``, ``--tree-budget``, ...); a spec string's own keys win. With
+    ``--tree-budget auto`` the drafter is built with ``AUTO_MAX_BUDGET`` nodes and the chooser prunes each step."""
+    budget = AUTO_MAX_BUDGET if args.tree_budget == "auto" else args.tree_budget
+    return {"layers": args.draft_layers, "tree": args.tree, "depth": args.tree_depth, "budget": budget,
             "topk": args.tree_topk}
 
 
@@ -100,7 +122,7 @@ def spec_paths(args: argparse.Namespace) -> dict[str, str]:
 def _at_least(args: argparse.Namespace, limits: dict[str, int]) -> None:
     for dest, low in limits.items():
         value = getattr(args, dest, None)
-        if value is not None and value < low:
+        if isinstance(value, int) and value < low:
             raise ValueError(f"--{dest.replace('_', '-')} must be >= {low}, got {value}")
 
 
@@ -116,8 +138,30 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {t}")
     if not (0 < args.top_p <= 1):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_cost_model(getattr(args, "tree_budget", None), getattr(args, "cost_model", None))
     args.device = check_device(args.device)
     check_attention(args.attention, args.device)
+
+
+def check_cost_model(budget: int | str | None, path: str | None) -> None:
+    """``--tree-budget auto`` needs a readable ``--cost-model`` JSON (checked without torch); the flag alone is an
+    error (it would be ignored)."""
+    make = "make one: specdec calibrate --out cost.json"
+    if budget != "auto":
+        if path is not None:
+            raise ValueError("--cost-model is only used with --tree-budget auto")
+        return
+    if path is None:
+        raise ValueError(f"--tree-budget auto needs --cost-model PATH ({make})")
+    try:
+        raw = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--cost-model {path}: file not found ({make})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--cost-model {path}: not a readable JSON file ({err})") from None
+    coef = raw.get("verify_coef") if isinstance(raw, dict) else None
+    if not (isinstance(coef, list) and len(coef) == 4 and all(isinstance(c, int | float) for c in coef)):
+        raise ValueError(f"--cost-model {path}: not a cost model (needs verify_coef: 4 numbers; {make})")
 
 
 def check_device(name: str | None) -> str:
