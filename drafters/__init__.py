@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from specdec.drafters.draft_model import DraftModelDrafter  # noqa: I001 - registration order = listing order
 from specdec.drafters.eagle import EagleDrafter
+from specdec.drafters.eagle3 import Eagle3Drafter
 from specdec.drafters.formats import load_drafter
 from specdec.drafters.hybrid import HybridDrafter
 from specdec.drafters.medusa import MedusaDrafter
@@ -27,6 +28,7 @@ from specdec.drafters.registry import REGISTRY  # noqa: E402
 DRAFTER_NAMES = tuple(REGISTRY)
 
 __all__ = [
-    "DRAFTER_NAMES", "SHIPPED", "DraftModelDrafter", "DrafterSpec", "EagleDrafter", "HybridDrafter", "MedusaDrafter",
-    "NgramDrafter", "Option", "SelfSpeculativeDrafter", "build_drafter", "load_drafter", "register", "shipped_weights",
+    "DRAFTER_NAMES", "SHIPPED", "DraftModelDrafter", "DrafterSpec", "Eagle3Drafter", "EagleDrafter", "HybridDrafter",
+    "MedusaDrafter", "NgramDrafter", "Option", "SelfSpeculativeDrafter", "build_drafter", "load_drafter", "register",
+    "shipped_weights",
 ]

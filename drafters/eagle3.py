@@ -16,11 +16,13 @@ first ``accept`` with an error that says so; it runs wherever the fused features
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -29,6 +31,7 @@ from specdec.attention import ATTENTION_NAME, ForwardContext
 from specdec.draft_vocab import check_vocab_ids, expand_logits
 from specdec.drafters import formats
 from specdec.drafters.eagle import EagleDrafter
+from specdec.drafters.registry import Option, register, resolve_path
 
 if TYPE_CHECKING:
     from specdec.target import TargetModel
@@ -122,15 +125,24 @@ class Eagle3Head(nn.Module):
                 specdec: ForwardContext) -> torch.Tensor:
         """``out [T, H]`` for pairs ``features [T, H]`` (``fc`` of fused target features, or a parent's ``out``) and
         ``tokens [T]`` int64 at RoPE ``positions [T]``; K/V go to ``specdec``'s one-layer cache."""
+        return self.forward_with(features[None], tokens[None], positions[None], ATTENTION_NAME, specdec=specdec)[0]
+
+    def forward_with(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, attention: str,
+                     **attention_kwargs: Any) -> torch.Tensor:
+        """Batched :meth:`forward` through any function registered with transformers' ``AttentionInterface`` (the
+        trainer's training-time-test mask): ``features [B, T, H]``, ``tokens``/``positions [B, T]`` -> ``[B, T, H]``."""
         layer = self.midlayer
-        x = features.to(self.fc.weight.dtype)[None]
-        emb = self.embed_tokens(tokens[None]).to(x.dtype)
+        x = features.to(self.fc.weight.dtype)
+        emb = self.embed_tokens(tokens).to(x.dtype)
         both = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(x)], dim=-1)
-        attn = layer.self_attn(both, position_embeddings=self.rotary(x, positions[None]), attention_mask=None,
-                               specdec=specdec)[0]
+        previous, self.layer_config._attn_implementation = self.layer_config._attn_implementation, attention
+        try:
+            attn = layer.self_attn(both, position_embeddings=self.rotary(x, positions), attention_mask=None,
+                                   **attention_kwargs)[0]
+        finally:
+            self.layer_config._attn_implementation = previous
         h = x + attn
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h[0]
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """``[..., N]`` draft-vocabulary logits of ``out [..., H]``."""
@@ -139,6 +151,36 @@ class Eagle3Head(nn.Module):
     def full_logits(self, out: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` logits over the target vocabulary (``-inf`` outside the draft vocabulary)."""
         return expand_logits(self.logits(out), self.vocab_ids, self.config.vocab_size)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the head in EAGLE-3's published layout (``config.json`` + ``model.safetensors`` with ``d2t``/``t2d``),
+        which :func:`load_eagle3_head` reads: what specdec trains is what the reference code would load."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        raw = {k: v for k, v in c.layer_config.items() if k not in ("_name_or_path", "transformers_version")}
+        raw.update({"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
+                    "hidden_size": c.hidden_size, "target_hidden_size": c.target_hidden_size,
+                    "vocab_size": c.vocab_size, "draft_vocab_size": c.draft_vocab_size,
+                    "torch_dtype": str(self.fc.weight.dtype).removeprefix("torch.")})
+        (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        ids = torch.arange(c.vocab_size) if self.vocab_ids is None else self.vocab_ids.cpu()
+        t2d = torch.zeros(c.vocab_size, dtype=torch.bool)
+        t2d[ids] = True
+        state.update({"d2t": ids - torch.arange(ids.numel()), "t2d": t2d})
+        save_file(state, str(path / "model.safetensors"))
+
+    @classmethod
+    def untrained(cls, target: TargetModel, vocab_ids: torch.Tensor | None = None) -> Eagle3Head:
+        """A randomly initialised head as wide as ``target`` (its embedding shared) over ``vocab_ids`` (sorted target
+        ids; ``None`` = the whole vocabulary)."""
+        cfg = target.model.config.get_text_config()
+        hidden, vocab = cfg.hidden_size, cfg.vocab_size
+        ids = torch.arange(vocab) if vocab_ids is None else vocab_ids
+        raw = json.loads(cfg.to_json_string(use_diff=False))
+        config = Eagle3Config(hidden, hidden, vocab, ids.numel(), formats.llama_layer_config(raw))
+        return cls(config, target, ids)
 
 
 class Eagle3Drafter(EagleDrafter):
@@ -201,3 +243,19 @@ def _draft_vocabulary(folder: Path, d2t: torch.Tensor | None, t2d: torch.Tensor 
         if t2d.numel() != vocab or not torch.equal(t2d.bool().flatten(), mask):
             raise ValueError(f"{folder}: t2d [{t2d.numel()}] does not mark exactly the {size} tokens d2t maps to")
     return ids
+
+
+@register("eagle3", help="EAGLE-3 head (fused low/mid/high target features, draft vocabulary)", options=(
+    Option("path", str, None, "a head in EAGLE-3's layout (a folder; 'shipped' = trained for the embedded SmolLM2)"),
+    Option("tree", str, "dynamic", "draft tree shape", ("chain", "dynamic")),
+    Option("depth", int, None, "draft depth"),
+    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("topk", int, None, "children per expanded node (dynamic tree)"),
+))
+def _build(target, path=None, tree="dynamic", depth=None, budget=None, topk=None) -> Eagle3Drafter:
+    shape = {"tree": tree, **{k: v for k, v in {"depth": depth, "budget": budget, "topk": topk}.items() if v}}
+    path = resolve_path("eagle3", path)
+    head = Eagle3Head.untrained(target).eval() if path is None else load_eagle3_head(path, target)
+    drafter = Eagle3Drafter(head, backend=target.backend, **shape)
+    drafter.feature_layers = fused_layers(target.num_layers)  # the engine passes these layers, concatenated
+    return drafter

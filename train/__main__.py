@@ -1,6 +1,8 @@
 """``python -m specdec.train <command>``: training-side tools.
 
-Commands: ``data`` (self-distillation data, :mod:`specdec.train.data`), ``medusa`` (Medusa heads,
+Commands: ``data`` (self-distillation data, :mod:`specdec.train.data`), ``teacher`` (teacher-forced human answers,
+:mod:`specdec.train.sources`), ``features`` (EAGLE-3 features of a data folder, :mod:`specdec.train.features`),
+``eagle3`` (EAGLE-3 head, :mod:`specdec.train.eagle3`), ``medusa`` (Medusa heads,
 :mod:`specdec.train.medusa`), ``eagle`` (EAGLE-style head, :mod:`specdec.train.eagle`), ``draft`` (small draft
 LM, :mod:`specdec.train.draft_lm`), ``export`` (a checkpoint in float16/bfloat16, as shipped). Bad input is
 reported as one ``error:`` line, exit 2.
@@ -21,7 +23,7 @@ DEFAULT_OUT = "out/distill"
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="generate self-distillation data (the target answers instruction prompts)")
     p.add_argument("--source", action="append", default=None,
-                   help="self-instruct | gsm8k | PATH (.jsonl) | HF dataset id; repeatable "
+                   help="self-instruct | gsm8k | humaneval | PATH (.jsonl) | HF dataset id; repeatable "
                         "(default: self-instruct and gsm8k)")
     p.add_argument("--field", default=None,
                    help="text field of a PATH / HF source (default: instruction, question, prompt or text)")
@@ -123,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
+    from specdec.train import eagle3, features, sources
+
+    sources.add_teacher_parser(sub)
+    features.add_features_parser(sub)
     add_medusa_parser(sub)
+    eagle3.add_eagle3_parser(sub)
     add_eagle_parser(sub)
     add_draft_parser(sub)
     add_export_parser(sub)
@@ -205,8 +212,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from specdec.train import eagle3, features, sources
+
         commands = {"data": cmd_data, "medusa": cmd_medusa, "eagle": cmd_eagle, "draft": cmd_draft,
-                    "export": cmd_export}
+                    "export": cmd_export, "teacher": sources.cmd_teacher, "features": features.cmd_features,
+                    "eagle3": eagle3.cmd_eagle3}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specdec.train: error: {err}", file=sys.stderr)

@@ -181,6 +181,10 @@ def _hub_gsm8k() -> list[str]:
 
 
 def _load_source(source: str, config: DataConfig) -> list[str]:
+    if source == "humaneval":
+        from specdec.train.sources import humaneval_prompts
+
+        return humaneval_prompts(config)
     if source in BUILTIN_SOURCES:
         path = _builtin_file(source, config)
         if path is None:
@@ -195,7 +199,7 @@ def _load_source(source: str, config: DataConfig) -> list[str]:
     if path.is_file():
         return _field_text(_read_jsonl(path), config.field, str(path))
     if "/" not in source or source.endswith((".json", ".jsonl")) or path.exists():
-        raise ValueError(f"unknown source {source!r}: not self-instruct, gsm8k, a file or an HF dataset id")
+        raise ValueError(f"unknown source {source!r}: not self-instruct, gsm8k, humaneval, a file or an HF dataset id")
     try:
         from datasets import load_dataset
 
