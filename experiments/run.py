@@ -23,7 +23,15 @@ from pathlib import Path
 
 import yaml
 
-from specdec.app.args import HelpFormatter, add_model_args, add_prompt_args, check_args, spec_defaults, spec_paths
+from specdec.app.args import (
+    HelpFormatter,
+    add_model_args,
+    add_prompt_args,
+    auto_cost_model,
+    check_args,
+    spec_defaults,
+    spec_paths,
+)
 from specdec.app.cli import error_line, is_user_error
 from specdec.app.experiment import Grid
 
@@ -82,7 +90,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         max_new_tokens=args.max_new_tokens, multi_turn=args.multi_turn, chat=args.chat, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed or 0, acceptance=args.acceptance, num_blocks=args.num_blocks,
         block_size=args.block_size, spec_defaults=spec_defaults(args), paths=spec_paths(args),
-        batch_size=args.batch_size, model=args.model,
+        batch_size=args.batch_size, model=args.model, cost_model=auto_cost_model(args),
     )
 
 

@@ -65,7 +65,8 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
                    help="nodes per draft tree, root included, or 'auto': each step's size chosen by --cost-model "
                         f"(up to {AUTO_MAX_BUDGET} unless the spec sets budget=) (default: the drafter's own)")
     p.add_argument("--cost-model", default=None,
-                   help="cost-model JSON for --tree-budget auto (make one: specdec calibrate --out cost.json)")
+                   help="cost-model JSON for --tree-budget auto (make one: specdec calibrate --out cost.json; "
+                        "default: none)")
     p.add_argument("--tree-depth", type=int, default=None, help="draft depth (default: the drafter's own)")
     p.add_argument("--tree-topk", type=int, default=None,
                    help="children per expanded node of a dynamic tree (default: the drafter's own)")

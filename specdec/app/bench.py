@@ -55,6 +55,7 @@ class BenchSettings:
     multi_turn: bool = False
     batch_size: int = 1
     model: str | None = None
+    cost_model: str | None = None  # --tree-budget auto: every drafter under the budget chooser with this file
 
     @property
     def baseline_name(self) -> str:
@@ -62,7 +63,10 @@ class BenchSettings:
 
     def journal_key(self, methods: Sequence[str], prompts: Sequence[Prompt]) -> dict[str, Any]:
         digest = hashlib.sha256(json.dumps([asdict(p) for p in prompts]).encode()).hexdigest()[:16]
-        return {**asdict(self), "methods": list(methods), "prompts": digest}
+        key = asdict(self)
+        if key["cost_model"] is None:  # journals written before the field existed still resume
+            del key["cost_model"]
+        return {**key, "methods": list(methods), "prompts": digest}
 
 
 @dataclass
@@ -118,10 +122,20 @@ def build_engines(target: TargetModel, tokenizer: PreTrainedTokenizerBase, draft
     eos = eos_token_ids(target.model, tokenizer)
     cache = target.new_cache(settings.num_blocks, settings.block_size)
     engines = [("specdec_ar", SpeculativeEngine(target, cache, None, eos, **engine_kwargs))]
-    engines += [(name, SpeculativeEngine(target, cache, build_drafter(spec, target), eos,
+    engines += [(name, SpeculativeEngine(target, cache, _drafter(name, spec, target, settings, engine_kwargs), eos,
                                          acceptance=settings.acceptance, **engine_kwargs))
                 for name, spec in drafters.items() if spec.name != "none"]
     return engines
+
+
+def _drafter(name: str, spec: DrafterSpec, target: TargetModel, settings: BenchSettings, engine_kwargs: dict):
+    drafter = build_drafter(spec, target)
+    if settings.cost_model is None:
+        return drafter
+    from specdec.research.auto_budget import wrap_auto_budget
+
+    return wrap_auto_budget(drafter, settings.cost_model, name.removesuffix("+auto"),
+                            engine_kwargs.get("max_tree_nodes", 64))
 
 
 def run_bench(target: TargetModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],

@@ -22,6 +22,7 @@ COMMANDS = {
     "serve": "specdec.server.cmd_serve",
     "simulate": "specdec.app.cmd_simulate",
     "certify": "specdec.app.cmd_certify",
+    "calibrate": "specdec.app.cmd_calibrate",
 }
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from specdec.app.args import add_model_args, add_prompt_args, check_args, spec_defaults, spec_paths
+from specdec.app.args import add_model_args, add_prompt_args, auto_cost_model, check_args, spec_defaults, spec_paths
 
 HELP = "HF generate vs specdec autoregressive vs drafters on a prompt set (table + JSON report)"
 DEFAULT_DRAFTER = "ngram"
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                 max_new_tokens=args.max_new_tokens, multi_turn=args.multi_turn, chat=args.chat, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed or 0, acceptance=args.acceptance, num_blocks=args.num_blocks,
                 block_size=args.block_size, spec_defaults=spec_defaults(args), paths=spec_paths(args),
-                batch_size=args.batch_size, model=args.model)
+                batch_size=args.batch_size, model=args.model, cost_model=auto_cost_model(args))
     methods = grid.methods()  # a bad spec fails here, before the model loads
     from specdec.app.bench import run_bench
     from specdec.app.cmd_generate import check_cache, engine_tree_nodes

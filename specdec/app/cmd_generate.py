@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from specdec.app.args import add_model_args, check_args, parse_spec, spec_defaults, spec_paths
+from specdec.app.args import add_model_args, auto_cost_model, check_args, parse_spec, spec_defaults, spec_paths
 
 HELP = "generate text for one prompt, streaming, then one statistics line on stderr"
 # Measured on the 2-core CPU (docs/results/exp_t0): n-gram is the fastest drafter for the embedded SmolLM2.
@@ -87,8 +87,13 @@ def run(args: argparse.Namespace) -> int:
     from specdec.sampling import SamplingParams
     from specdec.target import eos_token_ids
 
+    drafter = build_drafter(spec, target)
+    if auto_cost_model(args) is not None:  # --tree-budget auto
+        from specdec.research.auto_budget import wrap_auto_budget
+
+        drafter = wrap_auto_budget(drafter, args.cost_model, args.drafter, tree_nodes)
     engine = SpeculativeEngine(
-        target, target.new_cache(args.num_blocks, args.block_size), build_drafter(spec, target),
+        target, target.new_cache(args.num_blocks, args.block_size), drafter,
         eos_token_ids(target.model, tokenizer), max_tree_nodes=tree_nodes, acceptance=args.acceptance,
     )
     progress = Progress()
@@ -108,12 +113,18 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _report_interrupted(args, tokenizer, progress)
         return INTERRUPTED
+    sizes = getattr(drafter, "chosen", None)  # --tree-budget auto: each step's chosen tree size
     if args.json:
-        print(json.dumps(_json_result(args, tokenizer.decode(result.tokens, skip_special_tokens=True),
-                                      result.tokens, result.stop_reason, result.stats)))
+        out = _json_result(args, tokenizer.decode(result.tokens, skip_special_tokens=True), result.tokens,
+                           result.stop_reason, result.stats)
+        if sizes is not None:
+            out["auto_tree_sizes"] = sizes
+        print(json.dumps(out))
     else:
         print(flush=True)
-        print(f"[{args.drafter}] {result.stats.summary()} | stop: {result.stop_reason}", file=sys.stderr, flush=True)
+        auto = f" | auto budget: {sum(sizes) / max(len(sizes), 1):.1f} nodes/step" if sizes is not None else ""
+        print(f"[{args.drafter}] {result.stats.summary()}{auto} | stop: {result.stop_reason}", file=sys.stderr,
+              flush=True)
     return 0
 
 

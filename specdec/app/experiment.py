@@ -45,6 +45,8 @@ class Grid:
         paths: default ``path`` per drafter name (CLI ``--draft-model``, ``--drafter-path``).
         batch_size: requests run concurrently (1 = one at a time, interleaved per prompt with the baseline).
         model: the model's id or folder (identifies a resumable run).
+        cost_model: ``--tree-budget auto``: every drafter runs under the budget chooser with this cost-model JSON
+            (method names get ``+auto``).
     """
 
     drafters: tuple[str, ...] = ("ngram",)
@@ -63,6 +65,7 @@ class Grid:
     paths: dict[str, str] = field(default_factory=dict)
     batch_size: int = 1
     model: str | None = None
+    cost_model: str | None = None
 
     def _parse(self, text: str) -> DrafterSpec:
         return parse_spec(text, self.paths, self.spec_defaults)
@@ -70,7 +73,7 @@ class Grid:
     def settings(self, temperature: float) -> BenchSettings:
         sampling = SamplingParams(temperature, self.top_k, self.top_p, self.seed)
         return BenchSettings(self.max_new_tokens, self.chat, self.num_blocks, self.block_size, sampling,
-                             self.acceptance, self.multi_turn, self.batch_size, self.model)
+                             self.acceptance, self.multi_turn, self.batch_size, self.model, self.cost_model)
 
     def methods(self) -> dict[str, DrafterSpec]:
         """Method name -> parsed spec, budgets expanded (raises ``ValueError`` for a bad spec)."""
@@ -85,6 +88,8 @@ class Grid:
                     out[full] = self._parse(full)
             else:
                 out[text] = spec
+        if self.cost_model is not None:
+            out = {f"{name}+auto" if spec.name != "none" else name: spec for name, spec in out.items()}
         return out
 
 

@@ -196,6 +196,20 @@ class AutoBudgetDrafter:
         self.inner.release(seq_id)
 
 
+def wrap_auto_budget(drafter: Drafter | None, cost_path: str, name: str | None = None,
+                     max_nodes: int = 64) -> AutoBudgetDrafter | None:
+    """``--tree-budget auto``: ``drafter`` (built with its largest budget) under the chooser, with the cost model
+    at ``cost_path`` (``ValueError`` naming the file if it is missing or not a cost model). ``name``: the drafter's
+    spec, used for its calibrated draft cost if the file has one (else each step's measured ``propose`` time).
+    No drafter (plain decoding) stays ``None``. One tracker per wrapped drafter, shared by its sequences: the
+    calibration is per (depth, sibling rank), so it needs no per-request state."""
+    if drafter is None:
+        return None
+    cost = CostModel.load(cost_path)
+    return AutoBudgetDrafter(drafter, cost, drafter_name=name if name in cost.draft_coef else None,
+                             max_nodes=max_nodes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Real engine runs, interleaved prompt by prompt: each drafter at its fixed budget and under the adapter;
     tokens per second, tau, chosen sizes, the predicted speedup of each step's choice, and the reliability plot."""

@@ -180,19 +180,16 @@ def measure_draft(target: TargetModel, drafter: Drafter, prompts: Sequence[torch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from specdec.app.cmd_calibrate import HELP, add_arguments
+
     ap = argparse.ArgumentParser(prog="python -m specdec.research.cost_model", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    cal = sub.add_parser("calibrate", help="measure verify cost (tree size x context) and draft cost per level")
-    cal.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")
-    cal.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    cal.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 768])
-    cal.add_argument("--repeats", type=int, default=5)
-    cal.add_argument("--drafter", nargs="*", default=[], help="drafter specs to time (engine runs, greedy)")
-    cal.add_argument("--prompts", default=None)
-    cal.add_argument("--limit", type=int, default=2)
-    cal.add_argument("--max-new-tokens", type=int, default=48)
-    cal.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+    add_arguments(sub.add_parser("calibrate", help=HELP))
+    return run_calibrate(ap.parse_args(argv))
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Measure and store the cost model (arguments: :func:`specdec.app.cmd_calibrate.add_arguments`)."""
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.drafters import DrafterSpec, build_drafter

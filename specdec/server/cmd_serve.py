@@ -11,7 +11,7 @@ import argparse
 import socket
 import sys
 
-from specdec.app.args import add_model_args, check_args, parse_spec, spec_defaults, spec_paths
+from specdec.app.args import add_model_args, auto_cost_model, check_args, parse_spec, spec_defaults, spec_paths
 
 HELP = "serve an OpenAI-compatible HTTP API (chat and completions, streaming, /metrics) on the step engine"
 DEFAULT_DRAFTER = "ngram"  # the fastest measured drafter for the embedded SmolLM2 (docs/results/exp_t0)
@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     target, tokenizer = load_target(args)
     drafters = {name: build_drafter(spec, target) for name, spec in specs.items()}
+    if auto_cost_model(args) is not None:  # --tree-budget auto: every drafter under the budget chooser
+        from specdec.research.auto_budget import wrap_auto_budget
+
+        drafters = {name: wrap_auto_budget(d, args.cost_model, name, args.max_tree_nodes)
+                    for name, d in drafters.items()}
     settings = ServerSettings(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, default_drafter=args.drafter,
         num_blocks=args.num_blocks, block_size=args.block_size, max_batch=args.max_batch,

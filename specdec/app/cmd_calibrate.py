@@ -1,0 +1,34 @@
+"""``specdec calibrate`` (light command module: argparse only; the work is in :mod:`specdec.research.cost_model`)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "measure the cost model for --tree-budget auto: verify time by tree size and context, draft time per level"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="tree sizes timed")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 768], help="cached contexts timed")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point (median)")
+    parser.add_argument("--drafter", nargs="*", default=[],
+                        help="drafter specs whose propose time to fit (greedy engine runs; default: none, then "
+                             "--tree-budget auto uses each step's measured time)")
+    parser.add_argument("--prompts", default=None, help="prompts of the drafter runs (default: the built-in set)")
+    parser.add_argument("--limit", type=int, default=2, help="prompts per drafter run")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per drafter-run prompt")
+    parser.add_argument("--out", required=True,
+                        help="the cost-model JSON to write (pass it as --cost-model; required, no default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, values in (("--sizes", args.sizes), ("--contexts", args.contexts), ("--repeats", [args.repeats]),
+                         ("--limit", [args.limit]), ("--max-new-tokens", [args.max_new_tokens])):
+        if min(values) < 1:
+            raise ValueError(f"{flag} must be >= 1, got {min(values)}")
+    if len(set(args.sizes)) < 2 or len(set(args.contexts)) < 2:
+        raise ValueError("the verify fit needs at least two --sizes and two --contexts")
+    from specdec.research.cost_model import run_calibrate
+
+    return run_calibrate(args)
