@@ -177,7 +177,8 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
     context_lens : torch.Tensor
         ``[B]`` int32, committed tokens ``ctx_b`` (the unmasked prefix).
     cu_q : torch.Tensor
-        ``[B + 1]`` int32, cumulative query counts ``n_b`` (``cu_q[0] == 0``, ``cu_q[B] == T``).
+        ``[B + 1]`` int32, cumulative query counts ``n_b`` (``cu_q[0] == 0``, ``cu_q[B] <= T``). Rows past
+        ``cu_q[B]`` are padding (a compiled step's static shapes): nothing is read for them and they come out 0.
     tree_mask : torch.Tensor
         Flat ``[sum_b n_b * (off_b + n_b)]`` uint8 or bool: row-major ``n_b x (off_b + n_b)`` ancestor rows per
         sequence, ``mask[i, j] = 1`` iff ``j == off_b + i`` or tree node ``j`` is an ancestor of node
@@ -185,6 +186,7 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
         past the q-block).
     mask_indptr : torch.Tensor
         ``[B + 1]`` int64, ``cumsum(n_b * (off_b + n_b))`` with a leading 0 (``cumsum(n_b^2)`` without offsets).
+        ``tree_mask`` may be longer than ``mask_indptr[B]`` (padding); the tail is not read.
     sm_scale : float
         Softmax scale, usually ``D ** -0.5``.
     max_q : int
@@ -210,7 +212,7 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
     if q.device.type == "cpu":
         require_interpreter(_paged_tree_attention_kernel, "paged_tree_attention", "paged_tree_attention_reference")
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)  # padding rows past cu_q[B] stay 0
     t, hq, d = q.shape
     b = context_lens.shape[0]
     hkv = k_cache.shape[2]
@@ -222,8 +224,9 @@ def paged_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, t
         o_buf, lse, stride_os, stride_ls, stride_lt = out, out, 0, 0, 0  # lse is never touched with one split
         stride_ot, stride_oh = out.stride(0), out.stride(1)
     else:
-        o_buf = torch.empty((splits, t, hq, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((splits, t, hq), dtype=torch.float32, device=q.device)
+        # initialised so that padding rows (never visited) merge to 0
+        o_buf = torch.zeros((splits, t, hq, d), dtype=torch.float32, device=q.device)
+        lse = torch.full((splits, t, hq), float("-inf"), dtype=torch.float32, device=q.device)
         stride_os, stride_ls, stride_lt, stride_ot, stride_oh = o_buf.stride(0), lse.stride(0), hq, hq * d, d
     grid = (b, hkv, triton.cdiv(max_q, cfg.block_q) * splits)
     _paged_tree_attention_kernel[grid](

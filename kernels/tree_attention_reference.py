@@ -20,8 +20,8 @@ def paged_tree_attention_reference(q, k_cache, v_cache, block_table, context_len
     ``mask_indptr [B+1]`` int64, ``q_offsets [B]`` int32 or ``None`` (zeros) -> ``[T, Hq, D]``. Query ``i`` of
     sequence ``b`` sees keys ``[0, ctx_b)`` and tree keys ``ctx_b + j`` (``j < off_b + n_b``) where its mask row
     allows. Runs on any device. Also checks the values of the index tensors (this syncs). Rows with no visible key
-    (impossible under the tree invariants) return 0, matching the kernel. ``max_q`` is only range-checked;
-    ``num_splits`` (a kernel tuning knob) is only validated.
+    (impossible under the tree invariants) and padding rows past ``cu_q[B]`` return 0, matching the kernel.
+    ``max_q`` is only range-checked; ``num_splits`` (a kernel tuning knob) is only validated.
     """
     mask_u8 = validate_tree_attention(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask,
                                       mask_indptr, max_q, out, num_splits, q_offsets)
@@ -32,19 +32,19 @@ def paged_tree_attention_reference(q, k_cache, v_cache, block_table, context_len
     ctxs = context_lens.tolist()
     mptr = mask_indptr.tolist()
     offs = [0] * len(ctxs) if q_offsets is None else q_offsets.tolist()
-    if cu[0] != 0 or cu[-1] != t or any(e < s for s, e in zip(cu[:-1], cu[1:], strict=True)):
-        raise ValueError(f"cu_q must start at 0, be non-decreasing and end at T={t}, got {cu}")
+    if cu[0] != 0 or cu[-1] > t or any(e < s for s, e in zip(cu[:-1], cu[1:], strict=True)):
+        raise ValueError(f"cu_q must start at 0, be non-decreasing and end at most at T={t}, got {cu}")
     sizes = [e - s for s, e in zip(cu[:-1], cu[1:], strict=True)]
     if any(o < 0 for o in offs):
         raise ValueError(f"q_offsets must be >= 0 (tree nodes already written), got {offs}")
     if mptr[0] != 0 or any(mptr[i + 1] - mptr[i] != n * (offs[i] + n) for i, n in enumerate(sizes)):
         raise ValueError("mask_indptr must be cumsum(n_b * (off_b + n_b)) with a leading 0 (cumsum(n_b^2) "
                          "without offsets)")
-    if mptr[-1] != mask_u8.numel():
+    if mptr[-1] > mask_u8.numel():
         raise ValueError(f"tree_mask has {mask_u8.numel()} entries but mask_indptr ends at {mptr[-1]}")
     if sizes and max(sizes) > max_q:
         raise ValueError(f"max_q={max_q} is smaller than the largest tree ({max(sizes)} nodes)")
-    res = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    res = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # padding rows past cu_q[B] stay 0
     for b, n in enumerate(sizes):
         if n == 0:
             continue

@@ -11,8 +11,11 @@ views with unit last-dim stride and equal K/V strides allowed), ``block_table [B
 (negative = skip), ``k/v [T, Hkv, D]``. ``num_splits = 0`` lets the CUDA kernel pick the split-KV factor from static
 shapes.
 
-Implementations: CUDA = the Triton kernels (no host sync; safe inside a captured CUDA graph); every other device =
-the pure-PyTorch references (which also check index values, with host syncs); fake (meta) = shape propagation only.
+Implementations: CUDA = the Triton kernels (no host sync; safe inside a captured CUDA graph); CPU = gather + SDPA
+per sequence in the input dtype (:mod:`specdec.kernels.tree_attention_sdpa`, what the eager torch backend computes)
+and the reference cache write; any other device = the pure-PyTorch references (which also check index values, with
+host syncs); fake (meta) = shape propagation only. Rows of ``q`` past ``cu_q[B]`` are padding (static shapes of a
+compiled step): they come out 0, and a negative slot skips its write.
 The Python wrappers :func:`paged_tree_attention` and :func:`write_kv` call the ops.
 """
 
@@ -20,6 +23,7 @@ import torch
 
 from specdec.kernels.tree_attention import paged_tree_attention as _attention_kernel
 from specdec.kernels.tree_attention_reference import paged_tree_attention_reference as _attention_reference
+from specdec.kernels.tree_attention_sdpa import paged_tree_attention_sdpa as _attention_sdpa
 from specdec.kernels.write_kv import write_kv as _write_kv_kernel
 from specdec.kernels.write_kv import write_kv_reference as _write_kv_reference
 
@@ -37,10 +41,17 @@ def _paged_tree_attention_op(
                                 sm_scale, max_q, num_splits=num_splits or None, q_offsets=q_offsets).contiguous()
 
 
+@_paged_tree_attention_op.register_kernel("cpu")
+def _paged_tree_attention_cpu(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask, mask_indptr,
+                              sm_scale, max_q, num_splits=0, q_offsets=None):
+    return _attention_sdpa(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask, mask_indptr, sm_scale,
+                           q_offsets=q_offsets)
+
+
 @_paged_tree_attention_op.register_kernel("cuda")
 def _paged_tree_attention_cuda(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask, mask_indptr,
                                sm_scale, max_q, num_splits=0, q_offsets=None):
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # padding rows past cu_q[B] stay 0
     return _attention_kernel(q, k_cache, v_cache, block_table, context_lens, cu_q, tree_mask, mask_indptr,
                              sm_scale, max_q, out=out, num_splits=num_splits or None, q_offsets=q_offsets)
 

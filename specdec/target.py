@@ -29,6 +29,7 @@ from specdec.attention import (
     build_tree_batch,
     select_backend,
 )
+from specdec.compiled_step import CompiledVerifier
 from specdec.kv_cache import PagedKVCache
 from specdec.split_gemv import SplitGemvMode
 from specdec.tree import TokenTree
@@ -63,6 +64,9 @@ def attention_view(model: torch.nn.Module, attn_implementation: str) -> torch.nn
         new = copy.copy(module)
         new._parameters = dict(module._parameters)
         new._buffers = dict(module._buffers)
+        for name, value in module.__dict__.items():  # own hook dicts: hooks installed on the view stay there
+            if "hooks" in name and isinstance(value, dict):
+                new.__dict__[name] = type(value)(value)
         new._modules = {k: None if m is None else clone(m) for k, m in module._modules.items()}
         own = module.__dict__.get("config")
         if own is not None and id(own) in memo:
@@ -81,10 +85,15 @@ class TargetModel:
         split_gemv: run small-batch linears through :class:`specdec.split_gemv.SplitGemvMode` (default: off. With
             torch 2.13 on this project's 2-core CPU it made a SmolLM2 decode step slower, 59.6 ms against 47.5 ms
             without; it paid with older builds, whose GEMV used one thread).
+        compile: run every step that fits a bucket through :class:`specdec.compiled_step.CompiledVerifier`
+            (``torch.compile``, one graph per padded shape; CUDA graphs on CUDA). The others run eagerly. A string
+            names the ``torch.compile`` backend (``"aot_eager"`` in fast tests); ``True`` is inductor.
+        buckets: ``(token_buckets, batch_buckets)`` for ``compile`` (default: 1..64 tokens, 1..32 sequences).
     """
 
     def __init__(
-        self, model: PreTrainedModel, backend: AttentionBackend | None = None, split_gemv: bool | None = None
+        self, model: PreTrainedModel, backend: AttentionBackend | None = None, split_gemv: bool | None = None,
+        compile: bool | str = False, buckets: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> None:
         self.model = model  # the caller's model, untouched (HF ``generate`` keeps working on it)
         self.verifier = attention_view(model, ATTENTION_NAME)  # the same weights, specdec attention set once
@@ -99,6 +108,8 @@ class TargetModel:
         self.vocab_size: int = cfg.vocab_size
         self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2**31
         self.split_gemv = bool(split_gemv)
+        backend = compile if isinstance(compile, str) else "inductor"
+        self.compiled = CompiledVerifier(self.verifier, *(buckets or ()), backend=backend) if compile else None
 
     def new_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A paged cache shaped for this model, using this backend's commit."""
@@ -135,6 +146,12 @@ class TargetModel:
         :mod:`specdec.verify`). Writes every node's K/V; commits nothing. ``hidden_layers`` (with
         ``return_hidden``): indices into HF ``hidden_states`` whose rows are concatenated instead of the last
         hidden state (``[T, len * H]``; EAGLE-3 fuses low, middle and high layers), from the same forward."""
+        if self.compiled is not None and self.compiled.fits(cache, batch):
+            layers = (hidden_layers or [-1]) if return_hidden else None
+            logits, hidden = self.compiled.run(cache, batch, keep, layers)
+            return TargetOutput(logits, batch, hidden)
+        if self.compiled is not None:
+            self.compiled.eager_steps += 1
         ctx = ForwardContext(cache, batch, self.backend, self.backend.plan(batch, cache.block_size))
         linear_mode = SplitGemvMode() if self.split_gemv else contextlib.nullcontext()
         with linear_mode:

@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--attention", choices=["torch", "triton"], default=None,
                    help="attention backend (default: triton on CUDA, torch on CPU; env SPECDEC_ATTENTION)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="verify through torch.compile'd graphs over padded static shapes (1-64 tokens, 1-32 "
+                        "sequences; CUDA graphs on CUDA); each new shape compiles once (about a minute on CPU)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per request")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the model's chat template")

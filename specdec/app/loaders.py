@@ -160,7 +160,8 @@ def load_target(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase | N
     ``--model/--dtype/--device``."""
     backend = select_backend(args.attention, args.device)
     model = load_model(args.model, DTYPES[args.dtype], args.device)
-    return TargetModel(model, backend), tokenizer if tokenizer is not None else load_tokenizer(args.model)
+    target = TargetModel(model, backend, compile=getattr(args, "compile", False))
+    return target, tokenizer if tokenizer is not None else load_tokenizer(args.model)
 
 
 def load_prompt_set(args: argparse.Namespace) -> list[Prompt]:

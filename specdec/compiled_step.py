@@ -1,0 +1,175 @@
+"""The verify forward compiled over static, bucketed shapes (``torch.compile(fullgraph=True, dynamic=False)``).
+
+A step's :class:`~specdec.attention.TreeBatch` is padded to a bucket: its ``T`` query tokens to the next size in
+``token_buckets`` (1, 2, 4, ..., 64 by default) and its ``B`` sequences to the next in ``batch_buckets``; the block
+table to the cache's full width. Each bucket is one graph, traced once and reused for every later step of that
+shape (no recompilation: nothing in the graph depends on a Python value that changes between steps). Padding:
+
+* padding tokens (rows past ``cu_q[B]``) carry slot ``-1``, so their K/V are never written, and attend to nothing
+  (the attention op returns 0 for them); their logits are computed and dropped.
+* padding sequences have no query and context 0; their block-table rows are never read.
+
+The attention and the cache write run as the ``specdec::`` custom ops (:mod:`specdec.ops`): the Triton kernels on
+CUDA, gather + SDPA on CPU. On CUDA the graph is also captured as a CUDA graph per bucket
+(``mode="reduce-overhead"``; the cache tensors are marked static addresses so they are not copied); replays copy
+the fresh step metadata into the graph's static inputs. Steps that fit no bucket (e.g. a long prefill chunk, tree
+offsets, or a cache that is not a :class:`~specdec.kv_cache.PagedKVCache`) run eagerly, so results never depend on
+whether a step was compiled beyond floating-point rounding (tested: greedy outputs equal the eager engine's).
+
+Cost: every new bucket traces and compiles the model once (about a minute for SmolLM2 on a 2-core CPU, seconds
+from the on-disk inductor cache afterwards), so it pays on long runs and servers, not on one short generation.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+try:  # transformers >= 5 captures hidden states through hooks (older versions return them directly)
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    maybe_install_capturing_hooks = None
+
+from specdec import ops
+from specdec.attention import ForwardContext, TreeBatch
+from specdec.kv_cache import PagedKVCache
+
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The static-shape step metadata the compiled forward reads (the ``batch`` and ``plan`` of its
+    :class:`ForwardContext`): ``slot_mapping [Tp]`` int64 (``-1`` = padding), ``block_table [Bp, MB]`` int32,
+    ``context_lens [Bp]`` int32, ``cu_q [Bp + 1]`` int32, ``tree_mask [Tp * Tp]`` uint8, ``mask_indptr [Bp + 1]``
+    int64, ``q_offsets [Bp]`` int32; ``max_q = Tp``."""
+
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    context_lens: torch.Tensor
+    cu_q: torch.Tensor
+    tree_mask: torch.Tensor
+    mask_indptr: torch.Tensor
+    q_offsets: torch.Tensor
+    max_q: int
+
+
+class OpsCache:
+    """A whole ``[L, NB, BS, Hkv, D]`` K/V pair seen through the custom ops (what the compiled graph writes)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        ops.write_kv(self.k[layer], self.v[layer], slot_mapping, k, v)
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
+
+class OpsBackend:
+    """Attention through ``torch.ops.specdec.paged_tree_attention`` on a :class:`StepPlan`."""
+
+    name = "ops"
+
+    def attend(self, plan: StepPlan, q, k_cache, v_cache, sm_scale: float) -> torch.Tensor:
+        return ops.paged_tree_attention(q, k_cache, v_cache, plan.block_table, plan.context_lens, plan.cu_q,
+                                        plan.tree_mask, plan.mask_indptr, sm_scale, plan.max_q,
+                                        q_offsets=plan.q_offsets)
+
+
+def bucket(value: int, sizes: Sequence[int]) -> int | None:
+    """The smallest size in ``sizes`` (sorted) that holds ``value``; ``None`` if none does."""
+    i = bisect.bisect_left(sizes, value)
+    return sizes[i] if i < len(sizes) else None
+
+
+class CompiledVerifier:
+    """Runs :meth:`TargetModel.run <specdec.target.TargetModel.run>` through one compiled graph per bucket.
+
+    Args:
+        verifier: the target's attention view of the HF model (``TargetModel.verifier``).
+        token_buckets / batch_buckets: the padded sizes (sorted); a step larger than the last runs eagerly.
+        mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` (CUDA graphs) on CUDA, the default elsewhere).
+        backend: ``torch.compile`` backend (default ``"inductor"``; ``"aot_eager"`` traces the same graph without
+            code generation: seconds instead of a minute, for tests of the tracing and padding).
+    """
+
+    def __init__(self, verifier: torch.nn.Module, token_buckets: Sequence[int] = TOKEN_BUCKETS,
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS, mode: str | None = None,
+                 backend: str = "inductor") -> None:
+        for name, sizes in (("token_buckets", token_buckets), ("batch_buckets", batch_buckets)):
+            if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+                raise ValueError(f"{name} must be increasing positive sizes, got {tuple(sizes)}")
+        self.verifier = verifier
+        self.token_buckets, self.batch_buckets = tuple(token_buckets), tuple(batch_buckets)
+        device = next(verifier.parameters()).device
+        self.mode = mode if mode is not None else ("reduce-overhead" if device.type == "cuda" else None)
+        self.graphs: set[tuple] = set()  # buckets traced so far
+        self.compiled_steps = self.eager_steps = 0
+        self._static_caches: set[int] = set()
+        # one compiled graph per bucket and output kind; the limit only bounds how many dynamo keeps
+        limit = len(self.token_buckets) * len(self.batch_buckets) * 4 + 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, limit)
+        # HF captures hidden states through hooks it installs on first use, under a lock dynamo cannot trace:
+        # install them now (on the view only; its hook dicts are its own)
+        for module in verifier.modules() if maybe_install_capturing_hooks is not None else ():
+            if isinstance(module, PreTrainedModel):
+                maybe_install_capturing_hooks(module)
+        self._forward = torch.compile(self._graph, fullgraph=True, dynamic=False, mode=self.mode, backend=backend)
+
+    def fits(self, cache: object, batch: TreeBatch) -> bool:
+        """Whether this step can run compiled (otherwise the caller runs it eagerly)."""
+        return (isinstance(cache, PagedKVCache) and not any(batch.q_offsets_host)
+                and bucket(batch.num_tokens, self.token_buckets) is not None
+                and bucket(len(batch.context_lens_host), self.batch_buckets) is not None)
+
+    def pad(self, cache: PagedKVCache, batch: TreeBatch) -> tuple[torch.Tensor, torch.Tensor, StepPlan]:
+        """``input_ids [Tp]``, ``positions [Tp]`` and the :class:`StepPlan` of ``batch`` padded to its bucket."""
+        t, b = batch.num_tokens, len(batch.context_lens_host)
+        tp, bp = bucket(t, self.token_buckets), bucket(b, self.batch_buckets)
+        dt, db = tp - t, bp - b
+        table = batch.block_table
+        plan = StepPlan(
+            slot_mapping=F.pad(batch.slot_mapping, (0, dt), value=-1),
+            block_table=F.pad(table, (0, cache.k.shape[1] - table.shape[1], 0, db)),
+            context_lens=F.pad(batch.context_lens, (0, db)),
+            cu_q=F.pad(batch.cu_q, (0, db), value=t),
+            tree_mask=F.pad(batch.tree_mask, (0, tp * tp - batch.tree_mask.numel())),
+            mask_indptr=F.pad(batch.mask_indptr, (0, db), value=batch.tree_mask.numel()),
+            q_offsets=F.pad(batch.q_offsets, (0, db)),
+            max_q=tp,
+        )
+        return F.pad(batch.input_ids, (0, dt)), F.pad(batch.positions, (0, dt)), plan
+
+    def run(self, cache: PagedKVCache, batch: TreeBatch, keep: torch.Tensor | None,
+            hidden_layers: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the ``keep`` rows (all ``T`` rows if ``None``) and, if ``hidden_layers`` is given, the
+        concatenated hidden states of those HF ``hidden_states`` indices for the ``T`` real tokens."""
+        input_ids, positions, plan = self.pad(cache, batch)
+        if cache.device.type == "cuda" and id(cache.k) not in self._static_caches:
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+            self._static_caches.add(id(cache.k))
+        layers = None if hidden_layers is None else tuple(int(i) for i in hidden_layers)
+        self.graphs.add((input_ids.numel(), plan.context_lens.numel(), layers))
+        logits, hidden = self._forward(input_ids, positions, plan, cache.k, cache.v, layers)
+        self.compiled_steps += 1
+        t = batch.num_tokens
+        logits = logits[:t] if keep is None else logits.index_select(0, keep)
+        return logits, None if hidden is None else hidden[:t]
+
+    def _graph(self, input_ids, positions, plan: StepPlan, k, v, layers):
+        ctx = ForwardContext(OpsCache(k, v), plan, OpsBackend(), plan)
+        out = self.verifier(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+                            logits_to_keep=0, output_hidden_states=layers is not None, specdec=ctx)
+        hidden = None if layers is None else torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
+        return out.logits[0], hidden
