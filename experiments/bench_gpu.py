@@ -12,11 +12,14 @@ script imports ``specdec`` from the repository it lives in when the package is n
     ``triton.testing.do_bench_cudagraph`` (graph replay: launch overhead excluded, and proof the launch is
     capturable), next to SDPA on the same data laid out contiguously; GB/s and TFLOP/s.
 (b) ``verify``: ``TargetModel.forward`` latency for trees of 1..64 nodes at contexts 1k / 4k on a random-weight
-    8B-shaped Llama (bf16; speed does not depend on the weights), next to HF's eager decode step (DynamicCache) and
+    8B-shaped Llama (bf16; speed does not depend on the weights), eager and compiled (``--compile``: the
+    :mod:`specdec.compiled_step` graphs, CUDA-graph replays, for the tree sizes of ``--compile-buckets``; each
+    bucket compiles once, about a minute), next to HF's eager decode step (DynamicCache) and
     HF's static-cache compiled decode step (``generate`` with ``cache_implementation="static"``, per-token time =
     (time(N new) - time(1 new)) / (N - 1)), all on the same card.
 (c) ``e2e``: HF static+compile ``generate`` vs the specdec engine without a drafter and with an oracle chain
-    drafter proposing the target's own greedy continuation (the ceiling of any chain drafter of that depth).
+    drafter proposing the target's own greedy continuation (the ceiling of any chain drafter of that depth),
+    eager and compiled.
 (d) ``drafters``: every drafter at T=0 and T=0.8 with a small random float32 model: runs, greedy output equals
     autoregressive decoding, every KV block is freed.
 
@@ -57,11 +60,15 @@ def parse_args(argv=None):
     p.add_argument("--kernel-batch", default="1,8,32")
     p.add_argument("--kernel-ctx", default="512,2048,8192")
     p.add_argument("--kernel-trees", default="1,4,16,64")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the compiled / CUDA-graph verify step in (b) and (c)")
+    p.add_argument("--compile-buckets", default="1,8,16", help="token buckets of the compiled step")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.ctx, args.trees, args.new = "tiny", "24", "1,4", 12
         args.kernel_batch, args.kernel_ctx, args.kernel_trees = "1", "40", "1,4"
+        args.compile_buckets = "1,4"
     args.sections = [s for s in args.sections.split(",") if s]
     if unknown := set(args.sections) - set(SECTIONS):
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
@@ -149,14 +156,19 @@ def hf_eager_step_ms(torch, model, ids, dev, reps):
         return timeit(torch, step, dev, reps)
 
 
-def section_verify(torch, args, model, target, dev):
+def cache_blocks(args, extra=64):
+    """One cache size for every context of (b) and (c): the compiled graphs' shapes include it."""
+    return (max(ints(args.ctx)) + max(max(ints(args.trees)), args.new) + extra) // 16 + 8
+
+
+def section_verify(torch, args, model, target, dev, compiled=None):
     from specdec.tree import TokenTree
 
     g = torch.Generator().manual_seed(args.seed)
     vocab, reps, new = model.config.vocab_size, 3 if args.smoke else 10, args.new
     rows = []
-    print(f"\n(b) verify step (ms), {args.shape}\n{'ctx':>6} {'n':>3} | {'specdec':>8} | {'HF eager':>8} "
-          f"{'HF static':>9} | {'vs static':>9}")
+    print(f"\n(b) verify step (ms), {args.shape}\n{'ctx':>6} {'n':>3} | {'specdec':>8} {'compiled':>8} | "
+          f"{'HF eager':>8} {'HF static':>9} | {'vs static':>9} {'compiled':>8}")
     for ctx in ints(args.ctx):
         ids = torch.randint(0, vocab, (1, ctx), generator=g).to(dev)
         hf_eager = hf_eager_step_ms(torch, model, ids, dev, reps)
@@ -165,7 +177,7 @@ def section_verify(torch, args, model, target, dev):
         _, t_one = hf_static_generate(torch, model, ids, 1, dev)
         hf_static = max(t_new - t_one, 0.0) / (new - 1) * 1e3
         max_n = max(ints(args.trees))
-        cache = target.new_cache(num_blocks=(ctx + max_n) // 16 + 4, block_size=16)
+        cache = target.new_cache(num_blocks=cache_blocks(args), block_size=16)
         seq = cache.add_sequence()
         cache.reserve(seq, ctx + max_n)
         target.forward(cache, [seq], [TokenTree.chain(ids[0].cpu())], last_only=True)
@@ -174,9 +186,15 @@ def section_verify(torch, args, model, target, dev):
             parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
             tree = TokenTree(torch.randint(0, vocab, (n,), generator=g), torch.tensor(parents))
             ms = timeit(torch, lambda t=tree, c=cache, s=seq: target.forward(c, [s], [t]), dev, reps)
-            rows.append(dict(ctx=ctx, n=n, specdec_ms=ms, hf_eager_ms=hf_eager, hf_static_ms=hf_static))
-            print(f"{ctx:>6} {n:>3} | {ms:8.2f} | {hf_eager:8.2f} {hf_static:9.2f} | {ms / hf_static:8.2f}x",
-                  flush=True)
+            cms = None
+            if compiled is not None and n in compiled.compiled.token_buckets:
+                cms = timeit(torch, lambda t=tree, c=cache, s=seq: compiled.forward(c, [s], [t]), dev, reps)
+            rows.append(dict(ctx=ctx, n=n, specdec_ms=ms, compiled_ms=cms, hf_eager_ms=hf_eager,
+                             hf_static_ms=hf_static))
+            ctext = "       -" if cms is None else f"{cms:8.2f}"
+            cratio = "       -" if cms is None else f"{cms / hf_static:7.2f}x"
+            print(f"{ctx:>6} {n:>3} | {ms:8.2f} {ctext} | {hf_eager:8.2f} {hf_static:9.2f} | "
+                  f"{ms / hf_static:8.2f}x {cratio}", flush=True)
         cache.release(seq)
         del cache
     return rows
@@ -224,7 +242,7 @@ def run_engine(torch, target, drafter, prompt, new, dev, sampling=None, num_bloc
     return result, time.perf_counter() - t0, freed
 
 
-def section_e2e(torch, args, model, target, dev):
+def section_e2e(torch, args, model, target, dev, compiled=None):
     g = torch.Generator().manual_seed(args.seed + 1)
     ctx, new = ints(args.ctx)[0], args.new
     prompt = torch.randint(0, model.config.vocab_size, (1, ctx), generator=g).to(dev)
@@ -232,11 +250,17 @@ def section_e2e(torch, args, model, target, dev):
     hf_tokens, hf_s = hf_static_generate(torch, model, prompt, new, dev)
     rows = [dict(name="hf_static_compile", tok_s=new / hf_s, speedup=1.0, tau=None, identical_to_hf=True)]
     print(f"\n(c) end to end, prompt {ctx}, {new} new tokens\n  hf_static_compile {new / hf_s:8.1f} tok/s")
-    run_engine(torch, target, None, prompt[0].cpu(), 8, dev)  # warm-up
+    blocks = cache_blocks(args)
+    run_engine(torch, target, None, prompt[0].cpu(), 8, dev, num_blocks=blocks)  # warm-up
     own = None
-    for name, depth in (("specdec_ar", 0), ("oracle_chain4", 4), ("oracle_chain8", 8)):
+    runs = [("specdec_ar", 0, target), ("oracle_chain4", 4, target), ("oracle_chain8", 8, target)]
+    if compiled is not None:
+        runs += [(f"{name}_compiled", depth, compiled) for name, depth, _ in runs]
+    for name, depth, tgt in runs:
         drafter = OracleChain(torch.cat([prompt[0].cpu(), torch.tensor(own)]), depth) if depth else None
-        result, secs, freed = run_engine(torch, target, drafter, prompt[0].cpu(), new, dev)
+        if tgt is compiled:  # warm-up: compiles the buckets this drafter's trees use
+            run_engine(torch, tgt, drafter, prompt[0].cpu(), 2 * depth + 2, dev, num_blocks=blocks)
+        result, secs, freed = run_engine(torch, tgt, drafter, prompt[0].cpu(), new, dev, num_blocks=blocks)
         own = own or result.tokens  # the target's own greedy continuation feeds the oracle
         row = dict(name=name, tok_s=new / secs, speedup=hf_s / secs, tau=result.stats.tau,
                    identical_to_hf=result.tokens == hf_tokens.tolist(), identical_to_ar=result.tokens == own,
@@ -339,11 +363,15 @@ def main(argv=None):
         model = build_model(torch, args.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32,
                             args.seed)
         target = TargetModel(model, backend=_backend(args, dev))
+        compiled = None
+        if args.compile:  # aot_eager in the smoke run: the same trace without minutes of CPU code generation
+            compiled = TargetModel(model, backend=_backend(args, dev), compile="aot_eager" if args.smoke else True,
+                                   buckets=(ints(args.compile_buckets), (1,)))
         if "verify" in args.sections:
-            result["verify"] = section_verify(torch, args, model, target, dev)
+            result["verify"] = section_verify(torch, args, model, target, dev, compiled)
         if "e2e" in args.sections:
-            result["e2e"] = section_e2e(torch, args, model, target, dev)
-        del model, target
+            result["e2e"] = section_e2e(torch, args, model, target, dev, compiled)
+        del model, target, compiled
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     if "drafters" in args.sections:

@@ -44,8 +44,11 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
     assert all(r["unsplit_ms"] > 0 and r["gbps"] > 0 and r["tflops"] > 0 for r in res["kernels"])
     assert [r["n"] for r in res["verify"]] == [1, 4] and all(r["hf_static_ms"] > 0 for r in res["verify"])
     e2e = {r["name"]: r for r in res["e2e"]}
-    assert set(e2e) == {"hf_static_compile", "specdec_ar", "oracle_chain4", "oracle_chain8"}
+    runs = {"specdec_ar", "oracle_chain4", "oracle_chain8"}
+    assert set(e2e) == {"hf_static_compile"} | runs | {f"{r}_compiled" for r in runs}
     assert e2e["oracle_chain4"]["identical_to_ar"] and e2e["oracle_chain4"]["tau"] > 2, e2e["oracle_chain4"]
+    assert all(e2e[f"{r}_compiled"]["identical_to_ar"] for r in runs)
+    assert all(r["compiled_ms"] > 0 for r in res["verify"])  # smoke buckets 1 and 4 = its tree sizes
     assert all(r["blocks_freed"] for r in res["e2e"][1:])
     drafters = res["drafters"]
     assert len(drafters) == 20 and {r["temperature"] for r in drafters} == {0.0, 0.8}
