@@ -11,7 +11,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF id or folder (default: the embedded SmolLM2)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="tree sizes timed")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 768], help="cached contexts timed")
-    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point")
+    parser.add_argument("--statistic", choices=["median", "min"], default="median",
+                        help="per point: median, or min (robust when other jobs load the machine)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads while measuring (default: torch's own; --tree-budget auto runs should "
+                             "use the same)")
     parser.add_argument("--drafter", nargs="*", default=[],
                         help="drafter specs whose propose time to fit (greedy engine runs; default: none, then "
                              "--tree-budget auto uses each step's measured time)")
@@ -24,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     for flag, values in (("--sizes", args.sizes), ("--contexts", args.contexts), ("--repeats", [args.repeats]),
-                         ("--limit", [args.limit]), ("--max-new-tokens", [args.max_new_tokens])):
+                         ("--limit", [args.limit]), ("--max-new-tokens", [args.max_new_tokens]),
+                         ("--threads", [args.threads or 1])):
         if min(values) < 1:
             raise ValueError(f"{flag} must be >= 1, got {min(values)}")
     if len(set(args.sizes)) < 2 or len(set(args.contexts)) < 2:
