@@ -123,7 +123,7 @@ def test_a_short_eagle3_run_lowers_the_loss_and_its_fp16_export_drafts_losslessl
     feats = compute_features(model, teacher, tmp_path / "feat", topk=4)
     loop = LoopConfig(out_dir=str(tmp_path / "run"), steps=40, lr=3e-3, eval_every=0, wandb=False)
     config = Eagle3TrainConfig(data_dir=str(feats), loop=loop, draft_vocab_size=30, steps_ttt=3, batch_size=4,
-                               eval_holdout=1)
+                               eval_holdout=1, vocab_data=(str(teacher),), follow=10)
     final = train_eagle3(model, tokenizer, config)
     losses = [m["train/loss"] for m in read_metrics(tmp_path / "run")]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])

@@ -52,6 +52,10 @@ class Eagle3TrainConfig:
         steps_ttt: training-time-test passes (1 = teacher forcing only).
         batch_size / seq_len: examples per optimizer step, at most ``seq_len`` pairs per example.
         eval_*: the drafter used for the verifier evaluation, extra evaluation prompts, held-out rows.
+        vocab_data: data folders (token ids suffice) whose responses pick the draft vocabulary (default: the
+            training data at the start).
+        follow: every ``follow`` steps, re-read ``data_dir`` and train on the shards a still-running ``features`` job
+            wrote since (0 = the data at the start only). With it, ``--resume`` no longer repeats the same batches.
     """
 
     data_dir: str | tuple[str, ...]
@@ -66,6 +70,8 @@ class Eagle3TrainConfig:
     eval_topk: int = 4
     eval_prompts: tuple[str | tuple[int, ...], ...] = field(default_factory=tuple)
     eval_holdout: int = 4
+    vocab_data: tuple[str, ...] = ()
+    follow: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps_ttt", "batch_size", "seq_len", "eval_depth", "eval_budget", "eval_topk"):
@@ -177,24 +183,34 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     """Train an EAGLE-3 head on ``config.data_dir``; returns the final checkpoint folder ``out_dir/step_{steps}``."""
     torch.manual_seed(config.loop.seed)
     target_model.eval().requires_grad_(False)
-    data = load_distillation_data(config.data_dir).with_format("numpy", dtype=None)
-    if "fused" not in data.column_names:
-        raise ValueError(f"{config.data_dir} holds no fused features: run `python -m specdec.train features` on it")
+    data = _load_features(config.data_dir)
     train_ids, held_ids = split_rows(range(len(data)), config.eval_holdout, config.data_dir)
     target = TargetModel(target_model)
     vocab, eos_ids = target.vocab_size, eos_token_ids(target_model, tokenizer)
     vocab_ids = None
     if config.draft_vocab_size:
-        responses = data.select_columns(["response_ids"])
-        vocab_ids = frequent_tokens((responses[i]["response_ids"] for i in train_ids), config.draft_vocab_size, vocab,
+        source = load_distillation_data(config.vocab_data) if config.vocab_data else data
+        responses = source.select_columns(["response_ids"])
+        picks = range(len(source)) if config.vocab_data else train_ids
+        vocab_ids = frequent_tokens((responses[i]["response_ids"] for i in picks), config.draft_vocab_size, vocab,
                                     eos_ids)
     head = Eagle3Head.untrained(target, vocab_ids).float()
     fused_layers(target.num_layers)  # the target must have three distinct fused layers
+    seen = {"data": data, "train": train_ids, "tokens": 0}
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        picks = batch_indices(step, config.batch_size, len(train_ids), config.loop.seed)
-        rows = [data[train_ids[i]] for i in picks]
-        return eagle3_loss(head, fused_batch(rows, config.seq_len, vocab_ids, vocab, target.device), config.steps_ttt)
+        if config.follow and step % config.follow == 0:  # shards written since by a features job still running
+            grown = _load_features(config.data_dir)
+            held = set(held_ids)
+            seen.update(data=grown, train=[i for i in range(len(grown)) if i not in held])
+        train = seen["train"]
+        picks = batch_indices(step, config.batch_size, len(train), config.loop.seed)
+        rows = [seen["data"][train[i]] for i in picks]
+        batch = fused_batch(rows, config.seq_len, vocab_ids, vocab, target.device)
+        total, metrics = eagle3_loss(head, batch, config.steps_ttt)
+        seen["tokens"] += int(batch.lengths.sum())
+        metrics.update({"train/examples_available": len(train), "train/pairs_seen": seen["tokens"]})
+        return total, metrics
 
     def drafter(module: Eagle3Head) -> Eagle3Drafter:
         d = Eagle3Drafter(module, tree=config.eval_tree, depth=config.eval_depth, budget=config.eval_budget,
@@ -210,6 +226,13 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                       run_config)
 
 
+def _load_features(folders):
+    data = load_distillation_data(folders).with_format("numpy", dtype=None)
+    if "fused" not in data.column_names:
+        raise ValueError(f"{folders} holds no fused features: run `python -m specdec.train features` on it")
+    return data
+
+
 def add_eagle3_parser(sub: argparse._SubParsersAction) -> None:
     from specdec.train.__main__ import add_loop_args
 
@@ -220,6 +243,10 @@ def add_eagle3_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-prompts", default=None,
                    help="JSONL prompt file added to the tau evaluation (default: held-out rows only)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--vocab-data", action="append", default=None,
+                   help="data folder(s) whose responses pick the draft vocabulary (default: the training data)")
+    p.add_argument("--follow", type=int, default=0,
+                   help="re-read --data every N steps, training on shards written since (default: 0 = off)")
 
 
 def cmd_eagle3(args: argparse.Namespace) -> None:
@@ -234,7 +261,7 @@ def cmd_eagle3(args: argparse.Namespace) -> None:
     config = Eagle3TrainConfig(
         data_dir=tuple(args.data), loop=loop_config(args, "specdec-eagle3"), draft_vocab_size=args.draft_vocab,
         steps_ttt=args.ttt, batch_size=args.batch_size, seq_len=args.seq_len, eval_prompts=prompts,
-        eval_holdout=args.eval_holdout,
+        eval_holdout=args.eval_holdout, vocab_data=tuple(args.vocab_data or ()), follow=args.follow,
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=check_device(args.device))
     print(f"trained EAGLE-3 head: {train_eagle3(model, tokenizer, config)}")
