@@ -4,7 +4,10 @@ dropped (with a cleanup hook, e.g. freeing the drafter's own KV blocks) on ``rel
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -67,8 +70,53 @@ class GrowingTree:
         return len(self.tokens) - self.written
 
     def tree(self):
-        import torch
-
         from specdec.tree import TokenTree  # local: keeps this module light
 
         return TokenTree(torch.tensor(self.tokens), torch.tensor(self.parents))
+
+
+@dataclass(frozen=True)
+class LevelTree:
+    """One sequence's partial tree as :func:`specdec.attention.tree_batch` reads it (``tokens``, ``depth``,
+    ``ancestor_mask``, ``num_nodes``), views into a :class:`LevelTrees` batch."""
+
+    tokens: torch.Tensor
+    depth: torch.Tensor
+    ancestor_mask: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.numel()
+
+
+class LevelTrees:
+    """Draft trees grown a whole level at a time for a batch, every sequence adding the same number of nodes per
+    level: tokens ``[B, M]``, depth ``[M]`` and ancestor masks ``[B, M, M]`` as tensors (no Python per node). Node
+    0 is the root; a level's nodes follow the previous level's, so parents come first and the last level is the
+    one to forward (the tree offset is the node count before :meth:`add`)."""
+
+    def __init__(self, roots: torch.Tensor) -> None:
+        b = roots.numel()
+        self.tokens = roots.reshape(b, 1).long().cpu()
+        self.depth = torch.zeros(1, dtype=torch.long)
+        self.mask = torch.ones(b, 1, 1, dtype=torch.bool)
+        self._level_start = 0  # first node of the last level
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[1]
+
+    def add(self, tokens: torch.Tensor, parents: torch.Tensor) -> None:
+        """Append a level: ``tokens [B, F]`` whose parents are ``parents [B, F]`` (index within the last level)."""
+        b, f = tokens.shape
+        m = self.num_nodes
+        parent_nodes = self._level_start + parents.long().cpu()
+        rows = self.mask.gather(1, parent_nodes[..., None].expand(b, f, m))  # each new node: its parent's ancestors
+        own = torch.eye(f, dtype=torch.bool).expand(b, f, f)
+        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (0, f)), torch.cat([rows, own], dim=2)], dim=1)
+        self.tokens = torch.cat([self.tokens, tokens.long().cpu()], dim=1)
+        self.depth = torch.cat([self.depth, torch.full((f,), int(self.depth[-1]) + 1)])
+        self._level_start = m
+
+    def trees(self) -> list[LevelTree]:
+        return [LevelTree(self.tokens[i], self.depth, self.mask[i]) for i in range(self.tokens.shape[0])]

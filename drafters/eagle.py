@@ -18,147 +18,29 @@ above and reported in ``Draft.probs``) and ``"dynamic"`` (EAGLE-2 best-first, de
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
-from transformers import AutoConfig
 
-from specdec.attention import ATTENTION_NAME, AttentionBackend, ForwardContext, build_tree_batch, select_backend
-from specdec.checkpoint import read_checkpoint, save_checkpoint
-from specdec.draft_vocab import check_vocab_ids, expand_logits
-from specdec.drafters.common import GrowingTree, PerSequence
+from specdec.attention import AttentionBackend, ForwardContext, build_tree_batch, select_backend
+from specdec.draft_vocab import expand_logits
+from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence
+from specdec.drafters.eagle_head import EagleConfig, EagleHead
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
 from specdec.kv_cache import PagedKVCache
 from specdec.sampling import process_logits, sample
 from specdec.tree import TokenTree
-from specdec.tree_builders import best_first_steps, drive_batch
+from specdec.tree_builders import BestFirstBatch, level_topk
 
 if TYPE_CHECKING:
     from specdec.target import TargetModel
 
+__all__ = ["EagleConfig", "EagleDrafter", "EagleHead"]  # the head lives in eagle_head.py; imported from here too
 
 Path_ = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class EagleConfig:
-    """Shape of an EAGLE head.
-
-    Attributes:
-        hidden_size: ``H``, the target's hidden size.
-        vocab_size: ``V``, the target's vocabulary size.
-        layer_config: the target's text config as a JSON dict (``model_type`` included): rebuilds the decoder layer.
-        draft_vocab_size: ``N``, the head scores only ``N`` target tokens (:mod:`specdec.draft_vocab`, rows
-            ``vocab_ids`` of the target's LM head; the ids are saved as the ``vocab_ids`` buffer); 0 = all.
-    """
-
-    hidden_size: int
-    vocab_size: int
-    layer_config: dict[str, Any] = field(default_factory=dict)
-    draft_vocab_size: int = 0
-
-    @classmethod
-    def from_target(cls, target: TargetModel) -> EagleConfig:
-        cfg = target.model.config.get_text_config()
-        return cls(cfg.hidden_size, cfg.vocab_size, json.loads(cfg.to_json_string(use_diff=False)))
-
-    def text_config(self):
-        """A fresh transformers config object for the layer (its own object: the head switches its attention)."""
-        d = dict(self.layer_config)
-        d.pop("transformers_version", None)
-        return AutoConfig.for_model(d.pop("model_type"), **d)
-
-
-class EagleHead(nn.Module):
-    """``fc = Linear(2H, H)`` then one decoder layer; predicts the next feature.
-
-    Args:
-        config: sizes and the layer's config.
-        target: supplies the input embeddings and LM head (used, never registered or saved) and the decoder-layer
-            and rotary-embedding classes; the head is built on the target's device and dtype.
-        vocab_ids: ``[N]`` int64, the draft vocabulary; required iff ``config.draft_vocab_size`` (``N``).
-    """
-
-    def __init__(self, config: EagleConfig, target: TargetModel, vocab_ids: torch.Tensor | None = None) -> None:
-        super().__init__()
-        embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
-        if tuple(lm_head.weight.shape) != (config.vocab_size, config.hidden_size):
-            raise ValueError(f"EAGLE head needs an LM head of shape {(config.vocab_size, config.hidden_size)}, "
-                             f"the target's is {tuple(lm_head.weight.shape)}")
-        if (vocab_ids is None) != (config.draft_vocab_size == 0) or (
-                vocab_ids is not None and vocab_ids.numel() != config.draft_vocab_size):
-            raise ValueError(f"draft_vocab_size={config.draft_vocab_size} needs exactly that many vocab_ids")
-        decoder = target.model.get_decoder()
-        layer_cls, rotary_cls = type(decoder.layers[0]), type(decoder.rotary_emb)
-        self.config = config
-        self.layer_config = config.text_config()
-        factory = {"dtype": lm_head.weight.dtype, "device": lm_head.weight.device}
-        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, **factory)
-        self.layer = layer_cls(self.layer_config, layer_idx=0).to(**factory)
-        self.rotary = rotary_cls(config=self.layer_config).to(lm_head.weight.device)  # inv_freq keeps float32
-        if vocab_ids is not None:
-            vocab_ids = check_vocab_ids(vocab_ids.to(lm_head.weight.device), config.vocab_size)
-        self.register_buffer("vocab_ids", vocab_ids)
-        # Shared with the target, so not submodules: the embedding and the LM head's (draft-vocabulary) rows.
-        object.__setattr__(self, "embed_tokens", embed)
-        weight = lm_head.weight.detach()
-        object.__setattr__(self, "proj_weight", weight if vocab_ids is None else weight[vocab_ids])
-
-    @contextlib.contextmanager
-    def _attention(self, name: str) -> Iterator[None]:
-        cfg = self.layer.self_attn.config  # the attention module reads its own config object
-        previous = cfg._attn_implementation
-        cfg._attn_implementation = name
-        try:
-            yield
-        finally:
-            cfg._attn_implementation = previous
-
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                specdec: ForwardContext) -> torch.Tensor:
-        """Predicted features ``[T, H]`` (head dtype) for pairs ``features [T, H]`` float, ``tokens [T]`` int64
-        (the token after each feature's), at RoPE ``positions [T]`` int64; K/V go to ``specdec``'s cache."""
-        return self.forward_with(features[None], tokens[None], positions[None], ATTENTION_NAME, specdec=specdec)[0]
-
-    def forward_with(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, attention: str,
-                     **attention_kwargs: Any) -> torch.Tensor:
-        """Batched form of :meth:`forward` through any function registered with transformers'
-        ``AttentionInterface`` (the trainer's multi-step mask, for one): ``features [B, T, H]``, ``tokens`` and
-        ``positions [B, T]`` int64 -> ``[B, T, H]``; ``attention_kwargs`` reach the attention function."""
-        dtype = self.fc.weight.dtype
-        x = self.fc(torch.cat([self.embed_tokens(tokens).to(dtype), features.to(dtype)], dim=-1))
-        with self._attention(attention):
-            out = self.layer(x, attention_mask=None, position_ids=positions,
-                             position_embeddings=self.rotary(x, positions), use_cache=False, **attention_kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """``[..., N]`` next-token logits over the draft vocabulary (``N = V`` without one) from ``features
-        [..., H]`` via the target's LM head rows. Target features give the target's own logits on those rows."""
-        return nn.functional.linear(features.to(self.proj_weight.dtype), self.proj_weight)
-
-    def full_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """:meth:`logits` over the whole vocabulary ``[..., V]`` (``-inf`` outside the draft vocabulary)."""
-        return expand_logits(self.logits(features), self.vocab_ids, self.config.vocab_size)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (fc + layer; no embedding, no LM head) to ``path``."""
-        save_checkpoint(self, self.config, path, kind="eagle")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, target: TargetModel) -> EagleHead:
-        """Load a head saved by :meth:`save_pretrained` onto ``target`` (cast to its dtype; strict key check)."""
-        config, state = read_checkpoint(path, kind="eagle")
-        head = cls(EagleConfig(**config), target, state.get("vocab_ids"))
-        head.load_state_dict(state, strict=True)
-        return head.eval()
 
 
 class EagleDrafter:
@@ -226,21 +108,11 @@ class EagleDrafter:
         dseqs = [self._seqs[item.seq_id] for item in batch]
         roots = [int(item.history[-1]) for item in batch]
         root_out = self._catch_up(batch, dseqs)  # [B, H]
+        if self.tree == "dynamic":
+            return self._dynamic(dseqs, roots, root_out)
         grown = [GrowingTree(r) for r in roots]
         pred: list[dict[Path_, torch.Tensor]] = [{(): row} for row in root_out]
-        if self.tree == "chain":
-            return self._chains(batch, dseqs, grown, pred)
-
-        def expand_batch(requests):
-            need = [i for i, r in enumerate(requests) if r is not None and any(p not in pred[i] for p in r)]
-            for i in need:
-                grown[i].add(requests[i])
-            self._forward_new([dseqs[i] for i in need], [grown[i] for i in need], [pred[i] for i in need])
-            return [None if r is None else self.head.full_logits(torch.stack([pred[i][p] for p in r])).log_softmax(-1)
-                    for i, r in enumerate(requests)]
-
-        builders = [best_first_steps(r, self.budget, self.depth, self.topk) for r in roots]
-        return [Draft(tree) for tree, _ in drive_batch(builders, expand_batch)]
+        return self._chains(batch, dseqs, grown, pred)
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Queue the target's features ``hidden [S, H]`` (row ``j`` predicted the token after span token ``j``);
@@ -303,20 +175,53 @@ class EagleDrafter:
             at += len(paths)
             g.written = len(g.tokens)
 
+    def _dynamic(self, dseqs: list[int], roots: list[int], root_out: torch.Tensor) -> list[Draft]:
+        """EAGLE-2 best-first trees for the whole batch by tensor ops (:class:`BestFirstBatch`; no Python per node):
+        per level one top-k over the draft vocabulary for every frontier node, then one head forward of every
+        sequence's new frontier (tree offsets: only the new nodes are queries)."""
+        builder = BestFirstBatch(torch.tensor(roots), self.budget, self.depth, self.topk)
+        vocab_ids = getattr(self.head, "vocab_ids", None)
+        feats = root_out[:, None]  # [B, F, H]: the frontier's predicted features (F = 1: the root)
+        grown = LevelTrees(builder.roots)
+        while builder.more:
+            values, tokens = level_topk(self.head.logits(feats).log_softmax(-1), self.topk, vocab_ids)
+            builder.step(values, tokens)
+            if builder.more:  # the new frontier's children are wanted: forward it (input: its parent's feature)
+                parent = builder.frontier_parent.to(feats.device)
+                inputs = feats.gather(1, parent[..., None].expand(-1, -1, feats.shape[-1]))
+                feats = self._forward_level(dseqs, grown, builder.frontier_tokens, builder.frontier_parent, inputs)
+        return [Draft(tree) for tree in builder.result()[0]]
+
+    def _forward_level(self, dseqs: list[int], grown: LevelTrees, tokens: torch.Tensor, parents: torch.Tensor,
+                       inputs: torch.Tensor) -> torch.Tensor:
+        """Append a level (``tokens [B, F]``, ``parents [B, F]`` = index in the previous level) to ``grown`` and
+        forward only it, with features ``inputs [B, F, H]``; returns its predicted features ``[B, F, H]``."""
+        written = grown.num_nodes
+        grown.add(tokens, parents)
+        for dseq in dseqs:
+            self.cache.reserve(dseq, grown.num_nodes)
+        batch = build_tree_batch(self.cache, dseqs, grown.trees(), offsets=[written] * len(dseqs))
+        return self._run(batch, inputs.reshape(-1, inputs.shape[-1])).reshape(inputs.shape)
+
     def _chains(self, batch: Sequence[DraftInput], dseqs: list[int], grown: list[GrowingTree],
                 pred: list[dict[Path_, torch.Tensor]]) -> list[Draft]:
         """``depth``-token chains: argmax at temperature 0, else sampled from the processed head distribution with
         the request's own generator (reported in ``Draft.probs``)."""
         v = self.head.config.vocab_size
+        vocab_ids = getattr(self.head, "vocab_ids", None)
         rows = [[torch.zeros(v, dtype=self.head.fc.weight.dtype, device=self.cache.device)] for _ in batch]
         for d in range(self.depth):
+            paths = [tuple(g.tokens[1:]) for g in grown]
+            logits = self.head.logits(torch.stack([p[path] for p, path in zip(pred, paths, strict=True)]))  # [B, N]
+            top = logits.argmax(-1)  # first maximum: the smallest such id, as over the full vocabulary
+            top = (top if vocab_ids is None else vocab_ids[top]).tolist()
             for i, item in enumerate(batch):
-                path = tuple(grown[i].tokens[1:])
-                logits = self.head.full_logits(pred[i][path])
-                q = process_logits(logits, item.sampling)
-                tok = int(logits.argmax()) if item.sampling.greedy else int(sample(q, item.generator))
-                grown[i].add([path + (tok,)])
-                rows[i].append(q.to(rows[i][0].dtype))
+                tok = top[i]
+                if not item.sampling.greedy:  # the full-vocabulary distribution only where it is reported
+                    q = process_logits(expand_logits(logits[i], vocab_ids, v), item.sampling)
+                    tok = int(sample(q, item.generator))
+                    rows[i].append(q.to(rows[i][0].dtype))
+                grown[i].add([paths[i] + (tok,)])
             if d + 1 < self.depth:
                 self._forward_new(dseqs, grown, pred)
         return [Draft(TokenTree.chain(g.tokens), None if item.sampling.greedy else torch.stack(r))

@@ -162,3 +162,89 @@ def union_tree(root: int, paths: Sequence[tuple[int, ...]]) -> tuple[TokenTree, 
         tokens.append(p[-1])
         parents.append(index[p[:-1]])
     return TokenTree(torch.tensor(tokens), torch.tensor(parents)), index
+
+
+def level_topk(logprobs: torch.Tensor, k: int,
+               vocab_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of ``logprobs [..., N]`` (a draft vocabulary's, or the full one's when ``vocab_ids`` is ``None``)
+    as ``(values, target token ids)``, both ``[..., min(k, N)]``, values descending."""
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return top.values, top.indices if vocab_ids is None else vocab_ids.to(top.indices.device)[top.indices]
+
+
+class BestFirstBatch:
+    """:func:`best_first_steps` for a whole batch as tensor ops (no Python per node): same trees, same scores.
+
+    Each level the drafter gives the top-``k`` children of every frontier node (:meth:`step`, e.g. from
+    :func:`level_topk`): ``values [B, F, k]`` descending log-probabilities and ``tokens [B, F, k]``. All candidates
+    join the pool (cumulative log-probability = the parent's + the child's); the new frontier is the ``topk``
+    best candidates (ties: pool order, i.e. frontier order then rank, as the per-node builder's stable sort). At the
+    end the ``budget - 1`` best pool nodes are kept (ties: pool order, so shallower first). A child never scores
+    above its parent and comes later in the pool, so the kept set is ancestor-closed without a check.
+
+    Attributes after each :meth:`step` (for drafters that forward the new frontier): ``frontier_tokens [B, F]``,
+    ``frontier_parent [B, F]`` (index of each new frontier node's parent in the previous frontier).
+    """
+
+    def __init__(self, roots: torch.Tensor, budget: int, depth: int, topk: int) -> None:
+        if budget < 1 or depth < 0 or topk < 1:
+            raise ValueError(f"need budget >= 1, depth >= 0, topk >= 1; got {budget}, {depth}, {topk}")
+        self.roots = torch.as_tensor(roots, dtype=torch.long).flatten()
+        self.budget, self.depth, self.topk = budget, depth, topk
+        self.levels = depth if budget > 1 else 0  # levels still to expand
+        b = self.roots.numel()
+        self._scores: list[torch.Tensor] = []  # per level [B, C]
+        self._tokens: list[torch.Tensor] = []
+        self._parents: list[torch.Tensor] = []  # pool index of each candidate's parent (-1: the root)
+        self._frontier_pool = torch.full((b, 1), -1, dtype=torch.long)  # pool index of each frontier node
+        self._frontier_score: torch.Tensor | None = None  # [B, F]; None = the root (score 0)
+        self._size = 0  # pool size
+        self.frontier_tokens = self.roots[:, None]
+        self.frontier_parent = torch.zeros(b, 1, dtype=torch.long)
+
+    @property
+    def more(self) -> bool:
+        """Whether :meth:`step` wants another level."""
+        return self.levels > 0
+
+    def step(self, values: torch.Tensor, tokens: torch.Tensor) -> None:
+        """One level: ``values``, ``tokens [B, F, k]`` for the current frontier (``F`` = its width)."""
+        if not self.more:
+            raise RuntimeError("the tree is complete")
+        b, f, k = values.shape
+        values = values.detach().cpu().double()  # float64 sums, as the per-node builder's Python floats
+        parent_score = values.new_zeros(b, f) if self._frontier_score is None else self._frontier_score
+        scores = (parent_score[:, :, None] + values).reshape(b, f * k)
+        self._scores.append(scores)
+        self._tokens.append(tokens.detach().cpu().reshape(b, f * k))
+        self._parents.append(self._frontier_pool.to(torch.long).repeat_interleave(k, dim=1))
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : self.topk]
+        self._frontier_pool = self._size + order
+        self._frontier_score = scores.gather(1, order)
+        self.frontier_tokens = self._tokens[-1].gather(1, order)
+        self.frontier_parent = order // k
+        self._size += f * k
+        self.levels -= 1
+
+    def result(self) -> tuple[list[TokenTree], list[torch.Tensor]]:
+        """Each sequence's tree (nodes ordered by depth, then score, then pool order) and the kept nodes'
+        cumulative log-probabilities ``[N]`` (0 for the root), as :func:`best_first_steps` returns them."""
+        b = self.roots.numel()
+        if not self._scores:
+            return [TokenTree(r[None], torch.tensor([-1])) for r in self.roots], [torch.zeros(1) for _ in range(b)]
+        scores, tokens, parents = (torch.cat(x, dim=1) for x in (self._scores, self._tokens, self._parents))
+        depth = torch.cat([torch.full((s.shape[1],), d + 1) for d, s in enumerate(self._scores)])
+        keep = min(self.budget - 1, self._size)
+        ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]  # [B, keep] pool ids
+        # output order: depth, then rank (rank = score descending, ties pool order)
+        order = ranked.gather(1, torch.sort(depth[ranked] * keep + torch.arange(keep), dim=1).indices)
+        node_of = torch.zeros(b, self._size + 1, dtype=torch.long)  # pool index + 1 -> node index (root 0)
+        node_of.scatter_(1, order + 1, torch.arange(1, keep + 1).expand(b, keep))
+        out_parents = node_of.gather(1, parents.gather(1, order) + 1)
+        out_tokens, out_scores = tokens.gather(1, order), scores.gather(1, order)
+        trees, kept_scores = [], []
+        for i in range(b):
+            trees.append(TokenTree(torch.cat([self.roots[i : i + 1], out_tokens[i]]),
+                                   torch.cat([torch.tensor([-1]), out_parents[i]])))
+            kept_scores.append(torch.cat([out_scores.new_zeros(1), out_scores[i]]).float())
+        return trees, kept_scores
