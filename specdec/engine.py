@@ -30,13 +30,14 @@ import torch
 
 from specdec.acceptance import typical_accept_lossy
 from specdec.attention import tree_batch
-from specdec.interfaces import Draft, Drafter, DraftInput
+from specdec.interfaces import Draft, Drafter
 from specdec.kv_cache import OutOfBlocks, PagedKVCache
 from specdec.request import Request, Status, StepOutput
 from specdec.sampling import GREEDY, SamplingParams
 from specdec.scheduler import Scheduler
 from specdec.stats import RequestStats
 from specdec.step_accept import accept_step
+from specdec.step_draft import draft_all
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
 
@@ -191,7 +192,8 @@ class SpeculativeEngine:
     def _schedule(self, outputs: list[StepOutput]) -> tuple[list[_Slot], float]:
         decoding = sorted((r for r in self.scheduler.running if r.decoding), key=lambda r: r.arrival)
         t0 = time.perf_counter()
-        drafts = self._draft_all(decoding, outputs)
+        drafts = draft_all(self.drafter, decoding, self.max_tree_nodes, self.target.vocab_size,
+                           lambda req, err: self._finish(req, "error", error=err), outputs)
         draft_s = time.perf_counter() - t0
         slots: list[_Slot] = []
         for req in decoding:
@@ -215,41 +217,6 @@ class SpeculativeEngine:
             slots.append(_Slot(req, TokenTree.chain(chunk), final_chunk=req.prefilled + n == req.prefill_target))
             budget -= n
         return slots, draft_s
-
-    def _draft_all(self, decoding: list[Request], outputs: list[StepOutput]) -> dict[int, Draft]:
-        """One ``propose`` for the whole batch; if it raises, each request alone, so only the culprit fails."""
-        if not decoding:
-            return {}
-        if self.drafter is None:
-            return {r.request_id: Draft(TokenTree.chain(r.history[r.length - 1 : r.length])) for r in decoding}
-        inputs = [DraftInput(r.seq_id, r.history[: r.length], r.params, r.draft_generator) for r in decoding]
-        try:
-            proposed = dict(zip((r.request_id for r in decoding), self.drafter.propose(inputs), strict=True))
-        except Exception:
-            proposed = {}
-            for req, one in zip(decoding, inputs, strict=True):
-                try:
-                    [proposed[req.request_id]] = self.drafter.propose([one])
-                except Exception as err:
-                    outputs.append(self._finish(req, "error", error=err))
-        for req in decoding:
-            draft = proposed.get(req.request_id)
-            if draft is None:
-                continue
-            try:
-                self._check_draft(req, draft)
-            except ValueError as err:
-                del proposed[req.request_id]
-                outputs.append(self._finish(req, "error", error=err))
-        return proposed
-
-    def _check_draft(self, req: Request, draft: Draft) -> None:
-        root = int(req.history[req.length - 1])
-        if int(draft.tree.tokens[0]) != root:
-            raise ValueError(f"bad tree: root token {int(draft.tree.tokens[0])} is not the last token {root}")
-        draft.tree.check_fits(self.max_tree_nodes)
-        if bool((draft.tree.tokens < 0).any()) or bool((draft.tree.tokens >= self.target.vocab_size).any()):
-            raise ValueError(f"bad tree: draft token ids must lie in [0, {self.target.vocab_size})")
 
     # ------------------------------------------------------------------ verification
     def _verify(self, slots: list[_Slot], draft_s: float, t0: float) -> list[StepOutput]:

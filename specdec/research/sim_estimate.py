@@ -23,10 +23,11 @@ import torch
 
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.request import Request
-from specdec.research.simulate import ReplayResult, StepRecord, check_draft
+from specdec.research.simulate import ReplayResult, StepRecord
 from specdec.research.trace import PromptTrace, Trace
 from specdec.sampling import SamplingParams, process_logits
 from specdec.stats import RequestStats
+from specdec.step_draft import check_draft
 from specdec.tree import TokenTree
 
 

@@ -45,6 +45,7 @@ from specdec.request import Request
 from specdec.research.trace import PromptTrace, Trace
 from specdec.sampling import GREEDY, SamplingParams
 from specdec.stats import RequestStats, mean_ci
+from specdec.step_draft import check_draft
 from specdec.tree import TokenTree
 
 
@@ -73,15 +74,6 @@ class ReplayResult:
 
 class TraceTooShort(ValueError):
     """A step needed the target's token beyond the recorded lookahead."""
-
-
-def check_draft(draft: Draft, root: int, max_tree_nodes: int, vocab_size: int) -> None:
-    """The engine's checks of a proposed tree (``SpeculativeEngine._check_draft``), same messages."""
-    if int(draft.tree.tokens[0]) != root:
-        raise ValueError(f"bad tree: root token {int(draft.tree.tokens[0])} is not the last token {root}")
-    draft.tree.check_fits(max_tree_nodes)
-    if bool((draft.tree.tokens < 0).any()) or bool((draft.tree.tokens >= vocab_size).any()):
-        raise ValueError(f"bad tree: draft token ids must lie in [0, {vocab_size})")
 
 
 def replay_prompt(trace: Trace, p: PromptTrace, drafter: Drafter | None, seq_id: int = 0,
