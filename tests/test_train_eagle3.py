@@ -137,3 +137,19 @@ def test_a_short_eagle3_run_lowers_the_loss_and_its_fp16_export_drafts_losslessl
     plain = SpeculativeEngine(target, target.new_cache(num_blocks=16), None, []).generate(prompt, 24)
     spec = SpeculativeEngine(target, target.new_cache(num_blocks=16), drafter, []).generate(prompt, 24)
     assert spec.tokens == plain.tokens and spec.stats.tau >= 1.0
+
+
+def test_humaneval_prompts_come_from_the_gzipped_stubs_and_need_a_data_dir(tmp_path):
+    import gzip
+
+    from specdec.train.data import DataConfig, load_instruction_prompts
+    from specdec.train.sources import HUMANEVAL_ASK
+
+    (tmp_path / "humaneval").mkdir()
+    stubs = ["def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "def neg(x):\n    \"\"\"Minus x.\"\"\"\n"]
+    with gzip.open(tmp_path / "humaneval" / "HumanEval.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"task_id": f"HumanEval/{i}", "prompt": s}) + "\n" for i, s in enumerate(stubs))
+    prompts = load_instruction_prompts(DataConfig(sources=("humaneval",), data_dir=str(tmp_path)))
+    assert sorted(prompts) == sorted(HUMANEVAL_ASK + "```python\n" + s.rstrip() + "\n```" for s in stubs)
+    with pytest.raises(ValueError, match="humaneval source needs --data-dir"):
+        load_instruction_prompts(DataConfig(sources=("humaneval",)))
