@@ -161,11 +161,18 @@ class CompiledVerifier:
             self._static_caches.add(id(cache.k))
         layers = None if hidden_layers is None else tuple(int(i) for i in hidden_layers)
         self.graphs.add((input_ids.numel(), plan.context_lens.numel(), layers))
+        graphed = self.mode == "reduce-overhead"
+        if graphed:  # the previous replay's outputs were copied out: the graph may reuse their memory
+            torch.compiler.cudagraph_mark_step_begin()
         logits, hidden = self._forward(input_ids, positions, plan, cache.k, cache.v, layers)
         self.compiled_steps += 1
         t = batch.num_tokens
         logits = logits[:t] if keep is None else logits.index_select(0, keep)
-        return logits, None if hidden is None else hidden[:t]
+        hidden = None if hidden is None else hidden[:t]
+        if graphed:  # a CUDA graph's outputs live in its memory pool, overwritten by the next replay
+            logits = logits.clone() if keep is None else logits
+            hidden = None if hidden is None else hidden.clone()
+        return logits, hidden
 
     def _graph(self, input_ids, positions, plan: StepPlan, k, v, layers):
         ctx = ForwardContext(OpsCache(k, v), plan, OpsBackend(), plan)
