@@ -2,26 +2,38 @@
 into one tree under one node budget.
 
 Every candidate node gets an estimated probability of being accepted: the product, along its path, of its
-SOURCE's running per-depth acceptance rates (``rate[s][d]``: how often, when the accepted path reached depth
-``d - 1`` inside source ``s``'s proposal, the token at depth ``d`` was among ``s``'s children there), kept per
-sequence and updated after every step. A node both sources propose takes the larger estimate. The ``budget - 1``
-best nodes are kept (ties: shallower first, then the source's own order), and nodes worth less than ``min_value``
-expected tokens are dropped (a verification node costs about that much of a forward). Rates learn from every
-candidate, kept or not (the bonus token tells whether a dropped depth-``d`` candidate was right), so a source whose
-nodes were all dropped still recovers.
+SOURCE's running rates ``rate[s][d][r]``: how often, when the accepted path reached a node of source ``s``'s
+proposal at depth ``d - 1``, its rank-``r`` child (siblings in the source's own order: score for a model tree,
+recency for n-gram matches; ranks past ``RANKS - 1`` share the last) was the accepted token. Kept per sequence and
+updated after every step, so siblings split their parent's probability instead of each claiming all of it, and the
+sum of a tree's values is its expected accepted length. The n-gram source is split by the length of the matched
+suffix (``ngram2``, ``ngram3``, ``ngram4``, ...): a long match is usually a copy of earlier text and earns its own,
+higher rates, so it gets the budget when it has been right. A node both sources propose takes the larger estimate.
+The ``budget - 1`` best nodes are kept (ties: shallower first, then the source's own order), and nodes worth less
+than ``min_value`` times the sequence's running speed (tokens per step over step cost) are dropped: a node costs
+about ``node_cost`` of a forward, so it pays only if it adds that share of what a step already yields. Rates
+learn from every candidate, kept or not (the bonus token tells whether a dropped candidate was right), so a source
+whose nodes were all dropped still recovers.
+
+When to ask the model (it costs ``model_cost`` of a verification step; the n-gram is free): the n-gram tree alone
+is worth ``(1 + V_n) / (1 + node_cost * N_n)`` tokens per unit of step time (``V_n``: sum of its kept values,
+``N_n``: its kept nodes); with the model, ``(1 + max(V_n, V_m)) / (1 + model_cost + node_cost * max(N_n, N_m))``,
+``V_m`` being the running average of the accepted tokens the model's earlier trees for this sequence held (what it
+delivered, not what its rates promise: rarely seen depths and ranks keep optimistic priors) and ``N_m`` of its
+nodes kept in the merged tree. The model runs
+only when the second is larger (and at least every ``probe`` steps, so its estimate stays current): with no match
+any model worth its cost is asked; a long, confident match drafts alone; a model that does not pay for its cost and
+its nodes is not asked. ``skip_model_above`` (a depth-1 n-gram rate) is an older, simpler override. Model drafters
+catch up on the history at their next ``propose``, so skipping is safe. Both sub-drafters are told every
+``accept`` and ``release``.
 
 Lossless by construction: the merged tree is verified as deterministic one-hot proposals (``probs=None``; exact
 for any proposal drawn independently of the verification stream). Only when the kept tree is exactly the model's
 own tree (or a prefix of its chain) with no n-gram node does the model's ``Draft.probs`` pass through unchanged.
-
-When the n-gram source is confident (depth-1 rate ``>= skip_model_above`` and a match exists), the model is not
-asked for that sequence this step: drafting costs a third of a CPU step. Model drafters catch up on the history
-at their next ``propose``, so skipping is safe. Both sub-drafters are told every ``accept`` and ``release``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,12 +48,53 @@ from specdec.tree_builders import union_tree
 
 Path = tuple[int, ...]
 SOURCES = ("ngram", "model")
+MODEL_COST = 0.3  # EAGLE dynamic draft / SmolLM2 verification step on a 2-core CPU (out/notes/issue15_drafting.md)
+
+
+RANKS = 4  # sibling ranks with their own rate (rank >= RANKS - 1 shares the last)
 
 
 @dataclass
 class _SeqState:
-    rates: dict[str, list[float]]  # source -> per-depth conditional acceptance rate (index d - 1)
+    rates: dict[str, list[list[float]]]  # source -> [depth - 1][rank] conditional acceptance rate
     proposed: dict[str, list[Path]] = field(default_factory=dict)  # last step's candidate paths per source
+    model_value: float | None = None  # running accepted tokens the model's trees held (None: never asked)
+    model_nodes: float = 0.0  # running count of the model's nodes kept in the merged tree
+    since_model: int = 0  # steps since the model was last asked
+    speed: float = 1.0  # running tokens per step / (1 + node_cost * draft nodes): what one unit of step time yields
+    nodes: int = 0  # draft nodes of the last proposed tree
+
+
+def sibling_ranks(paths: list[Path]) -> dict[Path, int]:
+    """Each path's rank among its siblings, in list order (parents before children)."""
+    seen: dict[Path, int] = {}
+    ranks: dict[Path, int] = {}
+    for p in paths:
+        ranks[p] = seen.get(p[:-1], 0)
+        seen[p[:-1]] = ranks[p] + 1
+    return ranks
+
+
+def path_values(paths: list[Path], rates: list[list[float]]) -> dict[Path, float]:
+    """Estimated acceptance probability of every path (prefix-closed, parents first): the product of the rates of
+    its nodes' depths and sibling ranks."""
+    ranks, values = sibling_ranks(paths), {(): 1.0}
+    for p in paths:
+        values[p] = values[p[:-1]] * rates[len(p) - 1][min(ranks[p], RANKS - 1)]
+    del values[()]
+    return values
+
+
+def longest_match(history: torch.Tensor, max_ngram: int, min_ngram: int) -> int:
+    """Length of the longest suffix of ``history`` (``min_ngram`` to ``max_ngram`` tokens) that also occurs
+    earlier in it (the n-gram drafter's match); ``min_ngram`` when there is none (that source then proposes
+    nothing)."""
+    history = history.flatten()
+    for n in range(min(max_ngram, history.numel() - 1), min_ngram, -1):
+        windows = history[: history.numel() - 1].unfold(0, n, 1)
+        if bool((windows == history[-n:]).all(dim=1).any()):
+            return n
+    return min_ngram
 
 
 def tree_paths(tree: TokenTree) -> list[Path]:
@@ -64,14 +117,19 @@ class HybridDrafter:
         max_depth: deepest draft node kept.
         prior: initial per-depth rate of each source, ``{"ngram": ..., "model": ...}`` or one float for both.
         weight: weight of the newest observation in the running rates (exponential moving average).
-        min_value: nodes with a smaller acceptance estimate are dropped (default: the n-gram's ``node_cost``).
+        min_value: nodes with a smaller acceptance estimate, relative to the sequence's running speed (module
+            docstring), are dropped (default: the n-gram's ``node_cost``).
         skip_model_above: depth-1 n-gram rate above which a matched sequence is drafted by n-gram alone (``None``:
-            always ask the model).
+            no such override).
+        model_cost: a model draft's cost as a fraction of a verification step; the model is asked only where its
+            expected extra tokens pay for it (module docstring). ``None``: always ask (unless ``skip_model_above``).
+        probe: under the cost rule, the model is asked at least every ``probe`` steps.
     """
 
     def __init__(self, model: Drafter, ngram: NgramDrafter | None = None, budget: int = 16, max_depth: int = 8,
                  prior: float | dict[str, float] = 0.6, weight: float = 0.2, min_value: float | None = None,
-                 skip_model_above: float | None = 0.9) -> None:
+                 skip_model_above: float | None = None, model_cost: float | None = MODEL_COST,
+                 probe: int = 32) -> None:
         if budget < 1 or max_depth < 1:
             raise ValueError(f"budget and max_depth must be >= 1, got {budget}, {max_depth}")
         if not 0 < weight <= 1:
@@ -79,24 +137,30 @@ class HybridDrafter:
         priors = prior if isinstance(prior, dict) else dict.fromkeys(SOURCES, prior)
         if sorted(priors) != sorted(SOURCES) or not all(0 <= p <= 1 for p in priors.values()):
             raise ValueError(f"prior needs rates in [0, 1] for {list(SOURCES)}, got {prior}")
+        if model_cost is not None and model_cost < 0:
+            raise ValueError(f"model_cost must be >= 0, got {model_cost}")
         self.model, self.ngram = model, ngram or NgramDrafter(max_depth=max_depth)
         self.vocab_size: int | None = model.vocab_size
         self.needs_hidden: bool = bool(model.needs_hidden)
         self.budget, self.max_depth, self.weight = budget, max_depth, weight
         self.min_value = self.ngram.node_cost if min_value is None else min_value
-        self.skip_model_above = skip_model_above
-        self._state: PerSequence[_SeqState] = PerSequence(
-            lambda: _SeqState({s: [priors[s]] * max_depth for s in SOURCES}))
+        self.skip_model_above, self.model_cost = skip_model_above, model_cost
+        self.sources = ("model", *(f"ngram{n}" for n in range(self.ngram.min_ngram, self.ngram.max_ngram + 1)))
+        self.probe = probe
+        # prior of a rank-r child: the source's prior times 0.3 ** r (siblings' priors sum to < 1)
+        self._state: PerSequence[_SeqState] = PerSequence(lambda: _SeqState(
+            {s: [[priors["model" if s == "model" else "ngram"] * 0.3**r for r in range(RANKS)]
+                 for _ in range(max_depth)] for s in self.sources}))
         self.model_calls = 0  # sequences the model drafted (for reports and tests)
 
     # ------------------------------------------------------------------ protocol
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         """One merged draft per input; the model runs once for the sequences that need it."""
-        ngram_paths = [self._ngram_paths(item.history) for item in batch]
-        ask = [i for i, item in enumerate(batch) if not self._ngram_suffices(item.seq_id, ngram_paths[i])]
+        ngram = [self._ngram_paths(item.history) for item in batch]
+        ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i])]
         model_drafts = dict(zip(ask, self.model.propose([batch[i] for i in ask]), strict=True)) if ask else {}
         self.model_calls += len(ask)
-        return [self._merge(item, ngram_paths[i], model_drafts.get(i)) for i, item in enumerate(batch)]
+        return [self._merge(item, *ngram[i], model_drafts.get(i)) for i, item in enumerate(batch)]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Update the per-depth rates from the accepted tokens ``[A + 1]`` (A drafts, then the bonus), then tell
@@ -106,6 +170,13 @@ class HybridDrafter:
             accepted = tokens.tolist()
             for source, paths in state.proposed.items():
                 self._observe(state.rates[source], paths, accepted)
+            speed = len(accepted) / (1 + self.ngram.node_cost * state.nodes)
+            state.speed += self.weight * (speed - state.speed)
+            if state.since_model == 0:  # the model proposed: how many accepted tokens did its tree hold?
+                model = set(state.proposed["model"])
+                held = next((d for d in range(len(accepted), 0, -1) if tuple(accepted[:d]) in model), 0)
+                old = state.model_value
+                state.model_value = float(held) if old is None else old + self.weight * (held - old)
             state.proposed = {}
         self.ngram.accept(seq_id, tokens, hidden)
         self.model.accept(seq_id, tokens, hidden)
@@ -116,38 +187,66 @@ class HybridDrafter:
         self.model.release(seq_id)
 
     # ------------------------------------------------------------------ internals
-    def _ngram_paths(self, history: torch.Tensor) -> list[Path]:
-        """Every node of the n-gram continuations (prefixes included), most recent match first."""
+    def _ngram_paths(self, history: torch.Tensor) -> tuple[list[Path], str]:
+        """Every node of the n-gram continuations (prefixes included), most recent match first, and the source
+        name of this step's n-gram proposal (``ngram{n}``, ``n`` = the longest matched suffix)."""
         paths: dict[Path, None] = {}
         for cont in self.ngram.continuations(history, self.ngram.max_matches):
             cont = tuple(cont[: self.max_depth])
             paths.update((cont[:d], None) for d in range(1, len(cont) + 1))
-        return list(paths)
+        return list(paths), f"ngram{longest_match(history, self.ngram.max_ngram, self.ngram.min_ngram)}"
 
-    def _ngram_suffices(self, seq_id: int, ngram_paths: list[Path]) -> bool:
-        threshold = self.skip_model_above
-        return threshold is not None and bool(ngram_paths) and self._state[seq_id].rates["ngram"][0] >= threshold
+    def _model_pays(self, seq_id: int, ngram_paths: list[Path], source: str) -> bool:
+        """Whether to ask the model for this sequence this step (the module docstring's rule)."""
+        state = self._state[seq_id]
+        asked = self._decide(state, ngram_paths, source)
+        state.since_model = 0 if asked else state.since_model + 1
+        return asked
 
-    def _merge(self, item: DraftInput, ngram_paths: list[Path], model_draft: Draft | None) -> Draft:
+    def _decide(self, state: _SeqState, ngram_paths: list[Path], source: str) -> bool:
+        if ngram_paths and self.skip_model_above is not None and state.rates[source][0][0] >= self.skip_model_above:
+            return False
+        if self.model_cost is None or state.model_value is None or state.since_model + 1 >= self.probe:
+            return True
+        v_n, n_n = self._kept_worth(path_values(ngram_paths, state.rates[source]), self._floor(state))
+        cost = self.ngram.node_cost
+        with_model = (1 + max(v_n, state.model_value)) / (1 + self.model_cost + cost * max(n_n, state.model_nodes))
+        return with_model > (1 + v_n) / (1 + cost * n_n)
+
+    def _floor(self, state: _SeqState) -> float:
+        """The value a node needs to pay for its verification cost at this sequence's running speed."""
+        return self.min_value * max(1.0, state.speed)
+
+    def _kept_worth(self, values: dict[Path, float], floor: float) -> tuple[float, int]:
+        """Sum and count of the values a tree of these candidates alone would keep."""
+        kept = sorted((v for v in values.values() if v >= floor), reverse=True)[: self.budget - 1]
+        return sum(kept), len(kept)
+
+    def _merge(self, item: DraftInput, ngram_paths: list[Path], ngram_source: str, model_draft: Draft | None) -> Draft:
         state = self._state[item.seq_id]
         model_paths = [] if model_draft is None else tree_paths(model_draft.tree)
         model_paths = [p for p in model_paths if len(p) <= self.max_depth]
-        state.proposed = {"ngram": ngram_paths, "model": model_paths}
+        state.proposed = {ngram_source: ngram_paths, "model": model_paths}
         value: dict[Path, float] = {}
         order: dict[Path, int] = {}
-        for source in SOURCES:
-            rates = state.rates[source]
-            for path in state.proposed[source]:
-                v = math.prod(rates[: len(path)])
-                if v > value.get(path, -1.0):
-                    value[path] = v
+        for source, paths in state.proposed.items():
+            values = path_values(paths, state.rates[source])
+            for path in paths:
+                if values[path] > value.get(path, -1.0):
+                    value[path] = values[path]
                 order.setdefault(path, len(order))
         kept: set[Path] = set()
+        floor = self._floor(state)
         for path in sorted(value, key=lambda p: (-value[p], len(p), order[p])):
-            if len(kept) >= self.budget - 1 or value[path] < self.min_value:
+            if len(kept) >= self.budget - 1 or value[path] < floor:
                 break
             if len(path) == 1 or path[:-1] in kept:
                 kept.add(path)
+        if model_draft is not None:  # running count of the model nodes that make it into the tree
+            n_m = float(len(kept & set(model_paths)))
+            state.model_nodes = n_m if state.model_value is None else state.model_nodes + self.weight * (
+                n_m - state.model_nodes)
+        state.nodes = len(kept)
         root = int(item.history[-1])
         if model_draft is not None and kept and kept <= set(model_paths):
             passed = self._pass_through(model_draft, model_paths, kept)
@@ -166,19 +265,21 @@ class HybridDrafter:
             return Draft(TokenTree.chain(draft.tree.tokens[:n]), probs, draft.without_replacement)
         return None
 
-    def _observe(self, rates: list[float], paths: list[Path], accepted: list[int]) -> None:
+    def _observe(self, rates: list[list[float]], paths: list[Path], accepted: list[int]) -> None:
         """One step's evidence for one source: at each depth ``d`` whose accepted prefix lies in the source's
-        proposal, was the accepted token (the bonus at the last depth) one of its children there?"""
-        children: dict[Path, set[int]] = {}
+        proposal, was the accepted token (the bonus at the last depth) its rank-``r`` child there, for each rank
+        ``r`` the proposal had?"""
+        children: dict[Path, list[int]] = {}
         for path in paths:
-            children.setdefault(path[:-1], set()).add(path[-1])
+            children.setdefault(path[:-1], []).append(path[-1])
         for d in range(1, min(len(accepted), len(rates)) + 1):
             options = children.get(tuple(accepted[: d - 1]))
             if not options:
                 return
-            hit = accepted[d - 1] in options
-            rates[d - 1] += self.weight * (float(hit) - rates[d - 1])
-            if not hit:
+            for rank, tok in enumerate(options):
+                r = rates[d - 1][min(rank, RANKS - 1)]
+                rates[d - 1][min(rank, RANKS - 1)] = r + self.weight * (float(tok == accepted[d - 1]) - r)
+            if accepted[d - 1] not in options:
                 return
 
 
@@ -193,13 +294,16 @@ MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
     Option("budget", int, None, "merged tree nodes, root included (default 16; also the model's budget)"),
     Option("depth", int, None, "deepest draft node (default 8; also the model's depth)"),
     Option("topk", int, None, "children per expanded node of the model's dynamic tree"),
-    Option("skip", float, None, "depth-1 n-gram rate above which a matched sequence skips the model (default 0.9; "
-                                "2 = never skip)"),
+    Option("skip", float, None, "depth-1 n-gram rate above which a matched sequence skips the model (default: no "
+                                "such override)"),
+    Option("cost", float, None, f"a model draft's cost as a fraction of a verification step: the model runs only "
+                                f"where its expected extra tokens pay for it (default {MODEL_COST}; -1 = always)"),
 ))
 def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=None, topk=None,
-           skip=None) -> HybridDrafter:
+           skip=None, cost=None) -> HybridDrafter:
     given = {"path": path, "tree": tree, "budget": budget, "depth": depth, "topk": topk}
     sub = DrafterSpec.parse(model)
     sub = sub.with_options(**{k: v for k, v in given.items() if v is not None and k in sub.options})
-    kwargs = {"budget": budget, "max_depth": depth, "skip_model_above": 0.9 if skip is None else skip}
-    return HybridDrafter(build_drafter(sub, target), **{k: v for k, v in kwargs.items() if v is not None})
+    kwargs = {k: v for k, v in {"budget": budget, "max_depth": depth}.items() if v is not None}
+    return HybridDrafter(build_drafter(sub, target), skip_model_above=skip,
+                         model_cost=MODEL_COST if cost is None else None if cost < 0 else cost, **kwargs)

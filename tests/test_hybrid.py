@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specdec.drafters.eagle import EagleDrafter
-from specdec.drafters.hybrid import HybridDrafter, tree_paths
+from specdec.drafters.hybrid import HybridDrafter, longest_match, path_values, tree_paths
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.engine import SpeculativeEngine
@@ -72,22 +72,25 @@ def friendly_prompt(target) -> list[int]:
     raise AssertionError("no n-gram-predictable position in 20 greedy texts of the tiny target")
 
 
-@pytest.mark.parametrize(("model", "skip"), [("eagle", None), ("eagle", 0.0), ("medusa", None)],
-                         ids=["eagle", "eagle-skipped-where-matched", "medusa"])
-def test_greedy_output_equals_autoregressive_with_drafts_accepted(target, friendly_prompt, model, skip):
-    """``skip=0.0``: the model is not asked on matched steps, so EAGLE catches up several steps' pairs at once."""
+@pytest.mark.parametrize(("model", "skip", "cost"), [("eagle", None, None), ("eagle", 0.0, None),
+                                                   ("eagle", None, 0.3), ("medusa", None, None)],
+                         ids=["eagle", "eagle-skipped-where-matched", "eagle-cost-rule", "medusa"])
+def test_greedy_output_equals_autoregressive_with_drafts_accepted(target, friendly_prompt, model, skip, cost):
+    """``skip=0.0``: the model is not asked on matched steps, so EAGLE catches up several steps' pairs at once;
+    ``cost``: the model runs only where it pays (here: where the n-gram has no confident match)."""
     cache = target.new_cache(64, 4)
     if model == "eagle":
         sub = EagleDrafter.untrained(target, tree="dynamic", **EAGLE)
     else:
         sub = MedusaDrafter.untrained(target, num_heads=3, budget=8, topk=2)
-    hybrid = HybridDrafter(sub, budget=12, skip_model_above=skip)
+    hybrid = HybridDrafter(sub, budget=12, skip_model_above=skip, model_cost=cost)
     ar = SpeculativeEngine(target, cache).generate(friendly_prompt, 12)
     spec = SpeculativeEngine(target, cache, hybrid, max_tree_nodes=12).generate(friendly_prompt, 12)
     assert spec.tokens == ar.tokens and spec.stats.tree_nodes <= 12 * spec.stats.steps
     assert spec.stats.tau > 1.0  # at least the first step's n-gram draft was accepted
     assert cache.allocator.num_free == 64 and len(hybrid._state) == 0 and hybrid.model_calls > 0
-    assert (hybrid.model_calls < spec.stats.steps) if skip == 0.0 else (hybrid.model_calls == spec.stats.steps)
+    always = skip is None and cost is None
+    assert (hybrid.model_calls == spec.stats.steps) if always else (hybrid.model_calls < spec.stats.steps)
     if model == "eagle":
         assert sub.cache.allocator.num_free == EAGLE["num_blocks"]  # the sub-drafter's state was released
 
@@ -96,23 +99,27 @@ def test_greedy_output_equals_autoregressive_with_drafts_accepted(target, friend
 MATCH_ANY = [5, 0, 5, 1, 5, 2, 5, 3, 5, 4, 5, 5, 5, 6, 5, 7, 5]
 
 
-@pytest.mark.parametrize(("prompt", "budget", "trials"), [(MATCH_ANY, 4, 300), ([1, 5, 2, 7, 3], 3, 200)],
-                         ids=["ngram-merged", "model-chain-prefix"])
-def test_sampling_preserves_the_target_distribution(prompt, budget, trials):
+@pytest.mark.parametrize(("prompt", "budget", "trials", "cost"),
+                         [(MATCH_ANY, 4, 300, None), ([1, 5, 2, 7, 3], 3, 200, None), (MATCH_ANY, 4, 300, 0.3)],
+                         ids=["ngram-merged", "model-chain-prefix", "cost-rule"])
+def test_sampling_preserves_the_target_distribution(prompt, budget, trials, cost):
     """With a match, the EAGLE chain's samples and the n-gram branch are verified as one-hot proposals; without,
-    a prefix of the EAGLE chain passes through with its probabilities. Both leave the first two tokens
+    a prefix of the EAGLE chain passes through with its probabilities; with the cost rule the model is asked on
+    some steps only (the n-gram's rates move with what the target samples). All leave the first two tokens
     target-distributed."""
     target = TargetModel(tiny_llama(vocab=8, seed=11), split_gemv=False)
     torch.manual_seed(4)
     sub = EagleDrafter.untrained(target, tree="chain", depth=3, num_blocks=1024, block_size=4)
-    hybrid = HybridDrafter(sub, budget=budget, skip_model_above=None)
+    hybrid = HybridDrafter(sub, budget=budget, model_cost=cost)
     seen = []
     propose = hybrid.propose
     hybrid.propose = lambda batch: seen.extend(propose(batch)) or seen[-len(batch):]
     pvalue, accepted = first_two_tokens_pvalue(target, hybrid, prompt, trials, SamplingParams(1.0), 4)
     assert pvalue > 1e-3 and accepted > trials // 20
     with_probs = [d for d in seen if d.probs is not None]
-    if prompt is MATCH_ANY:
+    if cost is not None:
+        assert 0 < hybrid.model_calls < len(seen)
+    elif prompt is MATCH_ANY:
         assert len(seen) - len(with_probs) >= trials // 2
     else:
         assert len(with_probs) >= trials and all(d.tree.num_nodes == 3 == d.probs.shape[0] for d in with_probs)
@@ -122,7 +129,7 @@ def test_sampling_preserves_the_target_distribution(prompt, budget, trials):
 @pytest.mark.parametrize("budget", [1, 2, 5, 9])
 def test_the_merged_tree_respects_the_node_budget(budget):
     model_paths = [(7,), (8,), (7, 1), (7, 2), (8, 1), (7, 1, 3), (7, 1, 4), (7, 1, 3, 5)]
-    hybrid = HybridDrafter(FixedDrafter(model_paths), budget=budget, skip_model_above=None, min_value=0.0)
+    hybrid = HybridDrafter(FixedDrafter(model_paths), budget=budget, model_cost=None, min_value=0.0)
     [draft] = hybrid.propose(inputs([0], [REPEATING]))
     assert draft.tree.num_nodes == budget and draft.probs is None
     union = set(model_paths) | {(1,), (1, 5), (1, 5, 9), (1, 5, 9, 2)}  # n-gram: "3 9 4" was followed by "1 5 9 2 ..."
@@ -132,13 +139,13 @@ def test_the_merged_tree_respects_the_node_budget(budget):
 
 def test_running_rates_send_the_budget_to_the_source_that_was_right():
     model = FixedDrafter([(7,), (7, 7)])
-    hybrid = HybridDrafter(model, budget=3, skip_model_above=None, min_value=0.0)
+    hybrid = HybridDrafter(model, budget=3, model_cost=None, min_value=0.0)
     history = torch.tensor(REPEATING)
     for _ in range(8):  # the target keeps agreeing with the n-gram continuation (1 5 9 2 ...), never with the model
         [draft] = hybrid.propose(inputs([0], [history]))
         hybrid.accept(0, torch.tensor([1, 5]))
     rates = hybrid._state[0].rates
-    assert rates["ngram"][0] > 0.9 and rates["model"][0] < 0.2
+    assert rates["ngram4"][0][0] > 0.9 and rates["model"][0][0] < 0.2  # "6 3 9 4" recurs: a 4-token match
     [draft] = hybrid.propose(inputs([0], [history]))
     assert tree_paths(draft.tree) == [(1,), (1, 5)]  # both kept nodes are the n-gram's
     hybrid.accept(0, torch.tensor([1, 5]))
@@ -149,9 +156,9 @@ def test_running_rates_send_the_budget_to_the_source_that_was_right():
     for _ in range(7):
         hybrid.propose(inputs([0], [history]))
         hybrid.accept(0, torch.tensor([7]))
-    assert rates["model"][0] > 0.5 > rates["ngram"][0]
+    assert rates["model"][0][0] > 0.5 > rates["ngram4"][0][0]
     [draft] = hybrid.propose(inputs([0], [history]))
-    assert tree_paths(draft.tree) == [(7,), (7, 7)]  # n-gram nodes are now below min_value
+    assert tree_paths(draft.tree)[0] == (7,) and all(p[0] == 7 for p in tree_paths(draft.tree))  # n-gram dropped
 
 
 def test_sub_drafters_hear_every_accept_and_release(target):
@@ -160,7 +167,7 @@ def test_sub_drafters_hear_every_accept_and_release(target):
     told = []
     ngram.accept = lambda seq_id, tokens, hidden=None: told.append((seq_id, tokens.tolist()))
     ngram.release = lambda seq_id: told.append(("release", seq_id))
-    hybrid = HybridDrafter(model, ngram, budget=6)
+    hybrid = HybridDrafter(model, ngram, budget=6, model_cost=None)
     cache = target.new_cache(64, 4)
     result = SpeculativeEngine(target, cache, hybrid, max_tree_nodes=6).generate(REPEATING, 8)
     steps = [t for t in told if t[0] != "release"]
@@ -170,7 +177,8 @@ def test_sub_drafters_hear_every_accept_and_release(target):
 
 def test_a_confident_ngram_drafts_alone_and_the_model_runs_only_where_it_has_no_match():
     model = FixedDrafter([(7,)])
-    hybrid = HybridDrafter(model, budget=6, prior={"ngram": 0.95, "model": 0.5}, skip_model_above=0.9)
+    hybrid = HybridDrafter(model, budget=6, prior={"ngram": 0.95, "model": 0.5}, skip_model_above=0.9,
+                           model_cost=None)
     matched, unmatched = hybrid.propose(inputs([0, 1], [REPEATING, [8, 2, 6, 1, 3]]))
     assert model.proposed == [1] and hybrid.model_calls == 1
     assert all(p[0] == 1 for p in tree_paths(matched.tree)) and tree_paths(unmatched.tree) == [(7,)]
@@ -188,3 +196,72 @@ def test_the_hybrid_is_registered_and_passes_its_options_to_the_model(target):
     assert (hybrid.model.budget, hybrid.model.depth) == (6, 2)  # the model's own dynamic tree gets the same limits
     with pytest.raises(ValueError, match="option 'model' of drafter 'hybrid' must be one of"):
         DrafterSpec.parse("hybrid:model=ngram")
+
+
+def test_the_model_is_asked_only_where_its_expected_tokens_pay_for_its_cost_and_its_nodes():
+    """Rule: ask iff ``(1 + max(V_n, V_m)) / (1 + cost + node_cost * max(N_n, N_m)) > (1 + V_n) / (1 + node_cost *
+    N_n)``; the first step asks (no estimate yet), and a model not asked for ``probe`` steps is asked again."""
+    unmatched = [8, 2, 6, 1, 3]
+    for cost, asked_again in [(0.3, [1]), (2.0, [])]:
+        model = FixedDrafter([(7,)])
+        hybrid = HybridDrafter(model, budget=6, prior={"ngram": 0.95, "model": 0.5}, model_cost=cost, probe=4)
+        hybrid.propose(inputs([0, 1], [REPEATING, unmatched]))
+        assert model.proposed == [0, 1]  # no estimate of the model yet
+        hybrid.accept(0, torch.tensor([1, 5, 9]))  # the n-gram was right
+        hybrid.accept(1, torch.tensor([7]))  # so was the model (its one node: worth ~0.6 tokens now)
+        matched, alone = hybrid.propose(inputs([0, 1], [REPEATING, unmatched]))
+        assert model.proposed[2:] == asked_again  # confident match: n-gram alone; no match: the model if it pays
+        assert all(p[0] == 1 for p in tree_paths(matched.tree))
+        assert tree_paths(alone.tree) == ([(7,)] if asked_again else [])  # no match, no model: the root alone
+    for step in range(3):
+        hybrid.accept(1, torch.tensor([7]))
+        hybrid.propose(inputs([1], [unmatched]))
+        assert model.proposed[2:] == ([1] if step == 2 else [])  # 4 steps after the last ask: probed
+
+
+def test_a_long_match_keeps_its_own_rates():
+    """The n-gram rates are kept per matched suffix length: a wrong 2-token match does not lower the 4-token
+    matches' rates (a copy of earlier text stays trusted)."""
+    assert longest_match(torch.tensor(REPEATING), 4, 2) == 4
+    assert longest_match(torch.tensor([1, 2, 9, 1, 2]), 4, 2) == 2
+    assert longest_match(torch.tensor([8, 2, 6, 1, 3]), 4, 2) == 2  # no match: the shortest (proposes nothing)
+    hybrid = HybridDrafter(FixedDrafter([(7,)]), budget=6, model_cost=None)
+    short = torch.tensor([1, 2, 9, 1, 2])  # "1 2" was followed by 9
+    for _ in range(6):
+        [draft] = hybrid.propose(inputs([0], [short]))
+        assert (9,) in tree_paths(draft.tree)
+        hybrid.accept(0, torch.tensor([5]))  # wrong
+    rates = hybrid._state[0].rates
+    assert rates["ngram2"][0][0] < 0.2 and rates["ngram4"][0][0] == 0.6
+    [draft] = hybrid.propose(inputs([0], [torch.tensor(REPEATING)]))
+    assert (1,) in tree_paths(draft.tree)  # the 4-token match still drafts at the prior rate
+
+
+def test_siblings_are_valued_by_their_rank_and_the_rank_that_is_right_gains_the_budget():
+    """Each sibling rank has its own rate, so four children of the root are not each worth the whole depth-1
+    acceptance; when the model's third choice keeps being the target's token, that rank's rate rises and its node
+    is kept first."""
+    model = FixedDrafter([(7,), (8,), (9,), (10,)])
+    hybrid = HybridDrafter(model, budget=2, model_cost=None, min_value=0.0)
+    history = torch.tensor([8, 2, 6, 1, 3])  # no n-gram match
+    [draft] = hybrid.propose(inputs([0], [history]))
+    values = path_values(tree_paths(model.propose(inputs([0], [history]))[0].tree), hybrid._state[0].rates["model"])
+    assert values[(7,)] > values[(8,)] > values[(9,)] >= values[(10,)] and tree_paths(draft.tree) == [(7,)]
+    for _ in range(10):
+        hybrid.accept(0, torch.tensor([9]))
+        [draft] = hybrid.propose(inputs([0], [history]))
+    rates = hybrid._state[0].rates["model"][0]
+    assert rates[2] > 0.8 > 0.2 > rates[0] and tree_paths(draft.tree) == [(9,)]
+
+
+def test_the_value_floor_rises_with_the_sequences_speed():
+    """A node must add ``min_value`` times what a unit of step time already yields: while every step accepts
+    several tokens, a node worth 0.1 is dropped; in a sequence that gains nothing from drafting it is kept."""
+    model = FixedDrafter([(7,)])
+    hybrid = HybridDrafter(model, budget=4, prior={"ngram": 0.6, "model": 0.1}, model_cost=None, min_value=0.05)
+    history = torch.tensor([8, 2, 6, 1, 3])  # no n-gram match: the model's one node, worth ~0.1
+    [draft] = hybrid.propose(inputs([0], [history]))
+    assert tree_paths(draft.tree) == [(7,)]
+    hybrid._state[0].speed = 3.0  # as after steps that accepted three tokens each
+    [draft] = hybrid.propose(inputs([0], [history]))
+    assert tree_paths(draft.tree) == []
