@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost", default=str(ROOT / "docs" / "results" / "auto_budget" / "cost_cpu.json"))
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--auto-inner", type=int, nargs="+", default=None,
+                    help="budgets the auto drafter drafts before pruning, one auto run each (default: the largest "
+                         "of --budgets; the last one is the 'auto' of the per-category table)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out-dir", default=str(ROOT / "docs" / "results" / "auto_budget"))
     args = ap.parse_args(argv)
@@ -59,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res = replay(trace, build_drafter(DrafterSpec.parse(spec), target), hidden_dtype=target.dtype)
             rows[f"b{b}"] = summarize_replay(spec, res, cost) | {"replay_s": time.perf_counter() - t0}
-        top = fmt.format(b=max(args.budgets))
-        auto = AutoBudgetDrafter(build_drafter(DrafterSpec.parse(top), target), cost,
-                                 drafter_name=top if top in cost.draft_coef else None)
-        t0 = time.perf_counter()
-        res = replay(trace, auto, hidden_dtype=target.dtype)
-        rows["auto"] = summarize_replay(f"{top}+auto", res, cost) | {
-            "replay_s": time.perf_counter() - t0, "chosen_sizes": dict(sorted(Counter(auto.chosen).items())),
-            "reliability": {str(d): cells for d, cells in auto.tracker.reliability().items()}}
+        for inner in args.auto_inner or [max(args.budgets)]:
+            top = fmt.format(b=inner)
+            auto = AutoBudgetDrafter(build_drafter(DrafterSpec.parse(top), target), cost,
+                                     drafter_name=top if top in cost.draft_coef else None)
+            t0 = time.perf_counter()
+            res = replay(trace, auto, hidden_dtype=target.dtype)
+            run = summarize_replay(f"{top}+auto", res, cost) | {
+                "replay_s": time.perf_counter() - t0, "chosen_sizes": dict(sorted(Counter(auto.chosen).items())),
+                "reliability": {str(d): cells for d, cells in auto.tracker.reliability().items()}}
+            rows[f"auto_inner_b{inner}"] = rows["auto"] = run
         auto.tracker.plot(str(out_dir / f"reliability_{family}.png"))
         cats = sorted(rows["auto"]["per_category"])
         per_cat = {}
@@ -74,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             def speed(row, c=c):
                 return row["predicted_speedup"] if c == "overall" else row["per_category"][c]["predicted_speedup"]
 
-            fixed = {k: speed(v) for k, v in rows.items() if k != "auto"}
+            fixed = {k: speed(v) for k, v in rows.items() if not k.startswith("auto")}
             best = max(fixed, key=fixed.get)
             per_cat[c] = {"auto": speed(rows["auto"]), "best_fixed": best, "best_fixed_speedup": fixed[best],
+                          "auto_by_inner": {k: speed(v) for k, v in rows.items() if k.startswith("auto_inner")},
                           "default": fixed.get(f"b{DEFAULTS[family]}"), "fixed": fixed,
                           "auto_vs_best": speed(rows["auto"]) / fixed[best] - 1.0}
         report["families"][family] = {"runs": rows, "per_category": per_cat}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (4, 8, 16, 32)
+THREADS = ["1"]
 FAMILIES = {"ngram": "ngram:budget={b}", "eagle": "eagle:path=shipped,tree=dynamic,depth=5,budget={b}",
             "medusa": "medusa:path=shipped,tree=dynamic,budget={b}"}
 
@@ -33,11 +35,19 @@ def methods(budgets=BUDGETS) -> list[str]:
 
 
 def specdec(*args: str) -> float:
+    """Run a specdec command on ``--threads`` torch threads (one: on a loaded 2-core machine two threads spin-wait
+    on each other and run several times slower); its wall time."""
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "specdec.app.cli", *args]
     print(f"{time.strftime('%H:%M:%S')} $ {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": THREADS[0]})
     return time.perf_counter() - t0
+
+
+def torch_load_prompts(path: Path) -> list:
+    from specdec.research.trace import Trace
+
+    return Trace.load(path).prompts
 
 
 def compare(sim: dict, bench: dict, record_s: float) -> dict:
@@ -111,13 +121,20 @@ def write_outputs(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default=str(ROOT / "out" / "heldout.jsonl"))
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="recorded (the replay and bench may use fewer)")
+    ap.add_argument("--bench-max-new-tokens", type=int, default=None, help="replayed and benched (default: all)")
+    ap.add_argument("--limit", type=int, default=None, help="first K prompts replayed and benched (default: all)")
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="simulated budgets")
     ap.add_argument("--bench-budgets", type=int, nargs="+", default=None,
                     help="benched budgets (default: --budgets; fewer when the CPU is busy: the bench is the slow part)")
     ap.add_argument("--work", default=str(ROOT / "out" / "sim_vs_bench"))
     ap.add_argument("--out-dir", default=str(ROOT / "docs" / "results" / "simulate"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every command")
+    ap.add_argument("--extra-bench", nargs="*", default=[],
+                    help="more bench JSONs of the same prompts and settings (other budgets, run separately) whose "
+                         "drafter runs join the comparison")
     args = ap.parse_args(argv)
+    THREADS[0] = str(args.threads)
     work, out = Path(args.work), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
     trace, sim, bench = work / "trace.pt", work / "sim.json", work / "bench.json"
@@ -126,20 +143,37 @@ def main(argv: list[str] | None = None) -> int:
     n = str(args.max_new_tokens)
     if not trace.exists():
         times["record_s"] = specdec("simulate", "record", "--prompts", args.prompts, "--max-new-tokens", n,
+                                    *(["--limit", str(args.limit)] if args.limit is not None else []),
                                     "--out", str(trace))
         times_path.write_text(json.dumps(times))
     specs = methods(args.budgets)
+    measured = trace
+    if args.limit is not None and args.limit < len(torch_load_prompts(trace)):  # a longer trace recorded before
+        from specdec.research.trace import Trace
+
+        full = Trace.load(trace)
+        measured = work / f"trace_first{args.limit}.pt"
+        Trace(full.prompts[: args.limit], full.meta).save(measured)
+    m = str(args.bench_max_new_tokens or args.max_new_tokens)
+    limit = ["--limit", str(args.limit)] if args.limit is not None else []
     if not sim.exists():
-        times["replay_cmd_s"] = specdec("simulate", "replay", str(trace), "--drafter", *specs, "--out", str(sim))
+        times["replay_cmd_s"] = specdec("simulate", "replay", str(measured), "--max-new-tokens", m, "--drafter",
+                                        *specs, "--out", str(sim))
         times_path.write_text(json.dumps(times))
     if not bench.exists():
         times["bench_cmd_s"] = times.get("bench_cmd_s", 0.0) + specdec(
-            "bench", "--prompts", args.prompts, "--max-new-tokens", n, "--drafter",
+            "bench", "--prompts", args.prompts, *limit, "--max-new-tokens", m, "--drafter",
             *methods(args.bench_budgets or args.budgets), "--out", str(bench))
         times_path.write_text(json.dumps(times))
     sim_report = json.loads(sim.read_text())
     record_s = times.get("record_s", sim_report["trace"].get("record_s", 0.0))
-    result = compare(sim_report, json.loads(bench.read_text()), record_s)
+    bench_report = json.loads(bench.read_text())
+    for extra in args.extra_bench:
+        more = json.loads(Path(extra).read_text())
+        known = {r["name"] for r in bench_report["runs"]}
+        bench_report["runs"] += [r for r in more["runs"] if r["name"] not in known]
+        bench_report["requests"] += [q for q in more.get("requests", []) if q["method"] not in known]
+    result = compare(sim_report, bench_report, record_s)
     result["sim_runs"] = [{k: r[k] for k in ("name", "tau", "acceptance_by_depth", "replay_s", "mean_tree_nodes")}
                           for r in sim_report["runs"]]
     result["command_s"] = times
