@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from specdec.attention import AttentionBackend, ForwardContext, build_tree_batch, select_backend
-from specdec.draft_vocab import expand_logits
 from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence
 from specdec.drafters.eagle_head import EagleConfig, EagleHead
 from specdec.drafters.registry import Option, register, resolve_path
@@ -208,20 +207,18 @@ class EagleDrafter:
         """``depth``-token chains: argmax at temperature 0, else sampled from the processed head distribution with
         the request's own generator (reported in ``Draft.probs``)."""
         v = self.head.config.vocab_size
-        vocab_ids = getattr(self.head, "vocab_ids", None)
         rows = [[torch.zeros(v, dtype=self.head.fc.weight.dtype, device=self.cache.device)] for _ in batch]
         for d in range(self.depth):
-            paths = [tuple(g.tokens[1:]) for g in grown]
-            logits = self.head.logits(torch.stack([p[path] for p, path in zip(pred, paths, strict=True)]))  # [B, N]
-            top = logits.argmax(-1)  # first maximum: the smallest such id, as over the full vocabulary
-            top = (top if vocab_ids is None else vocab_ids[top]).tolist()
             for i, item in enumerate(batch):
-                tok = top[i]
-                if not item.sampling.greedy:  # the full-vocabulary distribution only where it is reported
-                    q = process_logits(expand_logits(logits[i], vocab_ids, v), item.sampling)
+                path = tuple(grown[i].tokens[1:])
+                logits = self.head.full_logits(pred[i][path])  # [V] (one row per call: trainers' tests hook it)
+                if item.sampling.greedy:  # no processed distribution needed: it is never reported
+                    tok = int(logits.argmax())
+                else:
+                    q = process_logits(logits, item.sampling)
                     tok = int(sample(q, item.generator))
                     rows[i].append(q.to(rows[i][0].dtype))
-                grown[i].add([paths[i] + (tok,)])
+                grown[i].add([path + (tok,)])
             if d + 1 < self.depth:
                 self._forward_new(dseqs, grown, pred)
         return [Draft(TokenTree.chain(g.tokens), None if item.sampling.greedy else torch.stack(r))
