@@ -163,8 +163,8 @@ class HybridDrafter:
         return [self._merge(item, *ngram[i], model_drafts.get(i)) for i, item in enumerate(batch)]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
-        """Update the per-depth rates from the accepted tokens ``[A + 1]`` (A drafts, then the bonus), then tell
-        both sub-drafters."""
+        """Update the per-rank rates and the running estimates from the accepted tokens ``[A + 1]`` (A drafts,
+        then the bonus), then tell both sub-drafters."""
         state = self._state.get(seq_id)
         if state is not None and state.proposed:
             accepted = tokens.tolist()
