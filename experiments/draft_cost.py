@@ -163,6 +163,47 @@ def run(target, tokenizer, spec: str, prompts: list[str], max_new_tokens: int, r
     return row
 
 
+def micro(target, tokenizer, spec: str, prompts: list[str], reps: int) -> dict:
+    """``propose`` alone on a fixed state: after a prompt's prefill the same input is proposed ``reps`` times per
+    variant, switching the same drafter object between the new and the per-node path call by call (the caches see
+    the same work: each call re-forwards only the root pair and the tree). Less noise than whole generations."""
+    from specdec.app.prompts import encode_prompt
+    from specdec.drafters import DrafterSpec, build_drafter
+    from specdec.interfaces import DraftInput
+
+    drafter = build_drafter(DrafterSpec.parse(spec), target)
+    new_cls = type(drafter)
+    old_cls = type(per_node(drafter))
+    times: dict[str, list[float]] = {"new": [], "per-node": []}
+    same = True
+    for i, text in enumerate(prompts):
+        ids = encode_prompt(tokenizer, text, True).flatten()
+        with torch.inference_mode():
+            hidden = target.model(ids[None], output_hidden_states=True).hidden_states[-1][0]
+        drafter.accept(i, ids, hidden[:-1] if issubclass(new_cls, EagleDrafter) else hidden)
+        item = [DraftInput(i, ids)]
+        drafter.__class__ = new_cls
+        drafter.propose(item)  # catch-up of the prompt (not timed)
+        trees = {}
+        for r in range(2 * reps):
+            name = "new" if r % 2 == (i % 2) else "per-node"
+            drafter.__class__ = new_cls if name == "new" else old_cls
+            t0 = time.perf_counter()
+            [draft] = drafter.propose(item)
+            times[name].append(time.perf_counter() - t0)
+            trees.setdefault(name, (draft.tree.tokens.tolist(), draft.tree.parents.tolist()))
+        same &= trees["new"] == trees["per-node"]
+        drafter.release(i)
+    drafter.__class__ = new_cls
+    row = {"drafter": spec, "mode": "micro", "same_trees": same}
+    for k, v in times.items():
+        ms = sorted(1000 * t for t in v)
+        row[k] = {"draft_ms_median": statistics.median(ms), "draft_ms_p25": ms[len(ms) // 4],
+                  "draft_ms_p75": ms[3 * len(ms) // 4], "calls": len(ms)}
+    row["saved_ms"] = row["per-node"]["draft_ms_median"] - row["new"]["draft_ms_median"]
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--drafter", nargs="+", default=["eagle:path=shipped,tree=dynamic", "eagle:path=shipped",
@@ -173,6 +214,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--micro", type=int, default=0,
+                   help="instead: this many propose calls per variant and prompt on a fixed state (see micro)")
     p.add_argument("--out", default="out/draft_cost.json")
     args = p.parse_args()
     from specdec.app.loaders import load_model_and_tokenizer
@@ -186,12 +229,17 @@ def main() -> None:
     rows = []
     print(f"{'drafter':<36} {'old ms':>7} {'new ms':>7} {'saved':>6} {'verify ms':>9} {'tau':>5} {'calls':>5} same")
     for spec in args.drafter:
-        r = run(target, tokenizer, spec, prompts, args.max_new_tokens, args.reps)
+        if args.micro:
+            r = micro(target, tokenizer, spec, prompts, args.micro)
+            r["new"].update(verify_ms_per_step=float("nan"), tau=float("nan"))
+            r["same_outputs"] = True
+        else:
+            r = run(target, tokenizer, spec, prompts, args.max_new_tokens, args.reps)
         rows.append(r)
         print(f"{spec:<36} {r['per-node']['draft_ms_median']:>7.2f} {r['new']['draft_ms_median']:>7.2f} "
               f"{r['saved_ms']:>6.2f} {r['new']['verify_ms_per_step']:>9.2f} {r['new']['tau']:>5.2f} "
               f"{r['new']['calls']:>5} {r['same_outputs'] and r['same_trees']}", flush=True)
-    meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "reps": args.reps,
+    meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "reps": args.reps, "micro": args.micro,
             "threads": args.threads, "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
