@@ -153,3 +153,28 @@ def test_humaneval_prompts_come_from_the_gzipped_stubs_and_need_a_data_dir(tmp_p
     assert sorted(prompts) == sorted(HUMANEVAL_ASK + "```python\n" + s.rstrip() + "\n```" for s in stubs)
     with pytest.raises(ValueError, match="humaneval source needs --data-dir"):
         load_instruction_prompts(DataConfig(sources=("humaneval",)))
+
+
+def test_an_interrupted_eagle3_run_resumes_with_the_same_losses(setup, tmp_path, monkeypatch):
+    from specdec.train import eagle3 as E3
+    from tests.conftest import crash_on_call
+
+    tokenizer, _, teacher = setup
+    model = tiny_llama(vocab=len(tokenizer), layers=7, dtype=torch.float32)
+    feats = compute_features(model, teacher, tmp_path / "feat", topk=4)
+
+    def run(out, resume=False):
+        loop = LoopConfig(out_dir=str(out), steps=6, lr=3e-3, eval_every=0, save_every=3, wandb=False,
+                          resume=resume)
+        train_eagle3(model, tokenizer, Eagle3TrainConfig(data_dir=str(feats), loop=loop, draft_vocab_size=30,
+                                                         steps_ttt=2, batch_size=2, eval_holdout=1))
+        return [m["train/loss"] for m in read_metrics(out)]
+
+    whole = run(tmp_path / "whole")
+    real = E3.eagle3_loss
+    monkeypatch.setattr(E3, "eagle3_loss", crash_on_call(real, 5))  # dies after the step-3 checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(E3, "eagle3_loss", real)
+    resumed = run(tmp_path / "cut", resume=True)
+    assert len(resumed) == 6 + 1 and resumed[:3] + resumed[4:] == pytest.approx(whole, rel=1e-5)
