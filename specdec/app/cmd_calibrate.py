@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point")
     parser.add_argument("--statistic", choices=["median", "min"], default="median",
                         help="per point: median, or min (robust when other jobs load the machine)")
+    parser.add_argument("--verify-model", choices=["fit", "grid"], default="grid",
+                        help="verify time from the linear fit, or interpolated from the measured grid (set in the "
+                             "JSON as from_grid; better at n = 1 on CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads while measuring (default: torch's own; --tree-budget auto runs should "
                              "use the same)")
