@@ -162,7 +162,8 @@ class Eagle3Head(nn.Module):
         raw.update({"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
                     "hidden_size": c.hidden_size, "target_hidden_size": c.target_hidden_size,
                     "vocab_size": c.vocab_size, "draft_vocab_size": c.draft_vocab_size,
-                    "torch_dtype": str(self.fc.weight.dtype).removeprefix("torch.")})
+                    "torch_dtype": str(self.fc.weight.dtype).removeprefix("torch."),
+                    "kind": "eagle3"})  # specdec's checkpoint kind; the reference loader ignores unknown keys
         (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         ids = torch.arange(c.vocab_size) if self.vocab_ids is None else self.vocab_ids.cpu()
