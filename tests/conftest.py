@@ -61,6 +61,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _threads_for_the_model_size(request):
+    """Every test runs torch on one thread unless it uses the real SmolLM2 (``smollm2`` fixture): the tiny models'
+    ops are too small to split, and two threads handing them off cost more than they compute (many times more
+    when the machine is busy)."""
+    if "smollm2" in request.fixturenames:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
