@@ -14,7 +14,9 @@ import sys
 from specdec.app.args import add_model_args, auto_cost_model, check_args, parse_spec, spec_defaults, spec_paths
 
 HELP = "serve an OpenAI-compatible HTTP API (chat and completions, streaming, /metrics) on the step engine"
-DEFAULT_DRAFTER = "ngram"  # the fastest measured drafter for the embedded SmolLM2 (docs/results/exp_t0)
+# n-gram: no model pass, so it stays cheap when many requests share a step (the hybrid, fastest at batch 1 in
+# docs/results/final/final_b1.json, runs the EAGLE head for the batch; unmeasured under server load)
+DEFAULT_DRAFTER = "ngram"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
