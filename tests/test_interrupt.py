@@ -31,10 +31,16 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+def _default_sigint() -> None:
+    """A suite launched as a background job of a non-interactive shell inherits SIGINT ignored, and Python then
+    never raises KeyboardInterrupt: the child gets the default disposition back, as an interactive run has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*argv: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "specdec.app.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, preexec_fn=_default_sigint)
 
 
 def _wait_for(condition, timeout: float = 180.0) -> None:
