@@ -254,7 +254,8 @@ def _draft_vocabulary(folder: Path, d2t: torch.Tensor | None, t2d: torch.Tensor 
     Option("topk", int, None, "children per expanded node (dynamic tree)"),
 ))
 def _build(target, path=None, tree="dynamic", depth=None, budget=None, topk=None) -> Eagle3Drafter:
-    shape = {"tree": tree, **{k: v for k, v in {"depth": depth, "budget": budget, "topk": topk}.items() if v}}
+    sizes = {"depth": depth, "budget": budget, "topk": topk}
+    shape = {"tree": tree, **{k: v for k, v in sizes.items() if v is not None}}  # as eagle: 0 reaches the check
     path = resolve_path("eagle3", path)
     head = Eagle3Head.untrained(target).eval() if path is None else load_eagle3_head(path, target)
     drafter = Eagle3Drafter(head, backend=target.backend, **shape)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from specdec import ops
 from specdec.kernels.commit import commit_kv
 from specdec.kernels.tree_attention import paged_tree_attention
+from specdec.kernels.tree_attention_sdpa import attend_rows, dense_tree_mask
 from specdec.kv_cache import PagedKVCache
 from specdec.tree import TokenTree
 
@@ -181,10 +181,8 @@ class TorchBackend:
             n, width = cu[b + 1] - cu[b], offs[b] + cu[b + 1] - cu[b]
             pos = torch.arange(c + width, device=table.device)
             kv_slots.append(table[b, pos // block_size] * block_size + pos % block_size)
-            mask = torch.ones(n, c + width, dtype=torch.bool, device=table.device)
-            mask[:, c:] = batch.tree_mask[start : start + n * width].view(n, width).bool()
+            masks.append(dense_tree_mask(c, n, width, batch.tree_mask[start : start + n * width]))
             start += n * width
-            masks.append(None if n == 1 and width == 1 else mask)  # a lone root sees everything: no mask
         return _TorchPlan(kv_slots, masks, cu)
 
     def attend(
@@ -196,14 +194,8 @@ class TorchBackend:
         for b, slots in enumerate(plan.kv_slots):
             if plan.cu_q[b + 1] == plan.cu_q[b]:
                 continue  # no query for this sequence (its offset covers its whole tree)
-            qb = q[plan.cu_q[b] : plan.cu_q[b + 1]].transpose(0, 1)  # [Hq, n, D]
-            kb = k_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, ctx + n, D]
-            vb = v_flat.index_select(0, slots).transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                qb.unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), attn_mask=plan.masks[b],
-                scale=sm_scale, enable_gqa=qb.shape[0] != kb.shape[0],
-            )
-            outs.append(out[0].transpose(0, 1))
+            outs.append(attend_rows(q[plan.cu_q[b] : plan.cu_q[b + 1]], k_flat.index_select(0, slots),
+                                    v_flat.index_select(0, slots), plan.masks[b], sm_scale))
         return torch.cat(outs) if len(outs) != 1 else outs[0]
 
     def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
