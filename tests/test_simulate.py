@@ -129,6 +129,22 @@ def test_replay_statistics_and_proposed_trees_equal_the_engines_exactly(setup, n
         assert sum(r.stats.step_tokens - r.stats.steps for r in real) > 10
 
 
+@pytest.mark.parametrize("name", ["ngram", "eagle:tree=dynamic,budget=7,depth=3", "medusa:tree=dynamic,budget=6",
+                                  "oracle"])
+def test_lockstep_batched_replay_gives_each_prompt_the_same_result_as_one_at_a_time(setup, name):
+    target, trace, _ = setup
+    one = replay(trace, _drafter(name, target, trace), max_tree_nodes=32, hidden_dtype=target.dtype)
+    drafter = TreeLog(_drafter(name, target, trace))
+    many = replay(trace, drafter, max_tree_nodes=32, hidden_dtype=target.dtype, batch=len(PROMPTS))
+    assert len(drafter.trees) == sum(r.stats.steps for r in one)
+    for a, b in zip(one, many, strict=True):
+        assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
+        assert [(s.context, s.nodes, s.depth, s.accepted) for s in a.steps] == \
+            [(s.context, s.nodes, s.depth, s.accepted) for s in b.steps]
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        replay(trace, None, batch=0)
+
+
 def test_trace_records_the_eos_stop_and_round_trips_through_a_file(setup, tmp_path):
     _, trace, eos = setup
     assert trace.prompts[0].stop == MAX_NEW // 2 + 1 and int(trace.prompts[0].tokens[-MAX_NEW - 8 :][MAX_NEW // 2]) \

@@ -76,6 +76,75 @@ class TraceTooShort(ValueError):
     """A step needed the target's token beyond the recorded lookahead."""
 
 
+class _PromptReplay:
+    """One prompt's replay state: the request, its recorded trajectory and hidden rows, the result so far."""
+
+    def __init__(self, trace: Trace, p: PromptTrace, drafter: Drafter | None, seq_id: int, cap: int,
+                 max_tree_nodes: int, hidden_dtype: torch.dtype | None, device: torch.device | str):
+        self.seq, self.plen, self.total = p.tokens, p.prompt_len, p.tokens.numel()
+        self.eos = frozenset(trace.eos_token_ids)
+        self.req = Request(0, self.seq[: self.plen].clone(), SamplingParams(max_new_tokens=cap), None, None,
+                           arrival=0)
+        hidden = p.hidden if hidden_dtype is None else p.hidden.to(hidden_dtype)
+        self.hidden = hidden.to(device)
+        self.vocab, self.max_tree_nodes = int(trace.meta["vocab_size"]), max_tree_nodes
+        self.drafter, self.seq_id = drafter, seq_id
+        self.need_hidden = drafter is not None and drafter.needs_hidden
+        self.result = ReplayResult(self.req.stats, [], "length", p.category)
+
+    def start(self) -> None:
+        first = int(self.seq[self.plen])
+        if self.drafter is not None:
+            self.drafter.accept(self.seq_id, torch.tensor([first]), self.hidden[: self.plen] if self.need_hidden
+                                else None)
+        self.req.append([first], self.eos)
+
+    @property
+    def done(self) -> bool:
+        return self.req.stop_reason is not None
+
+    def draft_input(self) -> DraftInput:
+        return DraftInput(self.seq_id, self.req.history[: self.req.length], self.req.params, None)
+
+    def finish_step(self, draft: Draft, draft_s: float) -> None:
+        """Accept ``draft`` as far as it follows the recorded trajectory, as the engine's greedy verify would."""
+        length, seq = self.req.length, self.seq
+        check_draft(draft, int(seq[length - 1]), self.max_tree_nodes, self.vocab)
+        tree = draft.tree
+        want = torch.full((tree.num_nodes,), -1, dtype=torch.long)  # target argmax after each node
+        known = tree.depth + length < self.total
+        want[known] = seq[(tree.depth + length)[known]]
+        verdict = greedy_accept(tree, want)
+        accepted = verdict.num_accepted
+        if length + accepted >= self.total:
+            raise TraceTooShort(
+                f"prompt of {self.plen} tokens: a step at history length {length} accepted {accepted} draft tokens "
+                f"and needs the target's token at position {length + accepted}, past the {self.total} recorded; "
+                f"record with a lookahead >= the deepest tree ({tree.max_depth})")
+        tokens = verdict.tokens
+        if self.drafter is not None:
+            rows = self.hidden[length - 1 : length + accepted] if self.need_hidden else None
+            self.drafter.accept(self.seq_id, tokens, rows)
+        has_children = bool((tree.parents == verdict.path[-1]).any())
+        self.req.stats.record_step(accepted, has_children, tree.num_nodes)
+        self.result.steps.append(StepRecord(length, tree.num_nodes, tree.max_depth, accepted, draft_s))
+        self.req.append(tokens.tolist(), self.eos)
+
+    def close(self) -> ReplayResult:
+        if self.drafter is not None:
+            self.drafter.release(self.seq_id)
+        self.req.stats.new_tokens = len(self.req.output)
+        self.result.tokens, self.result.stop_reason = list(self.req.output), self.req.stop_reason
+        return self.result
+
+
+def _cap(trace: Trace, max_new_tokens: int | None) -> int:
+    cap = trace.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not 1 <= cap <= trace.max_new_tokens:
+        raise ValueError(f"max_new_tokens {cap} outside [1, {trace.max_new_tokens}] (the trace's recording)")
+    return cap
+
+
 def replay_prompt(trace: Trace, p: PromptTrace, drafter: Drafter | None, seq_id: int = 0,
                   max_new_tokens: int | None = None, max_tree_nodes: int = 64,
                   hidden_dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> ReplayResult:
@@ -85,65 +154,47 @@ def replay_prompt(trace: Trace, p: PromptTrace, drafter: Drafter | None, seq_id:
     drafter receives hidden rows in (the target's dtype, as the engine passes them; default: the recorded one).
     Raises :class:`TraceTooShort` when a step would read past the recorded lookahead.
     """
-    cap = trace.max_new_tokens if max_new_tokens is None else max_new_tokens
-    if not 1 <= cap <= trace.max_new_tokens:
-        raise ValueError(f"max_new_tokens {cap} outside [1, {trace.max_new_tokens}] (the trace's recording)")
-    seq = p.tokens
-    total, plen = seq.numel(), p.prompt_len
-    eos = frozenset(trace.eos_token_ids)
-    req = Request(0, seq[:plen].clone(), SamplingParams(max_new_tokens=cap), None, None, arrival=0)
-    hidden = p.hidden if hidden_dtype is None else p.hidden.to(hidden_dtype)
-    hidden = hidden.to(device)
-    vocab = int(trace.meta["vocab_size"])
-    result = ReplayResult(req.stats, [], "length", p.category)
-    need_hidden = drafter is not None and drafter.needs_hidden
-    first = int(seq[plen])
+    state = _PromptReplay(trace, p, drafter, seq_id, _cap(trace, max_new_tokens), max_tree_nodes, hidden_dtype,
+                          device)
+    return _run_lockstep([state])[0]
+
+
+def _run_lockstep(states: list[_PromptReplay]) -> list[ReplayResult]:
+    """Step every state until it stops, one batched ``propose`` per step over those still running (as the batched
+    engine drafts); each sequence's ``draft_s`` is the call's wall time over the sequences in it. Every drafter
+    is released, also when a step raises."""
     try:
-        if drafter is not None:
-            drafter.accept(seq_id, torch.tensor([first]), hidden[:plen] if need_hidden else None)
-        req.append([first], eos)
-        while req.stop_reason is None:
-            length = req.length
-            root = int(seq[length - 1])
+        for s in states:
+            s.start()
+        while live := [s for s in states if not s.done]:
             t0 = time.perf_counter()
-            if drafter is None:
-                draft = Draft(TokenTree.chain([root]))
+            if live[0].drafter is None:
+                drafts = [Draft(TokenTree.chain([int(s.seq[s.req.length - 1])])) for s in live]
             else:
-                [draft] = drafter.propose([DraftInput(seq_id, req.history[:length], req.params, None)])
-            draft_s = time.perf_counter() - t0
-            check_draft(draft, root, max_tree_nodes, vocab)
-            tree = draft.tree
-            want = torch.full((tree.num_nodes,), -1, dtype=torch.long)  # target argmax after each node
-            known = tree.depth + length < total
-            want[known] = seq[(tree.depth + length)[known]]
-            verdict = greedy_accept(tree, want)
-            accepted = verdict.num_accepted
-            if length + accepted >= total:
-                raise TraceTooShort(
-                    f"prompt of {plen} tokens: a step at history length {length} accepted {accepted} draft tokens "
-                    f"and needs the target's token at position {length + accepted}, past the {total} recorded; "
-                    f"record with a lookahead >= the deepest tree ({tree.max_depth})")
-            tokens = verdict.tokens
-            if drafter is not None:
-                rows = hidden[length - 1 : length + accepted] if need_hidden else None
-                drafter.accept(seq_id, tokens, rows)
-            has_children = bool((tree.parents == verdict.path[-1]).any())
-            req.stats.record_step(accepted, has_children, tree.num_nodes)
-            result.steps.append(StepRecord(length, tree.num_nodes, tree.max_depth, accepted, draft_s))
-            req.append(tokens.tolist(), eos)
+                drafts = live[0].drafter.propose([s.draft_input() for s in live])
+            draft_s = (time.perf_counter() - t0) / len(live)
+            for s, draft in zip(live, drafts, strict=True):
+                s.finish_step(draft, draft_s)
     finally:
-        if drafter is not None:
-            drafter.release(seq_id)
-    req.stats.new_tokens = len(req.output)
-    result.tokens, result.stop_reason = list(req.output), req.stop_reason
-    return result
+        results = [s.close() for s in states]
+    return results
 
 
 def replay(trace: Trace, drafter: Drafter | None, max_new_tokens: int | None = None, max_tree_nodes: int = 64,
-           hidden_dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> list[ReplayResult]:
-    """Every prompt of ``trace`` in order, one at a time (as ``specdec bench`` runs them), sequence ids 0, 1, ..."""
-    return [replay_prompt(trace, p, drafter, i, max_new_tokens, max_tree_nodes, hidden_dtype, device)
-            for i, p in enumerate(trace.prompts)]
+           hidden_dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+           batch: int = 1) -> list[ReplayResult]:
+    """Every prompt of ``trace`` in order, sequence ids 0, 1, ...; ``batch`` prompts at a time in lockstep (one
+    batched ``propose`` per step: a model drafter reads its weights once for them all). ``batch=1`` runs them one
+    at a time as ``specdec bench`` does. At temperature 0 each prompt's result does not depend on ``batch`` up to
+    the drafter's numerical differences between batch sizes (none for n-gram; a float32 model head may flip a
+    near-tie)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1 (got {batch})")
+    cap, out = _cap(trace, max_new_tokens), []
+    for lo in range(0, len(trace.prompts), batch):
+        out += _run_lockstep([_PromptReplay(trace, p, drafter, lo + i, cap, max_tree_nodes, hidden_dtype, device)
+                              for i, p in enumerate(trace.prompts[lo : lo + batch])])
+    return out
 
 
 def summarize_replay(name: str, results: Sequence[ReplayResult], cost=None, estimate: bool = False) -> dict:
@@ -251,7 +302,8 @@ def run_command(args: argparse.Namespace) -> int:
                                         max_nodes=args.max_tree_nodes)
         t0 = time.perf_counter()
         if sampling.greedy:
-            results = replay(trace, drafter, args.max_new_tokens, args.max_tree_nodes, target.dtype, target.device)
+            results = replay(trace, drafter, args.max_new_tokens, args.max_tree_nodes, target.dtype, target.device,
+                             args.batch)
         else:
             results = estimate_replay(trace, drafter, sampling, args.max_new_tokens, args.max_tree_nodes,
                                       target.dtype, target.device)
