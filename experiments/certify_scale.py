@@ -33,7 +33,7 @@ HYBRID = "hybrid:path=shipped,budget=16"
 # the bench's settings (specdec.app.cmd_bench.SHIPPED_DRAFTERS).
 CONFIGS = [
     ("ngram_t1.0", "ngram", 1.0, "exact", None),
-    ("medusa_typical_lossy_t1.0", MEDUSA, 1.0, "typical_lossy", None),
+    ("medusa_typical_lossy_t1.0", MEDUSA, 1.0, "typical_lossy", 2000),  # rejected at 2.6k: no need for 20k
     ("eagle_t1.0", EAGLE, 1.0, "exact", None),
     ("medusa_t1.0", MEDUSA, 1.0, "exact", None),
     ("ngram_t0.7", "ngram", 0.7, "exact", None),
