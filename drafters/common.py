@@ -3,11 +3,13 @@ dropped (with a cleanup hook, e.g. freeing the drafter's own KV blocks) on ``rel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
+
+from specdec.interfaces import DraftInput
 
 T = TypeVar("T")
 
@@ -43,6 +45,11 @@ class PerSequence(Generic[T]):
         state = self._states.pop(seq_id, None)
         if state is not None and self._on_release is not None:
             self._on_release(state)
+
+
+def row_budgets(batch: Sequence[DraftInput], own: int) -> list[int]:
+    """Each sequence's node budget this step: the drafter's ``own``, capped by the caller's ``DraftInput.budget``."""
+    return [own if item.budget is None else max(1, min(own, item.budget)) for item in batch]
 
 
 class GrowingTree:

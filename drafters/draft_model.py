@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.attention import AttentionBackend, build_tree_batch
-from specdec.drafters.common import GrowingTree, PerSequence
+from specdec.drafters.common import GrowingTree, PerSequence, row_budgets
 from specdec.drafters.registry import Option, register
 from specdec.interfaces import Draft, DraftInput
 from specdec.sampling import process_logits, sample
@@ -104,7 +104,8 @@ class DraftModelDrafter:
             return [None if r is None else torch.stack([scores[i][p] for p in r]) for i, r in enumerate(requests)]
 
         if self.tree == "dynamic":
-            builders = [best_first_steps(r, self.budget, self.depth, self.topk) for r in roots]
+            builders = [best_first_steps(r, b, self.depth, self.topk)
+                        for r, b in zip(roots, row_budgets(batch, self.budget), strict=True)]
             return [Draft(tree) for tree, _ in drive_batch(builders, expand_batch)]
         return [Draft(t) for t in drive_batch([choices_steps(r, self.tree) for r in roots], expand_batch)]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specdec.attention import AttentionBackend, ForwardContext, build_tree_batch, select_backend
-from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence
+from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence, row_budgets
 from specdec.drafters.eagle_head import EagleConfig, EagleHead
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
@@ -108,7 +108,7 @@ class EagleDrafter:
         roots = [int(item.history[-1]) for item in batch]
         root_out = self._catch_up(batch, dseqs)  # [B, H]
         if self.tree == "dynamic":
-            return self._dynamic(dseqs, roots, root_out)
+            return self._dynamic(dseqs, roots, root_out, row_budgets(batch, self.budget))
         grown = [GrowingTree(r) for r in roots]
         pred: list[dict[Path_, torch.Tensor]] = [{(): row} for row in root_out]
         return self._chains(batch, dseqs, grown, pred)
@@ -174,11 +174,11 @@ class EagleDrafter:
             at += len(paths)
             g.written = len(g.tokens)
 
-    def _dynamic(self, dseqs: list[int], roots: list[int], root_out: torch.Tensor) -> list[Draft]:
+    def _dynamic(self, dseqs: list[int], roots: list[int], root_out: torch.Tensor, budgets: list[int]) -> list[Draft]:
         """EAGLE-2 best-first trees for the whole batch by tensor ops (:class:`BestFirstBatch`; no Python per node):
         per level one top-k over the draft vocabulary for every frontier node, then one head forward of every
         sequence's new frontier (tree offsets: only the new nodes are queries)."""
-        builder = BestFirstBatch(torch.tensor(roots), self.budget, self.depth, self.topk)
+        builder = BestFirstBatch(torch.tensor(roots), budgets, self.depth, self.topk)
         vocab_ids = getattr(self.head, "vocab_ids", None)
         feats = root_out[:, None]  # [B, F, H]: the frontier's predicted features (F = 1: the root)
         grown = LevelTrees(builder.roots)

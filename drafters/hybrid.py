@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.drafters.common import PerSequence
+from specdec.drafters.common import PerSequence, row_budgets
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.interfaces import Draft, Drafter, DraftInput
@@ -157,10 +157,11 @@ class HybridDrafter:
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         """One merged draft per input; the model runs once for the sequences that need it."""
         ngram = [self._ngram_paths(item.history) for item in batch]
-        ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i])]
+        budgets = row_budgets(batch, self.budget)
+        ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i], budgets[i])]
         model_drafts = dict(zip(ask, self.model.propose([batch[i] for i in ask]), strict=True)) if ask else {}
         self.model_calls += len(ask)
-        return [self._merge(item, *ngram[i], model_drafts.get(i)) for i, item in enumerate(batch)]
+        return [self._merge(item, *ngram[i], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Update the per-rank rates and the running estimates from the accepted tokens ``[A + 1]`` (A drafts,
@@ -196,19 +197,19 @@ class HybridDrafter:
             paths.update((cont[:d], None) for d in range(1, len(cont) + 1))
         return list(paths), f"ngram{longest_match(history, self.ngram.max_ngram, self.ngram.min_ngram)}"
 
-    def _model_pays(self, seq_id: int, ngram_paths: list[Path], source: str) -> bool:
+    def _model_pays(self, seq_id: int, ngram_paths: list[Path], source: str, budget: int) -> bool:
         """Whether to ask the model for this sequence this step (the module docstring's rule)."""
         state = self._state[seq_id]
-        asked = self._decide(state, ngram_paths, source)
+        asked = budget > 1 and self._decide(state, ngram_paths, source, budget)
         state.since_model = 0 if asked else state.since_model + 1
         return asked
 
-    def _decide(self, state: _SeqState, ngram_paths: list[Path], source: str) -> bool:
+    def _decide(self, state: _SeqState, ngram_paths: list[Path], source: str, budget: int) -> bool:
         if ngram_paths and self.skip_model_above is not None and state.rates[source][0][0] >= self.skip_model_above:
             return False
         if self.model_cost is None or state.model_value is None or state.since_model + 1 >= self.probe:
             return True
-        v_n, n_n = self._kept_worth(path_values(ngram_paths, state.rates[source]), self._floor(state))
+        v_n, n_n = self._kept_worth(path_values(ngram_paths, state.rates[source]), self._floor(state), budget)
         cost = self.ngram.node_cost
         with_model = (1 + max(v_n, state.model_value)) / (1 + self.model_cost + cost * max(n_n, state.model_nodes))
         return with_model > (1 + v_n) / (1 + cost * n_n)
@@ -217,12 +218,13 @@ class HybridDrafter:
         """The value a node needs to pay for its verification cost at this sequence's running speed."""
         return self.min_value * max(1.0, state.speed)
 
-    def _kept_worth(self, values: dict[Path, float], floor: float) -> tuple[float, int]:
+    def _kept_worth(self, values: dict[Path, float], floor: float, budget: int) -> tuple[float, int]:
         """Sum and count of the values a tree of these candidates alone would keep."""
-        kept = sorted((v for v in values.values() if v >= floor), reverse=True)[: self.budget - 1]
+        kept = sorted((v for v in values.values() if v >= floor), reverse=True)[: budget - 1]
         return sum(kept), len(kept)
 
-    def _merge(self, item: DraftInput, ngram_paths: list[Path], ngram_source: str, model_draft: Draft | None) -> Draft:
+    def _merge(self, item: DraftInput, ngram_paths: list[Path], ngram_source: str, model_draft: Draft | None,
+               budget: int) -> Draft:
         state = self._state[item.seq_id]
         model_paths = [] if model_draft is None else tree_paths(model_draft.tree)
         model_paths = [p for p in model_paths if len(p) <= self.max_depth]
@@ -238,7 +240,7 @@ class HybridDrafter:
         kept: set[Path] = set()
         floor = self._floor(state)
         for path in sorted(value, key=lambda p: (-value[p], len(p), order[p])):
-            if len(kept) >= self.budget - 1 or value[path] < floor:
+            if len(kept) >= budget - 1 or value[path] < floor:
                 break
             if len(path) == 1 or path[:-1] in kept:
                 kept.add(path)

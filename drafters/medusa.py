@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from specdec.drafters.common import row_budgets
 from specdec.drafters.medusa_heads import MedusaConfig, MedusaHeads, ResBlock, medusa_choices
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
@@ -119,7 +120,7 @@ class MedusaDrafter:
             return [Draft(static_tree(r, self.choices, top)) for r, top in zip(roots, ranked, strict=True)]
         # best-first by tensor ops: every node at depth d gets head d's top-k, so one top-k serves all levels
         values, tokens = level_topk(logits[:, : self.depth].log_softmax(-1), self.topk, vocab_ids)  # [B, D, k]
-        builder = BestFirstBatch(torch.tensor(roots), self.budget, self.depth, self.topk)
+        builder = BestFirstBatch(torch.tensor(roots), row_budgets(batch, self.budget), self.depth, self.topk)
         d = 0
         while builder.more:
             width = builder.frontier_tokens.shape[1]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.drafters.common import PerSequence
+from specdec.drafters.common import PerSequence, row_budgets
 from specdec.drafters.registry import Option, register
 from specdec.interfaces import Draft, DraftInput
 from specdec.tree import TokenTree
@@ -69,12 +69,12 @@ class NgramDrafter:
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         """Deterministic proposals (no probabilities): verified as one-hot drafts, exact at any temperature."""
         drafts = []
-        for item in batch:
+        for item, budget in zip(batch, row_budgets(batch, self.max_nodes), strict=True):
             history = item.history
             state = self._state[item.seq_id]
             depth = self.worthwhile_depth(state.alpha)
             conts = [c[:depth] for c in self.continuations(history, self.max_matches)]
-            tree = merge_continuations(int(history[-1]), conts, self.max_nodes)
+            tree = merge_continuations(int(history[-1]), conts, budget)
             state.drafted_depth = tree.max_depth
             drafts.append(Draft(tree))
         return drafts

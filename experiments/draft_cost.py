@@ -36,7 +36,7 @@ class PerNodeEagleDrafter(EagleDrafter):
     """The previous paths: dynamic trees by the per-node Python builder with full-vocabulary ``log_softmax`` and
     top-k; chains one sequence at a time through full-vocabulary logits and ``process_logits``."""
 
-    def _dynamic(self, dseqs, roots, root_out):
+    def _dynamic(self, dseqs, roots, root_out, budgets):
         grown = [GrowingTree(r) for r in roots]
         pred = [{(): row} for row in root_out]
 
@@ -48,7 +48,7 @@ class PerNodeEagleDrafter(EagleDrafter):
             return [None if r is None else self.head.full_logits(torch.stack([pred[i][p] for p in r])).log_softmax(-1)
                     for i, r in enumerate(requests)]
 
-        builders = [best_first_steps(r, self.budget, self.depth, self.topk) for r in roots]
+        builders = [best_first_steps(r, b, self.depth, self.topk) for r, b in zip(roots, budgets, strict=True)]
         return [Draft(tree) for tree, _ in drive_batch(builders, expand_batch)]
 
     def _chains(self, batch, dseqs, grown, pred):

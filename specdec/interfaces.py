@@ -46,12 +46,17 @@ class DraftInput:
             logits with it (:func:`specdec.sampling.process_logits`).
         generator: the request's own stream for draft samples (on the target's device; independent of the
             verification stream), or ``None`` at temperature 0.
+        budget: the most tree nodes (root included) the caller wants for this sequence in this step (a per-call
+            cap, e.g. chosen by ``--tree-budget auto`` before drafting), or ``None`` for the drafter's own. Drafters
+            that build to a node budget draft at most ``min(own, budget)`` nodes, and so pay less drafting; others
+            may return a larger tree, which the caller prunes.
     """
 
     seq_id: int
     history: torch.Tensor
     sampling: SamplingParams = GREEDY
     generator: torch.Generator | None = None
+    budget: int | None = None
 
 
 @runtime_checkable

@@ -186,13 +186,20 @@ class BestFirstBatch:
     ``frontier_parent [B, F]`` (index of each new frontier node's parent in the previous frontier).
     """
 
-    def __init__(self, roots: torch.Tensor, budget: int, depth: int, topk: int) -> None:
-        if budget < 1 or depth < 0 or topk < 1:
-            raise ValueError(f"need budget >= 1, depth >= 0, topk >= 1; got {budget}, {depth}, {topk}")
+    def __init__(self, roots: torch.Tensor, budget: int | Sequence[int] | torch.Tensor, depth: int, topk: int) -> None:
         self.roots = torch.as_tensor(roots, dtype=torch.long).flatten()
-        self.budget, self.depth, self.topk = budget, depth, topk
-        self.levels = depth if budget > 1 else 0  # levels still to expand
         b = self.roots.numel()
+        self.budgets = torch.as_tensor(budget, dtype=torch.long).flatten().expand(b).clone() if b else \
+            torch.zeros(0, dtype=torch.long)
+        most = int(self.budgets.max()) if b else 1
+        if (b and int(self.budgets.min()) < 1) or depth < 0 or topk < 1:
+            raise ValueError(f"need budget >= 1, depth >= 0, topk >= 1; got {budget}, {depth}, {topk}")
+        self.budget, self.depth, self.topk = most, depth, topk
+        # a node ranked >= budget - 1 among its level (or its siblings) has that many better-or-equal, earlier
+        # nodes, so neither it nor its descendants are kept: the frontier and the children per node need no more
+        # than budget - 1, and the tree no more than budget - 1 levels (the same trees, fewer nodes forwarded)
+        self.width = min(topk, most - 1)
+        self.levels = min(depth, most - 1)  # levels still to expand
         self._scores: list[torch.Tensor] = []  # per level [B, C]
         self._tokens: list[torch.Tensor] = []
         self._parents: list[torch.Tensor] = []  # pool index of each candidate's parent (-1: the root)
@@ -211,6 +218,7 @@ class BestFirstBatch:
         """One level: ``values``, ``tokens [B, F, k]`` for the current frontier (``F`` = its width)."""
         if not self.more:
             raise RuntimeError("the tree is complete")
+        values, tokens = values[..., : self.width], tokens[..., : self.width]  # sorted: the best ``width``
         b, f, k = values.shape
         values = values.detach().cpu().double()  # float64 sums, as the per-node builder's Python floats
         parent_score = values.new_zeros(b, f) if self._frontier_score is None else self._frontier_score
@@ -218,7 +226,7 @@ class BestFirstBatch:
         self._scores.append(scores)
         self._tokens.append(tokens.detach().cpu().reshape(b, f * k))
         self._parents.append(self._frontier_pool.to(torch.long).repeat_interleave(k, dim=1))
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : self.topk]
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : self.width]
         self._frontier_pool = self._size + order
         self._frontier_score = scores.gather(1, order)
         self.frontier_tokens = self._tokens[-1].gather(1, order)
@@ -236,15 +244,18 @@ class BestFirstBatch:
         depth = torch.cat([torch.full((s.shape[1],), d + 1) for d, s in enumerate(self._scores)])
         keep = min(self.budget - 1, self._size)
         ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]  # [B, keep] pool ids
+        # a row with a smaller budget keeps a prefix of its ranking (ancestor-closed too); the rest sorts last
+        kept = torch.arange(keep)[None, :] < (self.budgets[:, None] - 1)  # [B, keep]
         # output order: depth, then rank (rank = score descending, ties pool order)
-        order = ranked.gather(1, torch.sort(depth[ranked] * keep + torch.arange(keep), dim=1).indices)
+        key = torch.where(kept, depth[ranked] * keep + torch.arange(keep), (len(self._scores) + 1) * keep)
+        order = ranked.gather(1, torch.sort(key, dim=1, stable=True).indices)
         node_of = torch.zeros(b, self._size + 1, dtype=torch.long)  # pool index + 1 -> node index (root 0)
         node_of.scatter_(1, order + 1, torch.arange(1, keep + 1).expand(b, keep))
         out_parents = node_of.gather(1, parents.gather(1, order) + 1)
         out_tokens, out_scores = tokens.gather(1, order), scores.gather(1, order)
         trees, kept_scores = [], []
-        for i in range(b):
-            trees.append(TokenTree(torch.cat([self.roots[i : i + 1], out_tokens[i]]),
-                                   torch.cat([torch.tensor([-1]), out_parents[i]])))
-            kept_scores.append(torch.cat([out_scores.new_zeros(1), out_scores[i]]).float())
+        for i, n in enumerate(kept.sum(1).tolist()):
+            trees.append(TokenTree(torch.cat([self.roots[i : i + 1], out_tokens[i, :n]]),
+                                   torch.cat([torch.tensor([-1]), out_parents[i, :n]])))
+            kept_scores.append(torch.cat([out_scores.new_zeros(1), out_scores[i, :n]]).float())
         return trees, kept_scores

@@ -3,6 +3,7 @@ experiments/draft_cost.py): EAGLE best-first trees and greedy chains, Medusa bes
 without a draft vocabulary, for a batch of three sequences through the engine (so the states, caches and tree
 offsets are the real ones). Same trees at every step, same outputs, equal to autoregressive decoding."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from specdec.draft_vocab import frequent_tokens
 from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead
 from specdec.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
+from specdec.drafters.ngram import NgramDrafter
 from specdec.engine import SpeculativeEngine
 from specdec.target import TargetModel
 
@@ -73,3 +75,53 @@ def test_tensor_paths_propose_the_same_trees_as_the_per_node_paths(target, promp
     assert len(new_trees) >= 3 * 3 and any(len(tokens) > 1 for tokens, _ in new_trees)
     assert new_trees == old_trees
     assert new_out == old_out == [r.tokens for r in ar]
+
+
+class CallBudget:
+    """Proposes through ``inner`` twice per step, with the drafter's own budget and with a per-sequence cap
+    (``DraftInput.budget``) that changes every step, and hands the capped trees to the engine."""
+
+    def __init__(self, inner):
+        self.inner, self.vocab_size, self.needs_hidden = inner, inner.vocab_size, inner.needs_hidden
+        self.pairs, self.calls = [], 0
+
+    def propose(self, batch):
+        full = self.inner.propose(batch)
+        caps = [1 + (self.calls + item.seq_id) % 6 for item in batch]  # 1..6 nodes
+        self.calls += 1
+        capped = self.inner.propose([dataclasses.replace(item, budget=c) for item, c in zip(batch, caps, strict=True)])
+        self.pairs += list(zip(full, capped, caps, strict=True))
+        return capped
+
+    def accept(self, seq_id, tokens, hidden=None):
+        self.inner.accept(seq_id, tokens, hidden)
+
+    def release(self, seq_id):
+        self.inner.release(seq_id)
+
+
+def _paths(tree):
+    tokens, parents, out = tree.tokens.tolist(), tree.parents.tolist(), [()]
+    for i in range(1, len(tokens)):
+        out.append(out[parents[i]] + (tokens[i],))
+    return set(out[1:])
+
+
+@pytest.mark.parametrize("kind", ["eagle-dynamic", "medusa-dynamic", "ngram"])
+def test_a_per_call_budget_caps_the_tree_to_the_best_nodes_of_the_full_one_and_stays_lossless(target, prompts, kind):
+    """``DraftInput.budget`` (chosen by ``--tree-budget auto`` before drafting): a best-first drafter's capped tree
+    is exactly the full tree's ``budget - 1`` best nodes (as the builder's ranking keeps them), n-gram's a subset
+    of its full tree within the cap; greedy output stays equal to autoregressive decoding."""
+    ar = SpeculativeEngine(target, target.new_cache(96, 4)).generate_batch(prompts, 12)
+    repeated = [p + p[:4] + p for p in prompts]  # so n-gram finds matches
+    inner = NgramDrafter(max_depth=4, max_nodes=12) if kind == "ngram" else _drafter(target, kind, None, seed=1)
+    drafter = CallBudget(inner)
+    engine = SpeculativeEngine(target, target.new_cache(96, 4), drafter, max_tree_nodes=32)
+    want = ar if kind != "ngram" else SpeculativeEngine(target, target.new_cache(96, 4)).generate_batch(repeated, 12)
+    results = engine.generate_batch(repeated if kind == "ngram" else prompts, 12)
+    assert [r.tokens for r in results] == [r.tokens for r in want]
+    assert any(f.tree.num_nodes > cap for f, _, cap in drafter.pairs)  # the caps did bind
+    for full, capped, cap in drafter.pairs:
+        assert capped.tree.num_nodes <= cap and _paths(capped.tree) <= _paths(full.tree)
+        if kind != "ngram":
+            assert capped.tree.num_nodes == min(cap, full.tree.num_nodes)

@@ -49,6 +49,26 @@ def test_tensor_best_first_trees_equal_the_per_node_builder(budget, depth, topk,
         torch.testing.assert_close(score, ref_scores, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("quantize", [False, True], ids=["distinct-scores", "tied-scores"])
+@pytest.mark.parametrize("budgets", [[1, 3, 9, 2], [5, 5, 2, 17], [1, 1, 1, 1], [2, 40, 1, 6]])
+def test_per_sequence_budgets_give_each_sequence_the_tree_of_its_own_budget(budgets, quantize):
+    """A batch with a budget per sequence (the per-call budget of ``DraftInput.budget``) equals the per-node
+    builder run with each sequence's own budget; the builder expands no more levels and no wider a frontier than
+    the largest budget needs."""
+    vocab, roots, depth, topk = 12, [3, 7, 0, 5], 4, 3
+    expands = [_random_expand(seed + 10, vocab, quantize) for seed in range(len(roots))]
+    reference = drive_batch([best_first_steps(r, b, depth, topk) for r, b in zip(roots, budgets, strict=True)],
+                            lambda reqs: [None if r is None else e(r) for e, r in zip(expands, reqs, strict=True)])
+    trees, scores = _batch_trees(roots, expands, budgets, depth, topk)
+    for (ref_tree, ref_scores), tree, score in zip(reference, trees, scores, strict=True):
+        assert torch.equal(tree.tokens, ref_tree.tokens) and torch.equal(tree.parents, ref_tree.parents)
+        torch.testing.assert_close(score, ref_scores, rtol=0, atol=0)
+    small = BestFirstBatch(torch.tensor(roots), [min(b, 3) for b in budgets], depth, topk)
+    assert small.levels == min(depth, max(min(b, 3) for b in budgets) - 1) and small.width <= 2
+    with pytest.raises(ValueError, match="budget >= 1"):
+        BestFirstBatch(torch.tensor(roots), [2, 0, 1, 1], depth, topk)
+
+
 def test_a_draft_vocabulary_maps_ranks_to_target_ids_and_keeps_the_tree_invariants():
     """Scoring only a draft vocabulary equals the full vocabulary with ``-inf`` outside it."""
     vocab, vocab_ids = 20, torch.tensor([1, 4, 5, 9, 13, 17, 19])
