@@ -6,7 +6,7 @@ tried node against the outcome, per depth).
 Predicted speedup = specdec-AR time / speculative time for the same tokens, both from the cost model's verify fit
 and each ``propose``'s measured time in the replay (:func:`specdec.research.simulate.predicted_speedup`): the auto
 drafter pays for drafting its full tree before pruning. Measured wall-clock speedups need an idle machine:
-``python -m specdec.research.auto_budget --cost COST --drafter SPEC ...`` (interleaved real engine runs).
+``python experiments/auto_budget_engine.py --cost COST --drafter SPEC ...`` (interleaved real engine runs).
 
     nice -n 10 .venv/bin/python experiments/auto_budget_sim.py --trace out/sim_vs_bench/trace.pt \\
         --cost docs/results/auto_budget/cost_cpu.json

@@ -7,7 +7,7 @@ import torch
 
 from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
-from specdec.interfaces import Draft
+from specdec.interfaces import Draft, DraftInput
 from specdec.research.auto_budget import AcceptanceTracker, AutoBudgetDrafter, prune
 from specdec.research.cost_model import CostModel, choose_size, fit_draft, fit_verify, measure_draft, measure_verify
 from specdec.research.simulate import replay
@@ -133,3 +133,55 @@ def test_auto_budget_keeps_greedy_output_exact_and_sizes_trees_by_cost(tiny_targ
     sim = AutoBudgetDrafter(OracleDrafter(truth), cost, drafter_name="none")
     [res] = replay(trace, sim)
     assert sim.chosen == auto.chosen and res.stats.step_tokens == got.stats.step_tokens
+
+
+class BudgetLog:
+    """A chain drafter (best-first with one child per node) that records the budget it was asked for."""
+
+    vocab_size, needs_hidden, topk, depth, budget = None, False, 1, 10, 16
+
+    def __init__(self):
+        self.asked = []
+
+    def propose(self, batch):
+        self.asked += [item.budget for item in batch]
+        return [Draft(TokenTree.chain([int(item.history[-1])] * min(self.depth + 1, item.budget or self.budget)))
+                for item in batch]
+
+    def accept(self, seq_id, tokens, hidden=None):
+        pass
+
+    def release(self, seq_id):
+        pass
+
+
+@pytest.mark.parametrize(("alpha", "d1", "c1"),
+                         [(0.8, 0.05, 0.1), (0.9, 0.0, 0.3), (0.5, 0.5, 0.05), (0.95, 0.02, 0.02)])
+def test_the_budget_is_planned_before_drafting_at_the_analytic_optimum(alpha, d1, c1):
+    """With tracked rates ``alpha`` per depth (a chain: acceptance ``alpha ** d`` at depth d), draft cost
+    ``d0 + d1 * levels`` and verify cost ``1 + c1 * n``, the drafter is asked for the ``N`` maximising
+    ``(1 + sum_{d < N} alpha ** d) / (d0 + d1 (N - 1) + 1 + c1 N)``, computed here by brute force."""
+    d0 = 0.2
+    cost = CostModel((1.0, c1, 0.0, 0.0), draft_coef={"chain": (d0, d1)})
+    tracker = AcceptanceTracker(prior_top1=alpha, prior_weight=1e9)  # rates pinned at the prior
+    inner = BudgetLog()
+    auto = AutoBudgetDrafter(inner, cost, tracker, drafter_name="chain")
+    auto.propose([DraftInput(0, torch.tensor(PROMPT))])
+
+    def rate(n):
+        return (1 + sum(alpha**d for d in range(1, n))) / (d0 + d1 * (n - 1) + 1 + c1 * n)
+
+    best = max(range(1, 12), key=rate)
+    assert inner.asked == [best] and auto.planned == [best] and auto.chosen == [best]
+    unplanned = BudgetLog()  # prune only: the inner drafter drafts its own budget
+    AutoBudgetDrafter(unplanned, cost, tracker, drafter_name="chain", plan=False).propose(
+        [DraftInput(0, torch.tensor(PROMPT))])
+    assert unplanned.asked == [None]
+
+
+def test_without_a_calibrated_draft_cost_the_planner_fits_the_measured_propose_times():
+    auto = AutoBudgetDrafter(BudgetLog(), CostModel((1.0, 0.1, 0.0, 0.0)))
+    assert auto.draft_estimate(3) == 0.0  # nothing measured yet
+    for levels, seconds in [(2, 0.5), (4, 0.9), (8, 1.7)]:  # 0.1 + 0.2 * levels
+        auto._observe_draft(levels, seconds, forget=1.0)
+    assert auto.draft_estimate(6) == pytest.approx(1.3) and auto.draft_estimate(0) == pytest.approx(0.1)

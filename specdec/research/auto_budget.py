@@ -8,7 +8,11 @@ probability of being accepted. Every tried node's prediction is logged with its 
 diagonal). Drafters report no confidence through the protocol for deterministic trees, so the tracker's prediction
 IS the confidence being calibrated; sampled drafts' ``q(x)`` would be another (not used: see below).
 
-:class:`AutoBudgetDrafter` wraps any drafter (configured with its LARGEST budget) through the protocol:
+:class:`AutoBudgetDrafter` wraps any drafter (configured with its LARGEST budget) through the protocol. Before
+drafting it plans each sequence's budget (``DraftInput.budget``) on the tracker's virtual best-first tree
+(:meth:`AcceptanceTracker.plan_values`) with the draft cost of the levels that budget needs (calibrated, or fitted
+online to the measured ``propose`` times), so a best-first drafter pays only for what is likely kept. The plan
+depends on the history only, never on the draft. Then:
 
 * deterministic drafts (``probs is None``): keep the root plus the ``N - 1`` nodes of highest value, ``N`` from
   :func:`specdec.research.cost_model.choose_size` with this step's context length and measured draft time.
@@ -20,11 +24,9 @@ IS the confidence being calibrated; sampled drafts' ``q(x)`` would be another (n
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import dataclasses
+import heapq
 import time
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -68,6 +70,21 @@ class AcceptanceTracker:
             for rank, c in enumerate(kids):
                 values[c] = values[u] * self.rate(int(tree.depth[c]), rank)
         return values
+
+    def plan_values(self, nodes: int, fanout: int, max_depth: int) -> list[tuple[float, int]]:
+        """``(value, depth)`` of the ``nodes`` best nodes of a virtual tree in which every node up to ``max_depth``
+        has ``fanout`` ranked children, best first: the tree a best-first drafter would build if the tracked rates
+        were its confidences. Plans a step's size before drafting."""
+        heap = [(-self.rate(1, r), 1) for r in range(fanout)]
+        heapq.heapify(heap)
+        out: list[tuple[float, int]] = []
+        while heap and len(out) < nodes:
+            v, d = heapq.heappop(heap)
+            out.append((-v, d))
+            if d < max_depth:
+                for r in range(fanout):
+                    heapq.heappush(heap, (v * self.rate(d + 1, r), d + 1))
+        return out
 
     def chain_values(self, depth: int) -> list[float]:
         """Predicted acceptance of the rank-0 chain's nodes at depths 1..``depth``."""
@@ -145,20 +162,37 @@ class AutoBudgetDrafter:
         tracker: the acceptance tracker (a fresh one by default); shared across sequences.
         drafter_name: key of ``cost.draft_coef`` (otherwise the measured ``propose`` time of this step is used).
         max_nodes: hard cap on the tree size (root included).
+        plan: choose each sequence's budget BEFORE drafting (``DraftInput.budget``, from the tracker's rates on
+            the virtual tree of :meth:`AcceptanceTracker.plan_values` and the draft cost of the levels that budget
+            needs), so a best-first drafter drafts only that much; the drafted tree is then pruned as without it.
+            ``False``: draft the inner budget and prune only.
     """
 
     def __init__(self, inner: Drafter, cost: CostModel, tracker: AcceptanceTracker | None = None,
-                 drafter_name: str | None = None, max_nodes: int = 64) -> None:
+                 drafter_name: str | None = None, max_nodes: int = 64, plan: bool = True) -> None:
         self.inner, self.cost, self.tracker = inner, cost, tracker or AcceptanceTracker()
         self.vocab_size, self.needs_hidden = inner.vocab_size, inner.needs_hidden
-        self.drafter_name, self.max_nodes = drafter_name, max_nodes
+        self.drafter_name, self.max_nodes, self.plan = drafter_name, max_nodes, plan
         self._trees: dict[int, TokenTree] = {}
         self.chosen: list[int] = []  # tree size (root included) of every step
+        self.planned: list[int] = []  # budget asked of the inner drafter at every step (with ``plan``)
+        own = getattr(inner, "budget", None) or getattr(inner, "max_nodes", None) or max_nodes
+        self._own = min(int(own), max_nodes)
+        self._fanout = int(getattr(inner, "topk", None) or 4)
+        self._depth = int(getattr(inner, "depth", None) or getattr(inner, "max_depth", None) or 8)
+        self._fit = [0.0] * 5  # decayed sums of 1, x, x^2, y, x y: per-sequence draft seconds y vs levels x
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        if self.plan:
+            budgets = [self._plan(item.history.numel()) for item in batch]
+            batch = [dataclasses.replace(item, budget=b if item.budget is None else min(b, item.budget))
+                     for item, b in zip(batch, budgets, strict=True)]
+            self.planned += budgets
         t0 = time.perf_counter()
         drafts = self.inner.propose(batch)
         each = (time.perf_counter() - t0) / max(len(drafts), 1)
+        if batch:
+            self._observe_draft(self._levels(max(item.budget or self._own for item in batch)), each)
         out = []
         for item, draft in zip(batch, drafts, strict=True):
             ctx = item.history.numel()
@@ -169,6 +203,35 @@ class AutoBudgetDrafter:
             self.chosen.append(draft.tree.num_nodes)
             out.append(draft)
         return out
+
+    def _levels(self, budget: int) -> int:
+        """Tree levels a best-first drafter expands for ``budget`` nodes (see :class:`BestFirstBatch`)."""
+        return min(self._depth, budget - 1)
+
+    def _observe_draft(self, levels: int, seconds: float, forget: float = 0.98) -> None:
+        for i, v in enumerate((1.0, levels, levels * levels, seconds, levels * seconds)):
+            self._fit[i] = forget * self._fit[i] + v
+
+    def draft_estimate(self, levels: int) -> float:
+        """Predicted draft seconds per sequence for a tree of ``levels`` levels: the calibrated fit of
+        ``drafter_name`` if the cost model has one, else a line fitted online to this drafter's measured
+        ``propose`` times (proportional to the levels while only one level count was seen; 0 before any)."""
+        if self.drafter_name is not None:
+            return self.cost.draft_time(levels, drafter=self.drafter_name)
+        n, sx, sxx, sy, sxy = self._fit
+        if n <= 0:
+            return 0.0
+        var = sxx / n - (sx / n) ** 2
+        if var < 1e-9:
+            return max(sy / n * (levels / (sx / n) if sx > 0 else 1.0), 0.0)
+        slope = (sxy / n - sx / n * sy / n) / var
+        return max(sy / n + slope * (levels - sx / n), 0.0)
+
+    def _plan(self, ctx: int) -> int:
+        """The budget to ask for: maximises expected tokens per second on the tracker's virtual tree."""
+        values = [v for v, _ in self.tracker.plan_values(self._own - 1, self._fanout, self._depth)]
+        return choose_size(values, lambda n: self.draft_estimate(self._levels(n)) + self.cost.verify_time(n, ctx),
+                           self._own)
 
     def _size(self, draft: Draft, ctx: int, draft_s: float) -> Draft:
         tree = draft.tree
@@ -208,66 +271,3 @@ def wrap_auto_budget(drafter: Drafter | None, cost_path: str, name: str | None =
     cost = CostModel.load(cost_path)
     return AutoBudgetDrafter(drafter, cost, drafter_name=name if name in cost.draft_coef else None,
                              max_nodes=max_nodes)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Real engine runs, interleaved prompt by prompt: each drafter at its fixed budget and under the adapter;
-    tokens per second, tau, chosen sizes, the predicted speedup of each step's choice, and the reliability plot."""
-    ap = argparse.ArgumentParser(prog="python -m specdec.research.auto_budget", description=main.__doc__.split(";")[0])
-    ap.add_argument("--cost", required=True, help="cost-model JSON (python -m specdec.research.cost_model calibrate)")
-    ap.add_argument("--drafter", nargs="+", default=["eagle:path=shipped,tree=dynamic,budget=16"])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--prompts", default=None)
-    ap.add_argument("--limit", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--plot", default=None, help="reliability-curve PNG (the last drafter's tracker)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    from specdec.app.loaders import load_model_and_tokenizer
-    from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
-    from specdec.drafters import DrafterSpec, build_drafter
-    from specdec.engine import SpeculativeEngine
-    from specdec.stats import RequestStats
-    from specdec.target import TargetModel, eos_token_ids
-
-    model, tok = load_model_and_tokenizer(args.model, torch.float32)
-    target, eos = TargetModel(model), eos_token_ids(model, tok)
-    cost = CostModel.load(args.cost)
-    prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit)
-    ids = [encode_prompt(tok, p.text) for p in prompts]
-    runs = {"specdec_ar": None}
-    adapters = {}
-    for spec in args.drafter:
-        runs[spec] = build_drafter(DrafterSpec.parse(spec), target)
-        adapters[spec] = AutoBudgetDrafter(build_drafter(DrafterSpec.parse(spec), target), cost,
-                                           drafter_name=spec if spec in cost.draft_coef else None)
-        runs[f"{spec}+auto"] = adapters[spec]
-    engines = {k: SpeculativeEngine(target, target.new_cache(256), d, eos) for k, d in runs.items()}
-    stats: dict[str, list[RequestStats]] = {k: [] for k in runs}
-    for prompt in ids:
-        for name, engine in engines.items():
-            stats[name].append(engine.generate(prompt, args.max_new_tokens).stats)
-    ar = RequestStats.combine(stats["specdec_ar"]).tokens_per_s
-    report = {"cost_meta": cost.meta, "n_prompts": len(ids), "max_new_tokens": args.max_new_tokens, "runs": {}}
-    for name, parts in stats.items():
-        total = RequestStats.combine(parts)
-        row = {"tau": total.tau, "tokens_per_s": total.tokens_per_s, "speedup_vs_specdec_ar": total.tokens_per_s / ar,
-               "mean_tree_nodes": total.tree_nodes / max(total.steps, 1)}
-        if name.endswith("+auto"):
-            row["chosen_sizes"] = dict(sorted(Counter(adapters[name.removesuffix("+auto")].chosen).items()))
-        report["runs"][name] = row
-        print(f"{name:<48} tau {row['tau']:.3f}  {row['tokens_per_s']:.2f} tok/s  x{row['speedup_vs_specdec_ar']:.2f}",
-              file=sys.stderr)
-    if args.plot and adapters:
-        adapters[args.drafter[-1]].tracker.plot(args.plot)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
