@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from specdec.train import data as D
+from specdec.train import prompt_sources as P
 from specdec.train.__main__ import main as train_main
 from tests.conftest import tiny_llama
 
@@ -135,15 +136,15 @@ def test_trim_response():
 def test_local_jsonl_source_and_errors(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"prompt {i}", "other": i}) for i in range(5)) + "\n")
-    got = D.load_instruction_prompts(D.DataConfig(sources=(str(path),), field="text", seed=1, limit=3))
+    got = P.load_instruction_prompts(D.DataConfig(sources=(str(path),), field="text", seed=1, limit=3))
     assert len(got) == 3 and set(got) <= {f"prompt {i}" for i in range(5)}
-    assert sorted(D.load_instruction_prompts(D.DataConfig(sources=(str(path),)))) == [f"prompt {i}" for i in range(5)]
+    assert sorted(P.load_instruction_prompts(D.DataConfig(sources=(str(path),)))) == [f"prompt {i}" for i in range(5)]
     with pytest.raises(ValueError, match="no field 'nope'"):
-        D.load_instruction_prompts(D.DataConfig(sources=(str(path),), field="nope"))
+        P.load_instruction_prompts(D.DataConfig(sources=(str(path),), field="nope"))
     with pytest.raises(ValueError, match="unknown source"):
-        D.load_instruction_prompts(D.DataConfig(sources=("alpaca",)))
+        P.load_instruction_prompts(D.DataConfig(sources=("alpaca",)))
     with pytest.raises(ValueError, match="data file not found"):
-        D.load_instruction_prompts(D.DataConfig(sources=("gsm8k",), data_dir=str(tmp_path)))
+        P.load_instruction_prompts(D.DataConfig(sources=("gsm8k",), data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -159,26 +160,26 @@ def test_cli_errors(argv, message, capsys):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data folder missing")
 def test_load_real_prompts():
     cfg = D.DataConfig(data_dir=str(SHARED_DATA), seed=0)
-    everything = D.load_instruction_prompts(cfg)
+    everything = P.load_instruction_prompts(cfg)
     seeds = [json.loads(line) for line in (SHARED_DATA / "self-instruct/seed_tasks.jsonl").open()]
     gsm = [json.loads(line)["question"] for line in (SHARED_DATA / "gsm8k/train.jsonl").open()]
     assert len(everything) == len(seeds) + len(gsm)
     assert set(gsm) <= set(everything)
-    assert D._self_instruct_text(seeds[0]) in everything
+    assert P._self_instruct_text(seeds[0]) in everything
     with_input = next(s for s in seeds if s["instances"][0]["input"].strip())
-    assert with_input["instances"][0]["input"].strip() in D._self_instruct_text(with_input)
+    assert with_input["instances"][0]["input"].strip() in P._self_instruct_text(with_input)
     user = [json.loads(line) for line in (SHARED_DATA / "self-instruct/user_oriented_instructions.jsonl").open()]
-    assert not {D._self_instruct_text(u) for u in user} & set(everything)
-    assert D.load_instruction_prompts(D.DataConfig(data_dir=str(SHARED_DATA), limit=5)) == everything[:5]
-    assert D.load_instruction_prompts(D.DataConfig(data_dir=str(SHARED_DATA), seed=1))[:5] != everything[:5]
-    assert (D.resolve_data_dir("../shared/data") / "gsm8k" / "train.jsonl").is_file()  # default, from cwd or root
+    assert not {P._self_instruct_text(u) for u in user} & set(everything)
+    assert P.load_instruction_prompts(D.DataConfig(data_dir=str(SHARED_DATA), limit=5)) == everything[:5]
+    assert P.load_instruction_prompts(D.DataConfig(data_dir=str(SHARED_DATA), seed=1))[:5] != everything[:5]
+    assert (P.resolve_data_dir("../shared/data") / "gsm8k" / "train.jsonl").is_file()  # default, from cwd or root
 
 
 def test_a_fresh_clone_reads_the_seed_tasks_shipped_in_the_package():
-    shipped = D.load_instruction_prompts(D.DataConfig(sources=("self-instruct",)))
+    shipped = P.load_instruction_prompts(D.DataConfig(sources=("self-instruct",)))
     assert len(shipped) == 175 and all(p.strip() for p in shipped)
     if SHARED_DATA.is_dir():  # the shipped file is the same upstream file as the team's copy
-        local = D.load_instruction_prompts(D.DataConfig(sources=("self-instruct",), data_dir=str(SHARED_DATA)))
+        local = P.load_instruction_prompts(D.DataConfig(sources=("self-instruct",), data_dir=str(SHARED_DATA)))
         assert shipped == local
 
 
@@ -189,7 +190,7 @@ def test_gsm8k_from_the_hub_offline_is_one_error_naming_a_local_source(monkeypat
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ValueError, match=r"hub \(openai/gsm8k\) cannot be reached \(offline\); use a local copy: "
                                          r"--source FILE\.jsonl --field question"):
-        D.load_instruction_prompts(D.DataConfig(sources=("gsm8k",)))
+        P.load_instruction_prompts(D.DataConfig(sources=("gsm8k",)))
     assert train_main(["data", "--max-per-source", "4"]) == 2  # the README's first step, offline: no traceback
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--source FILE.jsonl" in err[0]

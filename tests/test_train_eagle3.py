@@ -19,7 +19,7 @@ from specdec.train.data import load_distillation_data
 from specdec.train.eagle3 import Eagle3TrainConfig, export_eagle3, fused_batch, train_eagle3, ttt_passes
 from specdec.train.features import compute_features
 from specdec.train.loop import LoopConfig, read_metrics
-from specdec.train.sources import clean_gsm8k_answer, write_teacher_forced
+from specdec.train.teacher import clean_gsm8k_answer, write_teacher_forced
 from tests.conftest import tiny_llama
 from tests.test_train_data import char_tokenizer
 
@@ -142,8 +142,8 @@ def test_a_short_eagle3_run_lowers_the_loss_and_its_fp16_export_drafts_losslessl
 def test_humaneval_prompts_come_from_the_gzipped_stubs_and_need_a_data_dir(tmp_path):
     import gzip
 
-    from specdec.train.data import DataConfig, load_instruction_prompts
-    from specdec.train.sources import HUMANEVAL_ASK
+    from specdec.train.data import DataConfig
+    from specdec.train.prompt_sources import HUMANEVAL_ASK, load_instruction_prompts
 
     (tmp_path / "humaneval").mkdir()
     stubs = ["def add(a, b):\n    \"\"\"Sum.\"\"\"\n", "def neg(x):\n    \"\"\"Minus x.\"\"\"\n"]

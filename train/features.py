@@ -1,6 +1,6 @@
 """EAGLE-3 training features: ONE teacher-forced target forward per example of any data folder.
 
-Generation (token ids, :mod:`specdec.train.data`) and teacher-forced text (:mod:`specdec.train.sources`) only
+Generation (token ids, :mod:`specdec.train.data`) and teacher-forced text (:mod:`specdec.train.teacher`) only
 store ids; this step adds what the EAGLE-3 trainer reads, so the two are decoupled (features for the shards of a
 generation job that is still running are computed later; a rerun picks up the shards that appeared since).
 

@@ -1,7 +1,4 @@
-"""More data sources: HumanEval code prompts (for generation) and teacher-forced human-written answers.
-
-**HumanEval** (``--source humaneval``): the ``prompt`` field of ``humaneval/HumanEval.jsonl.gz`` under the data
-dir (164 function stubs), asked as "Complete the following Python function" for the target to answer.
+"""Teacher-forced data: human-written answers as the assistant turn.
 
 **Teacher-forced** (``python -m specdec.train teacher``): existing human-written answers become the assistant turn
 after their question in the chat template; no generation at all, so this step only tokenizes. The one target
@@ -19,7 +16,6 @@ they read generated data. A rerun with the same settings keeps the shards alread
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import re
@@ -32,30 +28,12 @@ from datasets import Sequence as DSequence
 from transformers import PreTrainedTokenizerBase
 
 from specdec.app.prompts import encode_prompt
-from specdec.train.data import DataConfig, _dir_bytes, resolve_data_dir, trim_response
+from specdec.train.data import _dir_bytes, trim_response
+from specdec.train.prompt_sources import read_records, resolve_data_dir
 
-HUMANEVAL_FILE = "humaneval/HumanEval.jsonl.gz"
 TEACHER_SOURCES = {"gsm8k": "gsm8k/train.jsonl", "self-instruct": "self-instruct/seed_tasks.jsonl"}
-HUMANEVAL_ASK = "Complete the following Python function.\n\n"
 _COLUMNS = Features({"index": Value("int64"), "prompt": Value("string"), "prompt_ids": DSequence(Value("int32")),
                      "response_ids": DSequence(Value("int32"))})
-
-
-def read_records(path: Path) -> list[dict]:
-    """Records of a ``.jsonl`` or ``.jsonl.gz`` file."""
-    if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def humaneval_prompts(config: DataConfig) -> list[str]:
-    """The HumanEval stubs as instructions (needs ``config.data_dir``: HumanEval is not shipped)."""
-    if config.data_dir is None:
-        raise ValueError(f"the humaneval source needs --data-dir DIR holding {HUMANEVAL_FILE}")
-    records = read_records(resolve_data_dir(config.data_dir) / HUMANEVAL_FILE)
-    return [HUMANEVAL_ASK + "```python\n" + r["prompt"].rstrip() + "\n```" for r in records]
 
 
 def clean_gsm8k_answer(answer: str) -> str:
