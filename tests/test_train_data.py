@@ -205,3 +205,57 @@ def test_every_training_flag_has_help_that_states_its_default():
             if action.option_strings and action.dest != "help":
                 text = formatter._expand_help(action) if action.help else ""
                 assert "default" in text, f"python -m specdec.train {name} {action.option_strings[0]}: {text!r}"
+
+
+def test_followups_ask_and_answer_a_second_turn_and_resume_without_duplicates(tok_model, tmp_path, monkeypatch):
+    """Multi-turn data: the target's follow-up question to each finished answer becomes the second user turn and
+    its answer the response; an unfinished answer (no EOS) gets none; an interrupted question stage resumes after
+    the last question written, and the rows are read like single-turn data."""
+    from specdec.app.prompts import encode_conversation
+    from specdec.train import followups as F
+
+    model, tokenizer = tok_model
+    eos = tokenizer.eos_token_id
+
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    answers = {p: enc(a) + ([eos] if a != "no end" else []) for p, a in zip(PROMPTS, ["Sea.", "no end", "4", "Red."],
+                                                                           strict=True)}
+    firsts = {tuple(D.encode_prompt(tokenizer, p).tolist()): answers[p] for p in PROMPTS}
+    real = D.generate_batch
+    monkeypatch.setattr(D, "generate_batch", lambda m, t, ids, cfg: [
+        firsts[tuple(i)] if tuple(i) in firsts else real(m, t, [i], cfg)[0] for i in ids])
+    source = D.generate_distillation_data(model, tokenizer, PROMPTS, config(tmp_path, out_dir=str(tmp_path / "src")))
+
+    asked = []
+
+    def ask(m, t, ids, cfg, fail_at=None):
+        asked.append([list(i) for i in ids])
+        if fail_at is not None and len(asked) == fail_at:
+            raise RuntimeError("interrupted")
+        return [enc(f"Why {len(asked)}?") + [eos] for _ in ids]
+
+    monkeypatch.setattr(F, "generate_batch", lambda *a: ask(*a, fail_at=2))
+    cfg = config(tmp_path, out_dir=str(tmp_path / "fu"), batch_size=2, sources=("followups",))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        F.generate_followups(model, tokenizer, source, cfg)
+    monkeypatch.setattr(F, "generate_batch", lambda *a: ask(*a))
+    out = F.generate_followups(model, tokenizer, source, cfg)
+    assert [len(b) for b in asked] == [2, 2, 2]  # the failed batch is asked again, the first one is not
+    questions = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
+    assert [q["index"] for q in questions] == [0, 1, 2, 3]  # no duplicates
+    order = list(D.load_distillation_data(source)["prompt"])
+    for q in questions:
+        p = order[q["index"]]
+        want = encode_conversation(tokenizer, [p, F.ASK], [tokenizer.decode(answers[p], skip_special_tokens=True)])
+        assert want.tolist() in asked[0] + asked[2]
+        assert (q["question"] == "") == (p == PROMPTS[1])  # the unfinished answer gets no follow-up
+    rows = list(D.load_distillation_data(out))
+    assert len(rows) == 3
+    for row in rows:
+        conv = json.loads(row["prompt"])
+        assert len(conv["turns"]) == 2 and len(conv["answers"]) == 1
+        assert conv["turns"][1].replace(" ", "").startswith("Why")  # (the test tokenizer decodes with spaces)
+        assert list(row["prompt_ids"]) == encode_conversation(tokenizer, conv["turns"], conv["answers"]).tolist()
+        assert 1 <= len(row["response_ids"]) <= 6

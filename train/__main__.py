@@ -1,7 +1,8 @@
 """``python -m specdec.train <command>``: training-side tools.
 
 Commands: ``data`` (self-distillation data, :mod:`specdec.train.data`), ``teacher`` (teacher-forced human answers,
-:mod:`specdec.train.teacher`), ``features`` (EAGLE-3 features of a data folder, :mod:`specdec.train.features`),
+:mod:`specdec.train.teacher`), ``followups`` (multi-turn: the target asks and answers its own follow-up question,
+:mod:`specdec.train.followups`), ``features`` (EAGLE-3 features of a data folder, :mod:`specdec.train.features`),
 ``eagle3`` (EAGLE-3 head, :mod:`specdec.train.eagle3`), ``medusa`` (Medusa heads,
 :mod:`specdec.train.medusa`), ``eagle`` (EAGLE-style head, :mod:`specdec.train.eagle`), ``draft`` (small draft
 LM, :mod:`specdec.train.draft_lm`), ``export`` (a checkpoint in float16/bfloat16, as shipped). Bad input is
@@ -125,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
-    from specdec.train import eagle3, features, teacher
+    from specdec.train import eagle3, features, followups, teacher
 
     teacher.add_teacher_parser(sub)
+    followups.add_followups_parser(sub)
     features.add_features_parser(sub)
     add_medusa_parser(sub)
     eagle3.add_eagle3_parser(sub)
@@ -213,10 +215,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from specdec.train import eagle3, features, teacher
+        from specdec.train import eagle3, features, followups, teacher
 
         commands = {"data": cmd_data, "medusa": cmd_medusa, "eagle": cmd_eagle, "draft": cmd_draft,
                     "export": cmd_export, "teacher": teacher.cmd_teacher, "features": features.cmd_features,
+                    "followups": followups.cmd_followups,
                     "eagle3": eagle3.cmd_eagle3}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:

@@ -8,7 +8,7 @@ to predict is what the target would say. :func:`generate_distillation_data` runs
 column             type                        meaning                                           bytes per token
 =================  ==========================  ================================================  ==================
 ``index``          int64                       position of the prompt in the (shuffled) list     -
-``prompt``         string                      the instruction text                              -
+``prompt``         string                      the instruction (a conversation: JSON)            -
 ``prompt_ids``     list[int32]                 chat-templated prompt tokens                      4 (prompt tokens)
 ``response_ids``   list[int32]                 the target's answer, cut after its first EOS      4
 ``hidden``         float16 ``[R, H]`` (opt.)   last hidden state (after the final norm)          ``2*H``
@@ -47,7 +47,7 @@ from datasets import Sequence as DSequence
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.app.prompts import encode_prompt
+from specdec.app.prompts import encode_conversation, encode_prompt
 
 # Settings that change what is stored: a resumed run must use the same ones.
 _RESUME_KEYS = ("sources", "field", "max_per_source", "seed", "max_new_tokens", "temperature", "store_hidden",
@@ -104,6 +104,19 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.temperature < 0 or self.topk_logits < 0:
             raise ValueError("temperature and topk_logits must be >= 0")
+
+
+def prompt_text(prompt: str | dict) -> str:
+    """The ``prompt`` column of a prompt: the text itself, or a conversation (``{"turns": [...], "answers": [...]}``,
+    user turns and the target's answers, ending with a user turn) as JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | dict) -> list[int]:
+    """Chat-templated ids of a prompt or a conversation (see :func:`prompt_text`), with the generation prompt."""
+    if isinstance(prompt, str):
+        return encode_prompt(tokenizer, prompt).tolist()
+    return encode_conversation(tokenizer, list(prompt["turns"]), list(prompt["answers"])).tolist()
 
 
 def trim_response(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -209,7 +222,7 @@ def _check_resume(out_dir: Path, config: DataConfig, prompts: Sequence[str]) -> 
     for shard in shards:
         if not (out_dir / shard["name"]).is_dir():
             raise ValueError(f"{out_dir}: shard {shard['name']} listed in manifest.json is missing")
-        expected = list(prompts[shard["start"]: shard["start"] + shard["rows"]])  # shorter if the limit shrank
+        expected = [prompt_text(p) for p in prompts[shard["start"]: shard["start"] + shard["rows"]]]  # limit shrank
         done = load_from_disk(str(out_dir / shard["name"]))["prompt"]
         if list(done)[: len(expected)] != expected:
             raise ValueError(f"{out_dir}: {shard['name']} holds other prompts than this run: use a fresh --out")
@@ -230,9 +243,10 @@ def _write_manifest(out_dir: Path, config: DataConfig, shards: list[dict], hidde
     return manifest
 
 
-def generate_distillation_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                               config: DataConfig) -> Path:
-    """Generate (or resume) the dataset described in the module docstring for ``prompts`` into ``config.out_dir``.
+def generate_distillation_data(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                               prompts: Sequence[str | dict], config: DataConfig) -> Path:
+    """Generate (or resume) the dataset described in the module docstring for ``prompts`` (texts, or conversations
+    as :func:`prompt_text` describes them) into ``config.out_dir``.
 
     Sets ``tokenizer.padding_side = "left"`` and, if missing, the pad token to EOS. Returns ``out_dir``."""
     if not prompts:
@@ -257,14 +271,14 @@ def generate_distillation_data(model: PreTrainedModel, tokenizer: PreTrainedToke
         columns: dict[str, list] = {name: [] for name in features}
         for b in range(0, len(chunk), config.batch_size):
             texts = chunk[b: b + config.batch_size]
-            p_ids = [encode_prompt(tokenizer, t).tolist() for t in texts]
+            p_ids = [prompt_ids(tokenizer, t) for t in texts]
             r_ids = generate_batch(model, tokenizer, p_ids, config)
             feats = [{}] * len(texts)
             if config.store_hidden or config.topk_logits:
                 feats = target_features(model, p_ids, r_ids, tokenizer.pad_token_id, config.store_hidden,
                                         config.topk_logits)
             for i, (text, p, r, f) in enumerate(zip(texts, p_ids, r_ids, feats, strict=True)):
-                row = {"index": start + b + i, "prompt": text, "prompt_ids": p, "response_ids": r, **f}
+                row = {"index": start + b + i, "prompt": prompt_text(text), "prompt_ids": p, "response_ids": r, **f}
                 for name in features:
                     columns[name].append(row[name])
             bar.update(len(texts))
