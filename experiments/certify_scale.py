@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=32, help="requests per stored chunk")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--only", nargs="*", default=None, help="configuration names (default: all, in order)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="configuration names, run in the order given (default: all, in the listed order)")
     ap.add_argument("--work", default=str(ROOT / "out" / "certify_scale"))
     ap.add_argument("--out-dir", default=str(ROOT / "docs" / "results" / "certify"))
     ap.add_argument("--threads", type=int, default=1)
@@ -131,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     target, eos = TargetModel(model), eos_token_ids(model, tok)
     prompts = [encode_prompt(tok, t) for t in prompt_texts()]
     print(f"{len(prompts)} prompts", flush=True)
-    for name, spec, temp, acceptance, want in CONFIGS:
-        if args.only is not None and name not in args.only:
-            continue
+    by_name = {c[0]: c for c in CONFIGS}
+    unknown = sorted(set(args.only or ()) - set(by_name))
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {sorted(by_name)}")
+    for name, spec, temp, acceptance, want in [by_name[n] for n in args.only] if args.only else CONFIGS:
         want = want or args.tokens
         folder = work / name
         folder.mkdir(parents=True, exist_ok=True)
