@@ -10,7 +10,8 @@ Tree shapes:
 
 * ``"chain"``: ``depth`` tokens, the draft's argmax at temperature 0, sampled from its processed distribution at
   temperature > 0 and reported in ``Draft.probs`` (lossless speculative sampling);
-* ``"dynamic"``: EAGLE-2-style best-first tree (:func:`specdec.tree_builders.best_first_tree`);
+* ``"dynamic"``: EAGLE-2-style best-first tree, built for the whole batch by tensor ops
+  (:class:`specdec.tree_builders.BestFirstBatch`, the same trees as :func:`specdec.tree_builders.best_first_tree`);
 * a choices list: static shape, each node's children are its top-ranked tokens (:func:`choices_tree`).
 
 Trees are deterministic top-k picks and verified as one-hot proposals (exact at any temperature).
@@ -24,13 +25,13 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.attention import AttentionBackend, build_tree_batch
-from specdec.drafters.common import GrowingTree, PerSequence, row_budgets
+from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence, row_budgets
 from specdec.drafters.registry import Option, register
 from specdec.interfaces import Draft, DraftInput
 from specdec.sampling import process_logits, sample
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
-from specdec.tree_builders import best_first_steps, choices_steps, drive_batch
+from specdec.tree_builders import BestFirstBatch, choices_steps, drive_batch, level_topk
 
 
 class DraftModelDrafter:
@@ -89,6 +90,8 @@ class DraftModelDrafter:
         root_logits = self._catch_up(dseqs, [item.history for item in batch])  # [B, V]
         if self.tree == "chain":
             return self._chains(dseqs, roots, root_logits, batch)
+        if self.tree == "dynamic":
+            return self._dynamic(dseqs, roots, root_logits, row_budgets(batch, self.budget))
         grown = [GrowingTree(r) for r in roots]
         scores: list[dict[tuple[int, ...], torch.Tensor]] = [{(): row.log_softmax(-1)} for row in root_logits]
 
@@ -103,10 +106,6 @@ class DraftModelDrafter:
                     scores[i].update(zip(new_paths, rows.log_softmax(-1), strict=True))
             return [None if r is None else torch.stack([scores[i][p] for p in r]) for i, r in enumerate(requests)]
 
-        if self.tree == "dynamic":
-            builders = [best_first_steps(r, b, self.depth, self.topk)
-                        for r, b in zip(roots, row_budgets(batch, self.budget), strict=True)]
-            return [Draft(tree) for tree, _ in drive_batch(builders, expand_batch)]
         return [Draft(t) for t in drive_batch([choices_steps(r, self.tree) for r in roots], expand_batch)]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
@@ -126,6 +125,25 @@ class DraftModelDrafter:
         for d, p in zip(dseqs, pending, strict=True):
             self.cache.advance(d, p.numel() - 1, keep_reserved=self.max_nodes)
         return out.logits
+
+    def _dynamic(self, dseqs: list[int], roots: list[int], root_logits: torch.Tensor,
+                 budgets: list[int]) -> list[Draft]:
+        """EAGLE-2 best-first trees for the whole batch by tensor ops (:class:`BestFirstBatch`): per level one
+        top-k of every frontier node's draft distribution, then one forward of every sequence's new frontier (tree
+        offsets: only the new nodes are queries; they attend to the earlier levels' K/V)."""
+        builder = BestFirstBatch(torch.tensor(roots), budgets, self.depth, self.topk)
+        grown = LevelTrees(builder.roots)
+        logits = root_logits[:, None]  # [B, F, V]: after each frontier node (F = 1: the root)
+        while builder.more:
+            builder.step(*level_topk(logits.log_softmax(-1), self.topk))
+            if builder.more:  # the new frontier's children are wanted: forward it
+                written = grown.num_nodes
+                grown.add(builder.frontier_tokens, builder.frontier_parent)
+                for d in dseqs:
+                    self.cache.reserve(d, grown.num_nodes)
+                tree_batch = build_tree_batch(self.cache, dseqs, grown.trees(), offsets=[written] * len(dseqs))
+                logits = self.model.run(self.cache, tree_batch).logits.reshape(*builder.frontier_tokens.shape, -1)
+        return [Draft(tree) for tree in builder.result()[0]]
 
     def _forward_new(self, dseqs: list[int], grown: list[GrowingTree]) -> list[torch.Tensor]:
         """Logits after each tree's new nodes (``[pending_b, V]`` per tree), one forward with tree offsets."""

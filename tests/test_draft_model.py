@@ -13,11 +13,13 @@ from specdec.drafters import (
     SelfSpeculativeDrafter,
     build_drafter,
 )
+from specdec.drafters.common import GrowingTree
 from specdec.drafters.self_spec import truncated_view
 from specdec.engine import SpeculativeEngine
+from specdec.interfaces import Draft
 from specdec.sampling import SamplingParams
 from specdec.target import TargetModel
-from specdec.tree_builders import best_first_tree, choices_tree, default_choices
+from specdec.tree_builders import best_first_steps, best_first_tree, choices_tree, default_choices, drive_batch
 from tests.conftest import inputs
 
 from .conftest import assert_same_committed_kv, first_two_tokens_pvalue, tiny_llama
@@ -171,3 +173,57 @@ def test_choices_tree_takes_each_nodes_ranked_children():
 def test_missing_checkpoint_is_a_clear_error(tmp_path, deep_target):
     with pytest.raises(ValueError, match="not a drafter checkpoint"):
         build_drafter(DrafterSpec.parse(f"medusa:path={tmp_path}"), deep_target)
+
+
+class PerNodeDraftModel(DraftModelDrafter):
+    """The previous dynamic path, kept as this test's oracle: the per-node builder (:func:`best_first_steps`)
+    driven through ``drive_batch``, expanding requested paths with ``_forward_new``."""
+
+    def _dynamic(self, dseqs, roots, root_logits, budgets):
+        grown = [GrowingTree(r) for r in roots]
+        scores = [{(): row.log_softmax(-1)} for row in root_logits]
+
+        def expand_batch(requests):
+            need = [i for i, r in enumerate(requests) if r is not None and any(p not in scores[i] for p in r)]
+            for i in need:
+                grown[i].add(requests[i])
+            if need:
+                for i, rows in zip(need, self._forward_new([dseqs[i] for i in need], [grown[i] for i in need]),
+                                   strict=True):
+                    paths = sorted(grown[i].index, key=grown[i].index.__getitem__)[-rows.shape[0]:]
+                    scores[i].update(zip(paths, rows.log_softmax(-1), strict=True))
+            return [None if r is None else torch.stack([scores[i][p] for p in r]) for i, r in enumerate(requests)]
+
+        builders = [best_first_steps(r, b, self.depth, self.topk) for r, b in zip(roots, budgets, strict=True)]
+        return [Draft(tree) for tree, _ in drive_batch(builders, expand_batch)]
+
+
+class Trees:
+    def __init__(self, inner):
+        self.inner, self.vocab_size, self.needs_hidden, self.log = inner, inner.vocab_size, False, []
+
+    def propose(self, batch):
+        drafts = self.inner.propose(batch)
+        self.log += [(d.tree.tokens.tolist(), d.tree.parents.tolist()) for d in drafts]
+        return drafts
+
+    def accept(self, seq_id, tokens, hidden=None):
+        self.inner.accept(seq_id, tokens, hidden)
+
+    def release(self, seq_id):
+        self.inner.release(seq_id)
+
+
+@pytest.mark.parametrize(("budget", "depth", "topk"), [(8, 3, 2), (12, 4, 3), (3, 4, 4)])
+def test_batched_dynamic_trees_equal_the_per_node_builders(deep_model, deep_target, budget, depth, topk):
+    """The tensor best-first path (one forward per level for the whole batch) proposes exactly the per-node
+    builder's trees, step by step for a batch of three sequences through the engine."""
+    prompts = [torch.randint(0, 64, (6 + i,), generator=torch.Generator().manual_seed(30 + i)) for i in range(3)]
+    runs = []
+    for cls in (DraftModelDrafter, PerNodeDraftModel):
+        drafter = Trees(cls(_noisy_copy(deep_model, 0.2), tree="dynamic", depth=depth, budget=budget, topk=topk,
+                            num_blocks=96, block_size=4))
+        out = SpeculativeEngine(deep_target, deep_target.new_cache(96, 4), drafter, max_tree_nodes=16) \
+            .generate_batch(prompts, 12)
+        runs.append((drafter.log, [r.tokens for r in out]))
+    assert runs[0] == runs[1] and len(runs[0][0]) >= 9 and any(len(t) > 2 for t, _ in runs[0][0])
