@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import specdec.kernels
-from tests.test_kernels import (  # noqa: F401 - importing test_kernels sets TRITON_INTERPRET before triton loads
+from tests.kernel_cases import (  # noqa: F401 - importing kernel_cases sets TRITON_INTERPRET before triton loads
     DEVICE,
     _interpreter_was_enabled_in_time,
     _layout_views,

@@ -19,8 +19,8 @@ from specdec.engine import SpeculativeEngine  # noqa: E402
 from specdec.kernels.tree_attention_sdpa import paged_tree_attention_sdpa  # noqa: E402
 from specdec.sampling import SamplingParams  # noqa: E402
 from specdec.target import TargetModel  # noqa: E402
+from tests.kernel_cases import build_case, rand_tree, star  # noqa: E402
 from tests.test_batch_engine import OracleDrafter, _prompts  # noqa: E402
-from tests.test_kernels import build_case, rand_tree, star  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

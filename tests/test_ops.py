@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import specdec.kernels as K  # noqa: E402
 from specdec import ops  # noqa: E402
-from tests.test_kernels import ancestor_mask, build_case, rand_tree, star  # noqa: E402
+from tests.kernel_cases import ancestor_mask, build_case, rand_tree, star  # noqa: E402
 
 CPU_ARGS = ("q", "k_cache", "v_cache", "block_table", "context_lens", "cu_q", "tree_mask", "mask_indptr")
 

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import specdec.kernels as K  # noqa: E402
-from tests.test_kernels import (  # noqa: E402
+from tests.kernel_cases import (  # noqa: E402
     DEVICE,
     HAS_CUDA,
     INTERPRET,

@@ -23,7 +23,7 @@ from specdec.target import TargetModel  # noqa: E402
 from specdec.tree import TokenTree  # noqa: E402
 
 from .conftest import tiny_llama  # noqa: E402
-from .test_kernels import DEVICE, HAS_CUDA, INTERPRET, build_case, oracle, rand_tree  # noqa: E402
+from .kernel_cases import DEVICE, HAS_CUDA, INTERPRET, build_case, oracle, rand_tree  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1"),
               pytest.mark.usefixtures("one_thread")]
