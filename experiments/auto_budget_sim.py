@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from specdec.drafters import DrafterSpec, build_drafter
     from specdec.research.auto_budget import AutoBudgetDrafter
     from specdec.research.cost_model import CostModel
-    from specdec.research.simulate import _load_target, replay, summarize_replay
+    from specdec.research.simulate import replay, summarize_replay
+    from specdec.research.simulate_cli import _load_target
     from specdec.research.trace import Trace
 
     target, _, _ = _load_target(None)

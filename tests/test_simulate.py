@@ -214,3 +214,34 @@ def test_the_command_module_parses_record_and_replay_like_the_cli_would():
     assert (rec.action, rec.max_new_tokens, rec.lookahead, rec.limit) == ("record", 48, 16, 4)
     rep = parser.parse_args(["replay", "t.pt", "--drafter", "ngram", "eagle:tree=dynamic", "--budget", "4", "8"])
     assert rep.drafter == ["ngram", "eagle:tree=dynamic"] and rep.budget == [4, 8] and rep.temperature == 0.0
+
+
+@pytest.fixture(scope="module")
+def deep_setup():
+    """A 7-layer float64 target (EAGLE-3 fuses layers 2, L//2, L-3) and a trace with those layers recorded."""
+    from specdec.drafters.eagle3 import fused_layers
+
+    from .conftest import tiny_llama
+
+    target = TargetModel(tiny_llama(layers=7, seed=5, dtype=torch.float64), split_gemv=False)
+    trace = record_trace(target, PROMPTS, MAX_NEW, (), lookahead=8, hidden_dtype=target.dtype,
+                         feature_layers=fused_layers(target.num_layers))
+    return target, trace
+
+
+def test_eagle3_replays_from_the_recorded_fused_layers_exactly_as_the_engine_runs(deep_setup, tmp_path):
+    target, trace = deep_setup
+    torch.manual_seed(4)
+    drafter = TreeLog(build_drafter(DrafterSpec.parse("eagle3:tree=dynamic,budget=7,depth=3"), target))
+    drafter.feature_layers = drafter.inner.feature_layers
+    engine = SpeculativeEngine(target, target.new_cache(16, 16), drafter, max_tree_nodes=32)
+    real = [engine.generate(p, MAX_NEW) for p in PROMPTS]
+    engine_trees, drafter.trees = drafter.trees, []
+    trace.save(tmp_path / "t.pt")
+    sim = replay(Trace.load(tmp_path / "t.pt"), drafter, max_tree_nodes=32, hidden_dtype=target.dtype, batch=2)
+    assert sorted(drafter.trees) == sorted(engine_trees) and len(engine_trees) > 10
+    for r, s in zip(real, sim, strict=True):
+        assert s.tokens == r.tokens and s.stats.step_tokens == r.stats.step_tokens
+    plain = Trace(trace.prompts, {**trace.meta, "feature_layers": None})
+    with pytest.raises(ValueError, match="record with --feature-layers 2,3,4"):
+        replay(plain, drafter)

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--max-new-tokens", type=int, default=128)
     rec.add_argument("--lookahead", type=int, default=16)
     rec.add_argument("--topk", type=int, default=32)
+    rec.add_argument("--feature-layers", default=None,
+                     help="also record these HF hidden_states layers fused, for EAGLE-3: 'eagle3' (its low/mid/high "
+                          "layers for this model) or a comma list such as 2,15,27 (default: none)")
     rec.add_argument("--out", required=True)
     rep = sub.add_parser("replay", help="score drafters on a trace (no target forward)")
     rep.add_argument("trace")
@@ -35,6 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specdec.research.simulate import run_command
+    from specdec.research.simulate_cli import run_command
 
     return run_command(args)

@@ -24,7 +24,7 @@ import torch
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.request import Request
 from specdec.research.simulate import ReplayResult, StepRecord
-from specdec.research.trace import PromptTrace, Trace
+from specdec.research.trace import PromptTrace, Trace, drafter_rows
 from specdec.sampling import SamplingParams, process_logits
 from specdec.stats import RequestStats
 from specdec.step_draft import check_draft
@@ -120,8 +120,8 @@ def estimate_prompt(trace: Trace, p: PromptTrace, drafter: Drafter, sampling: Sa
     params = replace(sampling, max_new_tokens=cap)
     req = Request(0, seq[:plen].clone(), params, None, params.draft_generator(device), arrival=0)
     walk = torch.Generator().manual_seed((sampling.seed or 0) * 7919 + seq_id)
-    hidden = (p.hidden if hidden_dtype is None else p.hidden.to(hidden_dtype)).to(device)
-    need_hidden, vocab = drafter.needs_hidden, int(trace.meta["vocab_size"])
+    hidden = drafter_rows(trace, p, drafter, hidden_dtype, device)
+    need_hidden, vocab = hidden is not None, int(trace.meta["vocab_size"])
     eos = frozenset(trace.eos_token_ids)
     result = ReplayResult(req.stats, [], "length", p.category)
     try:

@@ -27,23 +27,19 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from specdec.acceptance import greedy_accept
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.request import Request
-from specdec.research.trace import PromptTrace, Trace
-from specdec.sampling import GREEDY, SamplingParams
+from specdec.research.trace import PromptTrace, Trace, drafter_rows
+from specdec.sampling import SamplingParams
 from specdec.stats import RequestStats, mean_ci
 from specdec.step_draft import check_draft
 from specdec.tree import TokenTree
@@ -85,11 +81,10 @@ class _PromptReplay:
         self.eos = frozenset(trace.eos_token_ids)
         self.req = Request(0, self.seq[: self.plen].clone(), SamplingParams(max_new_tokens=cap), None, None,
                            arrival=0)
-        hidden = p.hidden if hidden_dtype is None else p.hidden.to(hidden_dtype)
-        self.hidden = hidden.to(device)
+        self.hidden = drafter_rows(trace, p, drafter, hidden_dtype, device)
         self.vocab, self.max_tree_nodes = int(trace.meta["vocab_size"]), max_tree_nodes
         self.drafter, self.seq_id = drafter, seq_id
-        self.need_hidden = drafter is not None and drafter.needs_hidden
+        self.need_hidden = self.hidden is not None
         self.result = ReplayResult(self.req.stats, [], "length", p.category)
 
     def start(self) -> None:
@@ -236,93 +231,7 @@ def predicted_speedup(result: ReplayResult, cost) -> float:
     return ar / spec if spec > 0 else 0.0
 
 
-def _with_budget(text: str, budget: int):
-    """``(name, spec)`` of drafter spec ``text`` with its ``budget`` key set (replaced if present)."""
-    from specdec.drafters import DrafterSpec
-
-    name, _, opts = text.partition(":")
-    items = [o for o in opts.split(",") if o and not o.startswith("budget=")] + [f"budget={budget}"]
-    new = f"{name}:{','.join(items)}"
-    return new, DrafterSpec.parse(new)
-
-
-def _load_target(model: str | None):
-    from specdec.app.loaders import load_model_and_tokenizer
-    from specdec.target import TargetModel, eos_token_ids
-
-    m, tok = load_model_and_tokenizer(model, torch.float32)
-    return TargetModel(m), tok, eos_token_ids(m, tok)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from specdec.app.cmd_simulate import HELP, add_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m specdec.research.simulate", description=HELP)
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """``record`` or ``replay`` (arguments: :func:`specdec.app.cmd_simulate.add_arguments`)."""
-    from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
-    from specdec.drafters import DrafterSpec, build_drafter
-    from specdec.research.cost_model import CostModel
-    from specdec.research.sim_estimate import estimate_replay
-    from specdec.research.trace import record_trace
-
-    target, tok, eos = _load_target(args.model)
-    if args.action == "record":
-        prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit)
-        ids = [encode_prompt(tok, p.text, not args.no_chat) for p in prompts]
-        trace = record_trace(target, ids, args.max_new_tokens, eos, [p.category for p in prompts], args.lookahead,
-                             args.topk, model_name=args.model or "embedded SmolLM2-135M-Instruct")
-        trace.save(args.out)
-        print(f"recorded {len(ids)} prompts in {trace.meta['record_s']:.1f}s -> {args.out}", file=sys.stderr)
-        return 0
-    trace = Trace.load(args.trace)
-    cost = CostModel.load(args.cost) if args.cost else None
-    specs = []
-    for text in args.drafter:
-        spec = DrafterSpec.parse(text)
-        for b in args.budget if spec.tree == "dynamic" and args.budget else [None]:
-            specs.append((text, spec) if b is None else _with_budget(text, b))
-    if args.auto_budget and cost is None:
-        raise SystemExit("--auto-budget needs --cost (python -m specdec.research.cost_model calibrate)")
-    if args.auto_budget:
-        specs += [(f"{name}+auto", spec) for name, spec in specs]
-    sampling = SamplingParams(args.temperature, seed=args.seed) if args.temperature > 0 else GREEDY
-    runs = []
-    for name, spec in specs:
-        drafter = build_drafter(spec, target)
-        if name.endswith("+auto"):
-            from specdec.research.auto_budget import AutoBudgetDrafter
-
-            base = name.removesuffix("+auto")
-            drafter = AutoBudgetDrafter(drafter, cost, drafter_name=base if base in cost.draft_coef else None,
-                                        max_nodes=args.max_tree_nodes)
-        t0 = time.perf_counter()
-        if sampling.greedy:
-            results = replay(trace, drafter, args.max_new_tokens, args.max_tree_nodes, target.dtype, target.device,
-                             args.batch)
-        else:
-            results = estimate_replay(trace, drafter, sampling, args.max_new_tokens, args.max_tree_nodes,
-                                      target.dtype, target.device)
-        run = summarize_replay(name, results, cost, estimate=not sampling.greedy)
-        run["replay_s"] = time.perf_counter() - t0
-        runs.append(run)
-        print(f"{run['label']:<28} tau {run['tau']:.3f}{' (estimate)' if run['estimate'] else ''}  "
-              f"predicted speedup {run['predicted_speedup'] or float('nan'):.2f}  replay {run['replay_s']:.1f}s",
-              file=sys.stderr)
-    report = {"trace": {k: v for k, v in trace.meta.items()}, "n_prompts": len(trace.prompts),
-              "sampling": {"temperature": sampling.temperature, "seed": sampling.seed}, "runs": runs}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    else:
-        print(text)
-    return 0
-
-
 if __name__ == "__main__":
+    from specdec.research.simulate_cli import main
+
     raise SystemExit(main())

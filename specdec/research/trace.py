@@ -20,12 +20,15 @@ field           shape / dtype    meaning
 ``stop``        int              generated tokens the engine emits (through the first EOS, at most ``max_new_tokens``)
 ``hidden``      ``[S-1, H]``     row ``j``: last hidden state (after the final norm) at position ``j``, the state that
                                  predicted ``tokens[j + 1]``; ``hidden_dtype`` (float16 by default)
+``features``    ``[S-1, F*H]``   optional (``feature_layers``): HF ``hidden_states[i]`` of each of the ``F`` layers,
+                                 concatenated, row ``j`` at position ``j`` (what EAGLE-3 reads); ``hidden_dtype``
 ``topk_values`` ``[G, K]`` fp32  the ``K`` largest logits at the positions predicting each generated token
 ``topk_ids``    ``[G, K]`` int64 their token ids (``topk_ids[i, 0] == tokens[P + i]`` unless a near-tie flipped)
 ``category``    str              the prompt's category (per-category figures)
 ==============  ===============  ===========================================================================
 
-Size for SmolLM2-135M (``H = 576``) in float16 with ``K = 32``: about 1.4 kB per position.
+Size for SmolLM2-135M (``H = 576``) in float16 with ``K = 32``: about 1.4 kB per position (+ 3.4 kB with EAGLE-3's
+three fused layers).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class PromptTrace:
     topk_ids: torch.Tensor
     category: str = "default"
     argmax_mismatches: int = 0  # teacher-forced argmax != recorded token (floating-point near-ties)
+    features: torch.Tensor | None = None
 
     @property
     def generated(self) -> int:
@@ -98,16 +102,36 @@ class Trace:
         return cls([PromptTrace(**p) for p in data["prompts"]], data["meta"])
 
 
+def drafter_rows(trace: Trace, p: PromptTrace, drafter, hidden_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The rows ``drafter`` is told at ``accept`` (as the engine passes them), ``None`` if it needs none: the fused
+    ``features`` for a drafter with ``feature_layers`` (EAGLE-3), else the last hidden states. ``ValueError``
+    naming the fix when the trace lacks the layers the drafter reads."""
+    if drafter is None or not drafter.needs_hidden:
+        return None
+    layers = getattr(drafter, "feature_layers", None)
+    rows = p.hidden
+    if layers is not None:
+        recorded = trace.meta.get("feature_layers")
+        if recorded != [int(i) for i in layers] or p.features is None:
+            raise ValueError(f"the drafter reads target layers {list(layers)} fused, the trace recorded "
+                             f"{recorded or 'none'}: record with --feature-layers {','.join(map(str, layers))}")
+        rows = p.features
+    return (rows if hidden_dtype is None else rows.to(hidden_dtype)).to(device)
+
+
 @torch.inference_mode()
 def record_trace(target: TargetModel, prompts: Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
                  eos_token_ids: Sequence[int] = (), categories: Sequence[str] | None = None, lookahead: int = 16,
                  topk: int = 32, hidden_dtype: torch.dtype = torch.float16, model_name: str | None = None,
-                 num_blocks: int | None = None) -> Trace:
+                 num_blocks: int | None = None, feature_layers: Sequence[int] | None = None) -> Trace:
     """Record a :class:`Trace` of ``target`` on ``prompts`` (each ``[P]`` int64 token ids).
 
     ``lookahead`` bounds the deepest tree the trace can replay without a target forward: a step that would accept
     past ``max_new_tokens + lookahead`` recorded tokens is an error at replay time. ``hidden_dtype`` float16 halves
-    the size; the exact-equality tests record in the target's own dtype.
+    the size; the exact-equality tests record in the target's own dtype. ``feature_layers`` (indices into HF
+    ``hidden_states``, e.g. :func:`specdec.drafters.eagle3.fused_layers`) also records those layers' rows, for
+    drafters that read fused features.
     """
     if max_new_tokens < 1 or lookahead < 0 or topk < 1:
         raise ValueError(f"need max_new_tokens >= 1, lookahead >= 0, topk >= 1; got {max_new_tokens}, "
@@ -130,13 +154,16 @@ def record_trace(target: TargetModel, prompts: Sequence[Sequence[int] | torch.Te
         tokens = torch.cat([ids, torch.tensor(gen, dtype=torch.long)])
         res = target.model(tokens[None, :-1].to(target.device), output_hidden_states=True)
         hidden = res.hidden_states[-1][0]  # [S-1, H]
+        features = None if feature_layers is None else torch.cat(
+            [res.hidden_states[i][0] for i in feature_layers], dim=-1).to(hidden_dtype).cpu()
         logits = res.logits[0, ids.numel() - 1 :].float()  # [G, V]
         values, indices = logits.topk(min(topk, logits.shape[-1]), dim=-1)
         mismatches = int((logits.argmax(-1).cpu() != tokens[ids.numel() :]).sum())
         out.append(PromptTrace(tokens, ids.numel(), stop, hidden.to(hidden_dtype).cpu(), values.cpu(),
-                               indices.cpu(), str(category), mismatches))
+                               indices.cpu(), str(category), mismatches, features))
     meta = {"max_new_tokens": max_new_tokens, "lookahead": lookahead, "topk": topk,
             "eos_token_ids": sorted(eos), "hidden_dtype": str(hidden_dtype).removeprefix("torch."),
             "target_dtype": str(target.dtype).removeprefix("torch."), "vocab_size": target.vocab_size,
-            "model": model_name, "record_s": time.perf_counter() - t0}
+            "model": model_name, "record_s": time.perf_counter() - t0,
+            "feature_layers": None if feature_layers is None else [int(i) for i in feature_layers]}
     return Trace(out, meta)
