@@ -34,24 +34,21 @@ own tree (or a prefix of its chain) with no n-gram node does the model's ``Draft
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from specdec.drafters.common import PerSequence, row_budgets
+from specdec.drafters.draft_paths import RANKS, Path, longest_match, path_values, tree_paths
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.tree import TokenTree
 from specdec.tree_builders import union_tree
 
-Path = tuple[int, ...]
 SOURCES = ("ngram", "model")
 MODEL_COST = 0.3  # EAGLE dynamic draft / SmolLM2 verification step on a 2-core CPU (out/notes/issue15_drafting.md)
-
-
-RANKS = 4  # sibling ranks with their own rate (rank >= RANKS - 1 shares the last)
 
 
 @dataclass
@@ -63,47 +60,7 @@ class _SeqState:
     since_model: int = 0  # steps since the model was last asked
     speed: float = 1.0  # running tokens per step / (1 + node_cost * draft nodes): what one unit of step time yields
     nodes: int = 0  # draft nodes of the last proposed tree
-
-
-def sibling_ranks(paths: list[Path]) -> dict[Path, int]:
-    """Each path's rank among its siblings, in list order (parents before children)."""
-    seen: dict[Path, int] = {}
-    ranks: dict[Path, int] = {}
-    for p in paths:
-        ranks[p] = seen.get(p[:-1], 0)
-        seen[p[:-1]] = ranks[p] + 1
-    return ranks
-
-
-def path_values(paths: list[Path], rates: list[list[float]]) -> dict[Path, float]:
-    """Estimated acceptance probability of every path (prefix-closed, parents first): the product of the rates of
-    its nodes' depths and sibling ranks."""
-    ranks, values = sibling_ranks(paths), {(): 1.0}
-    for p in paths:
-        values[p] = values[p[:-1]] * rates[len(p) - 1][min(ranks[p], RANKS - 1)]
-    del values[()]
-    return values
-
-
-def longest_match(history: torch.Tensor, max_ngram: int, min_ngram: int) -> int:
-    """Length of the longest suffix of ``history`` (``min_ngram`` to ``max_ngram`` tokens) that also occurs
-    earlier in it (the n-gram drafter's match); ``min_ngram`` when there is none (that source then proposes
-    nothing)."""
-    history = history.flatten()
-    for n in range(min(max_ngram, history.numel() - 1), min_ngram, -1):
-        windows = history[: history.numel() - 1].unfold(0, n, 1)
-        if bool((windows == history[-n:]).all(dim=1).any()):
-            return n
-    return min_ngram
-
-
-def tree_paths(tree: TokenTree) -> list[Path]:
-    """Token path below the root of every non-root node, in node order: ``[N - 1]`` tuples."""
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
-    paths: list[Path] = [()]
-    for i in range(1, len(tokens)):
-        paths.append(paths[parents[i]] + (tokens[i],))
-    return paths[1:]
+    context: int = 0  # history length at this step (the measured step cost depends on it)
 
 
 class HybridDrafter:
@@ -124,12 +81,17 @@ class HybridDrafter:
         model_cost: a model draft's cost as a fraction of a verification step; the model is asked only where its
             expected extra tokens pay for it (module docstring). ``None``: always ask (unless ``skip_model_above``).
         probe: under the cost rule, the model is asked at least every ``probe`` steps.
+        step_cost: measured verification cost ``step_cost(n, context)`` of an ``n``-node tree relative to one node
+            (e.g. :meth:`specdec.research.cost_model.CostModel.relative_step`). Given, it replaces the linear
+            ``1 + node_cost * (n - 1)`` everywhere above, and the merged tree keeps the prefix of its best nodes
+            that maximises ``(1 + sum of values) / step_cost`` instead of the ``min_value`` floor (a CPU's lone-root
+            fast path makes the first draft node dear, which a linear cost misses).
     """
 
     def __init__(self, model: Drafter, ngram: NgramDrafter | None = None, budget: int = 16, max_depth: int = 8,
                  prior: float | dict[str, float] = 0.6, weight: float = 0.2, min_value: float | None = None,
                  skip_model_above: float | None = None, model_cost: float | None = MODEL_COST,
-                 probe: int = 32) -> None:
+                 probe: int = 32, step_cost: Callable[[int, int], float] | None = None) -> None:
         if budget < 1 or max_depth < 1:
             raise ValueError(f"budget and max_depth must be >= 1, got {budget}, {max_depth}")
         if not 0 < weight <= 1:
@@ -146,7 +108,7 @@ class HybridDrafter:
         self.min_value = self.ngram.node_cost if min_value is None else min_value
         self.skip_model_above, self.model_cost = skip_model_above, model_cost
         self.sources = ("model", *(f"ngram{n}" for n in range(self.ngram.min_ngram, self.ngram.max_ngram + 1)))
-        self.probe = probe
+        self.probe, self.step_cost = probe, step_cost
         # prior of a rank-r child: the source's prior times 0.3 ** r (siblings' priors sum to < 1)
         self._state: PerSequence[_SeqState] = PerSequence(lambda: _SeqState(
             {s: [[priors["model" if s == "model" else "ngram"] * 0.3**r for r in range(RANKS)]
@@ -158,6 +120,8 @@ class HybridDrafter:
         """One merged draft per input; the model runs once for the sequences that need it."""
         ngram = [self._ngram_paths(item.history) for item in batch]
         budgets = row_budgets(batch, self.budget)
+        for item in batch:
+            self._state[item.seq_id].context = item.history.numel()
         ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i], budgets[i])]
         model_drafts = dict(zip(ask, self.model.propose([batch[i] for i in ask]), strict=True)) if ask else {}
         self.model_calls += len(ask)
@@ -209,10 +173,31 @@ class HybridDrafter:
             return False
         if self.model_cost is None or state.model_value is None or state.since_model + 1 >= self.probe:
             return True
-        v_n, n_n = self._kept_worth(path_values(ngram_paths, state.rates[source]), self._floor(state), budget)
-        cost = self.ngram.node_cost
-        with_model = (1 + max(v_n, state.model_value)) / (1 + self.model_cost + cost * max(n_n, state.model_nodes))
-        return with_model > (1 + v_n) / (1 + cost * n_n)
+        values = path_values(ngram_paths, state.rates[source])
+        ctx = state.context
+        if self.step_cost is None:
+            v_n, n_n = self._kept_worth(values, self._floor(state), budget)
+        else:
+            ranked = sorted(values.values(), reverse=True)[: budget - 1]
+            v_n, n_n = sum(ranked[: self._best_prefix(ranked, ctx)]), self._best_prefix(ranked, ctx)
+        n_m = max(n_n, state.model_nodes)
+        with_model = (1 + max(v_n, state.model_value)) / (self._rel(n_m + 1, ctx) + self.model_cost)
+        return with_model > (1 + v_n) / self._rel(n_n + 1, ctx)
+
+    def _rel(self, nodes: float, ctx: int) -> float:
+        """Verification cost of a ``nodes``-node tree relative to a lone root."""
+        if self.step_cost is None:
+            return 1 + self.ngram.node_cost * (nodes - 1)
+        return self.step_cost(max(1, round(nodes)), ctx)
+
+    def _best_prefix(self, values: list[float], ctx: int) -> int:
+        """How many of ``values`` (best first) to keep: maximises ``(1 + their sum) / step cost``."""
+        best, best_rate, gained = 0, 1.0 / self._rel(1, ctx), 1.0
+        for i, v in enumerate(values):
+            gained += v
+            if gained / self._rel(i + 2, ctx) > best_rate:
+                best, best_rate = i + 1, gained / self._rel(i + 2, ctx)
+        return best
 
     def _floor(self, state: _SeqState) -> float:
         """The value a node needs to pay for its verification cost at this sequence's running speed."""
@@ -237,13 +222,16 @@ class HybridDrafter:
                 if values[path] > value.get(path, -1.0):
                     value[path] = values[path]
                 order.setdefault(path, len(order))
-        kept: set[Path] = set()
-        floor = self._floor(state)
+        ranked: list[Path] = []  # value order: every prefix is ancestor-closed
+        floor = self._floor(state) if self.step_cost is None else 0.0
         for path in sorted(value, key=lambda p: (-value[p], len(p), order[p])):
-            if len(kept) >= budget - 1 or value[path] < floor:
+            if len(ranked) >= budget - 1 or value[path] < floor:
                 break
-            if len(path) == 1 or path[:-1] in kept:
-                kept.add(path)
+            if len(path) == 1 or path[:-1] in ranked:
+                ranked.append(path)
+        if self.step_cost is not None:
+            ranked = ranked[: self._best_prefix([value[p] for p in ranked], state.context)]
+        kept = set(ranked)
         if model_draft is not None:  # running count of the model nodes that make it into the tree
             n_m = float(len(kept & set(model_paths)))
             state.model_nodes = n_m if state.model_value is None else state.model_nodes + self.weight * (
@@ -300,12 +288,19 @@ MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
                                 "such override)"),
     Option("cost", float, None, f"a model draft's cost as a fraction of a verification step: the model runs only "
                                 f"where its expected extra tokens pay for it (default {MODEL_COST}; -1 = always)"),
+    Option("steps", str, None, "a cost-model JSON (specdec calibrate): tree sizes by the measured verification cost "
+                               "instead of a linear per-node cost"),
 ))
 def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=None, topk=None,
-           skip=None, cost=None) -> HybridDrafter:
+           skip=None, cost=None, steps=None) -> HybridDrafter:
     given = {"path": path, "tree": tree, "budget": budget, "depth": depth, "topk": topk}
     sub = DrafterSpec.parse(model)
     sub = sub.with_options(**{k: v for k, v in given.items() if v is not None and k in sub.options})
     kwargs = {k: v for k, v in {"budget": budget, "max_depth": depth}.items() if v is not None}
-    return HybridDrafter(build_drafter(sub, target), skip_model_above=skip,
+    step_cost = None
+    if steps is not None:
+        from specdec.research.cost_model import CostModel
+
+        step_cost = CostModel.load(steps).relative_step
+    return HybridDrafter(build_drafter(sub, target), skip_model_above=skip, step_cost=step_cost,
                          model_cost=MODEL_COST if cost is None else None if cost < 0 else cost, **kwargs)

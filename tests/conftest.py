@@ -159,10 +159,10 @@ def crash_on_call(fn, n: int):
     return wrapped
 
 
-def inputs(seq_ids, histories, sampling=None, generator=None):
+def inputs(seq_ids, histories, sampling=None, generator=None, budget=None):
     """The :class:`DraftInput` list a drafter's ``propose`` takes, from parallel lists (test shorthand)."""
     from specdec.interfaces import DraftInput
     from specdec.sampling import GREEDY
 
-    return [DraftInput(s, torch.as_tensor(h), sampling or GREEDY, generator)
+    return [DraftInput(s, torch.as_tensor(h), sampling or GREEDY, generator, budget)
             for s, h in zip(seq_ids, histories, strict=True)]

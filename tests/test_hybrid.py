@@ -4,8 +4,9 @@ per-source rates steering the merge, and both sub-drafters told every accept / r
 import pytest
 import torch
 
+from specdec.drafters.draft_paths import longest_match, path_values, tree_paths
 from specdec.drafters.eagle import EagleDrafter
-from specdec.drafters.hybrid import HybridDrafter, longest_match, path_values, tree_paths
+from specdec.drafters.hybrid import HybridDrafter
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.ngram import NgramDrafter
 from specdec.engine import SpeculativeEngine
@@ -265,3 +266,44 @@ def test_the_value_floor_rises_with_the_sequences_speed():
     hybrid._state[0].speed = 3.0  # as after steps that accepted three tokens each
     [draft] = hybrid.propose(inputs([0], [history]))
     assert tree_paths(draft.tree) == []
+
+
+def test_a_measured_step_cost_keeps_the_prefix_that_maximises_tokens_per_unit_of_time():
+    """With ``step_cost`` (a lone root cheap, the first draft node dear, more nodes cheap: a CPU's measured
+    shape), the merged tree keeps the best prefix by ``(1 + sum of values) / step_cost``: nothing while the model
+    chain's values are small, the whole chain when they are large; a per-call budget still caps it."""
+    def step_cost(n, ctx):
+        assert ctx == 5
+        return 1.0 if n == 1 else 1.5 + 0.02 * (n - 2)
+
+    chain = FixedDrafter([(7,), (7, 8), (7, 8, 9)])
+    low = HybridDrafter(chain, budget=8, prior={"ngram": 0.6, "model": 0.3}, model_cost=None, step_cost=step_cost)
+    history = torch.tensor([8, 2, 6, 1, 3])  # no n-gram match
+    [draft] = low.propose(inputs([0], [history]))
+    assert tree_paths(draft.tree) == []  # 1 + 0.3 + 0.09 + 0.027 < 1.5 + 0.04: the root alone pays best
+    high = HybridDrafter(chain, budget=8, prior={"ngram": 0.6, "model": 0.9}, model_cost=None, step_cost=step_cost)
+    [draft] = high.propose(inputs([0], [history]))
+    assert tree_paths(draft.tree) == [(7,), (7, 8), (7, 8, 9)]  # (1 + 0.9 + 0.81 + 0.729) / 1.54 > 1
+    [draft] = high.propose(inputs([0], [history], budget=3))
+    assert tree_paths(draft.tree) == [(7,), (7, 8)]
+
+
+def test_a_hybrid_with_a_measured_step_cost_stays_lossless(target):
+    """Greedy identity for the hybrid choosing its tree sizes by a measured (here: steep) step cost."""
+    prompt = [5, 9, 14, 3, 5, 9, 14, 3, 5, 9, 14]
+    ar = SpeculativeEngine(target, target.new_cache(64, 4)).generate(prompt, 24)
+    eagle = EagleDrafter.untrained(target, tree="dynamic", **EAGLE)
+    hybrid = HybridDrafter(eagle, budget=8, step_cost=lambda n, ctx: 1.0 if n == 1 else 1.2 + 0.1 * n)
+    out = SpeculativeEngine(target, target.new_cache(64, 4), hybrid, max_tree_nodes=16).generate(prompt, 24)
+    assert out.tokens == ar.tokens and out.stats.tau > 1.0
+
+
+def test_the_steps_option_reads_a_cost_model_file(target, tmp_path):
+    from specdec.drafters import DrafterSpec, build_drafter
+    from specdec.research.cost_model import CostModel
+
+    CostModel((0.05, 0.01, 0.0, 0.0)).save(tmp_path / "cost.json")
+    hybrid = build_drafter(DrafterSpec.parse(f"hybrid:budget=6,steps={tmp_path / 'cost.json'}"), target)
+    assert hybrid.step_cost(1, 100) == pytest.approx(1.0) and hybrid.step_cost(6, 100) == pytest.approx(0.11 / 0.06)
+    with pytest.raises(ValueError, match="cost-model file not found"):
+        build_drafter(DrafterSpec.parse(f"hybrid:steps={tmp_path / 'none.json'}"), target)

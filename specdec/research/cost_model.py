@@ -56,6 +56,10 @@ class CostModel:
             return max(self._grid_time(nodes, context), 1e-9)
         return max(self._fit_time(nodes, context), 1e-9)
 
+    def relative_step(self, nodes: int, context: int) -> float:
+        """Verification time of ``nodes`` nodes over that of a lone root, at ``context`` cached tokens."""
+        return self.verify_time(nodes, context) / self.verify_time(1, context)
+
     def _fit_time(self, nodes: float, context: float) -> float:
         c0, c1, c2, c3 = self.verify_coef
         return c0 + c1 * nodes + c2 * context + c3 * nodes * context

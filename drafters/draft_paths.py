@@ -1,0 +1,52 @@
+"""Token paths of draft trees (tuples of tokens below the root) and their estimated acceptance values: what the
+hybrid drafter merges its sources by."""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.tree import TokenTree
+
+Path = tuple[int, ...]
+RANKS = 4  # sibling ranks with their own rate (rank >= RANKS - 1 shares the last)
+
+
+def sibling_ranks(paths: list[Path]) -> dict[Path, int]:
+    """Each path's rank among its siblings, in list order (parents before children)."""
+    seen: dict[Path, int] = {}
+    ranks: dict[Path, int] = {}
+    for p in paths:
+        ranks[p] = seen.get(p[:-1], 0)
+        seen[p[:-1]] = ranks[p] + 1
+    return ranks
+
+
+def path_values(paths: list[Path], rates: list[list[float]]) -> dict[Path, float]:
+    """Estimated acceptance probability of every path (prefix-closed, parents first): the product of the rates of
+    its nodes' depths and sibling ranks."""
+    ranks, values = sibling_ranks(paths), {(): 1.0}
+    for p in paths:
+        values[p] = values[p[:-1]] * rates[len(p) - 1][min(ranks[p], RANKS - 1)]
+    del values[()]
+    return values
+
+
+def longest_match(history: torch.Tensor, max_ngram: int, min_ngram: int) -> int:
+    """Length of the longest suffix of ``history`` (``min_ngram`` to ``max_ngram`` tokens) that also occurs
+    earlier in it (the n-gram drafter's match); ``min_ngram`` when there is none (that source then proposes
+    nothing)."""
+    history = history.flatten()
+    for n in range(min(max_ngram, history.numel() - 1), min_ngram, -1):
+        windows = history[: history.numel() - 1].unfold(0, n, 1)
+        if bool((windows == history[-n:]).all(dim=1).any()):
+            return n
+    return min_ngram
+
+
+def tree_paths(tree: TokenTree) -> list[Path]:
+    """Token path below the root of every non-root node, in node order: ``[N - 1]`` tuples."""
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    paths: list[Path] = [()]
+    for i in range(1, len(tokens)):
+        paths.append(paths[parents[i]] + (tokens[i],))
+    return paths[1:]
