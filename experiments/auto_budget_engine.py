@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--plot", default=None, help="reliability-curve PNG (the last drafter's tracker)")
     ap.add_argument("--prune-only", action="store_true", help="also each drafter under the adapter without planning")
+    ap.add_argument("--fixed", nargs="*", default=[], help="more drafter specs run at their fixed budget only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost = CostModel.load(args.cost)
     prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit)
     ids = [encode_prompt(tok, p.text) for p in prompts]
-    runs = {"specdec_ar": None}
+    runs = {"specdec_ar": None, **{spec: build_drafter(DrafterSpec.parse(spec), target) for spec in args.fixed}}
     adapters = {}
     for spec in args.drafter:
         runs[spec] = build_drafter(DrafterSpec.parse(spec), target)
@@ -71,7 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, parts in stats.items():
         total = RequestStats.combine(parts)
         row = {"tau": total.tau, "tokens_per_s": total.tokens_per_s, "speedup_vs_specdec_ar": total.tokens_per_s / ar,
-               "mean_tree_nodes": total.tree_nodes / max(total.steps, 1)}
+               "mean_tree_nodes": total.tree_nodes / max(total.steps, 1), "per_category": {}}
+        for cat in dict.fromkeys(p.category for p in prompts):
+            idx = [i for i, p in enumerate(prompts) if p.category == cat]
+            mine = RequestStats.combine([parts[i] for i in idx]).tokens_per_s
+            base = RequestStats.combine([stats["specdec_ar"][i] for i in idx]).tokens_per_s
+            row["per_category"][cat] = mine / base
         if name.endswith("+auto"):
             row["chosen_sizes"] = dict(sorted(Counter(adapters[name.removesuffix("+auto")].chosen).items()))
         report["runs"][name] = row
