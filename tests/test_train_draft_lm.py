@@ -12,6 +12,7 @@ from specdec.target import TargetModel
 from specdec.train import data as D
 from specdec.train.__main__ import main as train_main
 from specdec.train.draft_lm import DraftTrainConfig, divergence, train_draft_lm, truncated_copy
+from specdec.train.evaluation import EvalConfig
 from specdec.train.loop import LoopConfig, read_metrics
 from tests.conftest import tiny_llama
 from tests.test_train_data import char_tokenizer
@@ -30,7 +31,8 @@ def setup(tmp_path_factory):
 def cfg(data, out, steps=12, eval_every=12, save_every=0, resume=False, **kw) -> DraftTrainConfig:
     loop = LoopConfig(out_dir=str(out), steps=steps, lr=3e-3, eval_every=eval_every, save_every=save_every,
                       eval_max_new_tokens=16, wandb=False, resume=resume)
-    base = {"layers": 1, "batch_size": 4, "eval_holdout": 2, "eval_depth": 3, "on_policy_tokens": 8}
+    base = {"layers": 1, "batch_size": 4, "evaluation": EvalConfig(tree="chain", depth=3, holdout=2),
+            "on_policy_tokens": 8}
     return DraftTrainConfig(data_dir=str(data), loop=loop, **{**base, **kw})
 
 

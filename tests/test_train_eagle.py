@@ -20,6 +20,7 @@ from specdec.train.eagle import (
     train_eagle,
     unroll_mask,
 )
+from specdec.train.evaluation import EvalConfig
 from specdec.train.loop import LoopConfig, read_metrics
 from tests.conftest import crash_on_call, tiny_llama
 from tests.test_train_data import char_tokenizer
@@ -38,7 +39,7 @@ def setup(tmp_path_factory):
 def cfg(data, out, steps=16, eval_every=16, save_every=0, resume=False, **kw) -> EagleTrainConfig:
     loop = LoopConfig(out_dir=str(out), steps=steps, lr=3e-3, eval_every=eval_every, save_every=save_every,
                       eval_max_new_tokens=16, wandb=False, resume=resume)
-    base = {"batch_size": 4, "eval_holdout": 2, "eval_depth": 4, "eval_budget": 8, "eval_topk": 2}
+    base = {"batch_size": 4, "evaluation": EvalConfig(depth=4, budget=8, topk=2, holdout=2)}
     return EagleTrainConfig(data_dir=str(data), loop=loop, **{**base, **kw})
 
 

@@ -5,6 +5,7 @@ checkpoint drafts losslessly through the registry."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from specdec.engine import SpeculativeEngine
 from specdec.interfaces import DraftInput
 from specdec.target import TargetModel
 from specdec.train.data import load_distillation_data
-from specdec.train.eagle3 import Eagle3TrainConfig, export_eagle3, fused_batch, train_eagle3, ttt_passes
+from specdec.train.eagle3 import EVAL, Eagle3TrainConfig, export_eagle3, fused_batch, train_eagle3, ttt_passes
 from specdec.train.features import compute_features
 from specdec.train.loop import LoopConfig, read_metrics
 from specdec.train.teacher import clean_gsm8k_answer, write_teacher_forced
@@ -123,7 +124,7 @@ def test_a_short_eagle3_run_lowers_the_loss_and_its_fp16_export_drafts_losslessl
     feats = compute_features(model, teacher, tmp_path / "feat", topk=4)
     loop = LoopConfig(out_dir=str(tmp_path / "run"), steps=40, lr=3e-3, eval_every=0, wandb=False)
     config = Eagle3TrainConfig(data_dir=str(feats), loop=loop, draft_vocab_size=30, steps_ttt=3, batch_size=4,
-                               eval_holdout=1, vocab_data=(str(teacher),), follow=10)
+                               evaluation=replace(EVAL, holdout=1), vocab_data=(str(teacher),), follow=10)
     final = train_eagle3(model, tokenizer, config)
     losses = [m["train/loss"] for m in read_metrics(tmp_path / "run")]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
@@ -166,8 +167,9 @@ def test_an_interrupted_eagle3_run_resumes_with_the_same_losses(setup, tmp_path,
     def run(out, resume=False):
         loop = LoopConfig(out_dir=str(out), steps=6, lr=3e-3, eval_every=0, save_every=3, wandb=False,
                           resume=resume)
-        train_eagle3(model, tokenizer, Eagle3TrainConfig(data_dir=str(feats), loop=loop, draft_vocab_size=30,
-                                                         steps_ttt=2, batch_size=2, eval_holdout=1))
+        config = Eagle3TrainConfig(data_dir=str(feats), loop=loop, draft_vocab_size=30, steps_ttt=2, batch_size=2,
+                                   evaluation=replace(EVAL, holdout=1))
+        train_eagle3(model, tokenizer, config)
         return [m["train/loss"] for m in read_metrics(out)]
 
     whole = run(tmp_path / "whole")

@@ -14,6 +14,7 @@ from specdec.target import TargetModel
 from specdec.train import data as D
 from specdec.train import medusa as M
 from specdec.train.__main__ import main as train_main
+from specdec.train.evaluation import EvalConfig
 from specdec.train.loop import LoopConfig, batch_indices, example_features, latest_checkpoint, read_metrics
 from specdec.train.medusa import MedusaTrainConfig, train_medusa
 from tests.conftest import crash_on_call, tiny_llama
@@ -41,7 +42,7 @@ LOOP_KEYS = ("steps", "lr", "eval_every", "save_every", "wandb", "resume")
 
 def cfg(data, out, **kw) -> MedusaTrainConfig:
     loop = {"lr": 3e-3, "eval_max_new_tokens": 16, "wandb": False, **{k: kw.pop(k) for k in LOOP_KEYS if k in kw}}
-    base = {"data_dir": str(data), "batch_size": 4, "eval_holdout": 2}
+    base = {"data_dir": str(data), "batch_size": 4, "evaluation": EvalConfig(holdout=2)}
     return MedusaTrainConfig(loop=LoopConfig(out_dir=str(out), **loop), **{**base, **kw})
 
 

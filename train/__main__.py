@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from specdec.app.args import HelpFormatter
 from specdec.train.loop import LoopConfig
@@ -161,12 +162,14 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_medusa(args: argparse.Namespace) -> None:
     from specdec.app.loaders import load_model_and_tokenizer
+    from specdec.train.evaluation import EvalConfig
     from specdec.train.medusa import MedusaTrainConfig, train_medusa
 
     config = MedusaTrainConfig(
         data_dir=tuple(args.data), loop=loop_config(args, "specdec-medusa"), num_heads=args.heads,
         num_layers=args.head_layers, share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab,
-        batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight, eval_holdout=args.eval_holdout,
+        batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight,
+        evaluation=EvalConfig(holdout=args.eval_holdout),
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args))
     out = train_medusa(model, tokenizer, config)
@@ -175,12 +178,13 @@ def cmd_medusa(args: argparse.Namespace) -> None:
 
 def cmd_eagle(args: argparse.Namespace) -> None:
     from specdec.app.loaders import load_model_and_tokenizer
+    from specdec.train.eagle import EVAL as EAGLE_EVAL
     from specdec.train.eagle import EagleTrainConfig, train_eagle
 
     config = EagleTrainConfig(
         data_dir=tuple(args.data), loop=loop_config(args, "specdec-eagle"), draft_vocab_size=args.draft_vocab,
         unroll=args.unroll, batch_size=args.batch_size, seq_len=args.seq_len, kd_weight=args.kd_weight,
-        noise=args.noise, eval_holdout=args.eval_holdout,
+        noise=args.noise, evaluation=replace(EAGLE_EVAL, holdout=args.eval_holdout),
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args))
     out = train_eagle(model, tokenizer, config)
@@ -189,13 +193,14 @@ def cmd_eagle(args: argparse.Namespace) -> None:
 
 def cmd_draft(args: argparse.Namespace) -> None:
     from specdec.app.loaders import load_model_and_tokenizer
+    from specdec.train.draft_lm import EVAL as DRAFT_EVAL
     from specdec.train.draft_lm import DraftTrainConfig, train_draft_lm
 
     config = DraftTrainConfig(
         data_dir=tuple(args.data), loop=loop_config(args, "specdec-draft"), draft=args.draft_model, layers=args.layers,
         loss=args.loss, on_policy=args.on_policy, temperature=args.temperature,
         on_policy_tokens=args.on_policy_tokens, batch_size=args.batch_size, seq_len=args.seq_len,
-        eval_holdout=args.eval_holdout,
+        evaluation=replace(DRAFT_EVAL, holdout=args.eval_holdout),
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=_device(args))
     out = train_draft_lm(model, tokenizer, config)

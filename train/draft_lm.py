@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,17 +29,18 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from specdec.drafters.draft_model import DraftModelDrafter
 from specdec.drafters.self_spec import truncated_view
 from specdec.target import TargetModel
+from specdec.train.evaluation import EvalConfig, eval_prompt_ids
 from specdec.train.loop import (
     LoopConfig,
     Trainee,
     batch_indices,
-    eval_prompt_ids,
     example_features,
     prepare_training,
     train_loop,
 )
 
 LOSSES = ("forward_kl", "tv")
+EVAL = EvalConfig(tree="chain", depth=4)  # the verifier evaluation's drafter by default
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,7 @@ class DraftTrainConfig:
         on_policy: probability that a step trains on the draft's own samples; temperature / on_policy_tokens:
             how they are sampled.
         batch_size / seq_len: examples per step, response tokens per example.
-        eval_depth: chain depth of the drafter in the verifier evaluation.
-        eval_prompts / eval_holdout: extra evaluation prompts; the last ``eval_holdout`` rows are held out.
+        evaluation: the verifier evaluation (:class:`EvalConfig`; its ``depth`` is the drafter's chain depth).
     """
 
     data_dir: str | tuple[str, ...]
@@ -68,16 +68,14 @@ class DraftTrainConfig:
     on_policy_tokens: int = 64
     batch_size: int = 8
     seq_len: int = 256
-    eval_depth: int = 4
-    eval_prompts: tuple[str | tuple[int, ...], ...] = field(default_factory=tuple)
-    eval_holdout: int = 0
+    evaluation: EvalConfig = EVAL
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
         if not 0.0 <= self.on_policy <= 1.0 or self.temperature <= 0:
             raise ValueError(f"need 0 <= on_policy <= 1 and temperature > 0, got {self.on_policy}, {self.temperature}")
-        for name in ("layers", "on_policy_tokens", "batch_size", "seq_len", "eval_depth"):
+        for name in ("layers", "on_policy_tokens", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -141,7 +139,7 @@ def build_draft(target_model: PreTrainedModel, config: DraftTrainConfig) -> PreT
 
 def train_draft_lm(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: DraftTrainConfig) -> Path:
     """Distill a draft LM from ``target_model`` on ``config.data_dir``; returns the final checkpoint folder."""
-    data = prepare_training(target_model, tokenizer, config.data_dir, config.eval_holdout, config.loop.seed)
+    data = prepare_training(target_model, tokenizer, config.data_dir, config.evaluation.holdout, config.loop.seed)
     train_rows, eos_ids = data.train, data.eos_ids
     target = TargetModel(target_model)
     draft = build_draft(target_model, config)
@@ -169,12 +167,12 @@ def train_draft_lm(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizer
                        "train/on_policy": float(on_policy)}
 
     def drafter(module: PreTrainedModel) -> DraftModelDrafter:
-        return DraftModelDrafter(module, tree="chain", depth=config.eval_depth, backend=target.backend)
+        return DraftModelDrafter(module, tree="chain", depth=config.evaluation.depth, backend=target.backend)
 
     def load(module: PreTrainedModel, path: Path) -> None:
         saved = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         module.load_state_dict(saved.state_dict(), strict=True)
 
-    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, data.held_out)
+    prompts = eval_prompt_ids(tokenizer, config.evaluation.prompts, data.held_out)
     trainee = Trainee(draft, loss, drafter, load)
     return train_loop(trainee, target_model, prompts, eos_ids, config.loop, asdict(config))

@@ -29,17 +29,18 @@ from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenize
 from specdec.draft_vocab import draft_index
 from specdec.drafters.eagle import EagleConfig, EagleDrafter, EagleHead
 from specdec.target import TargetModel
+from specdec.train.evaluation import EvalConfig, eval_prompt_ids
 from specdec.train.loop import (
     LoopConfig,
     Trainee,
     batch_indices,
-    eval_prompt_ids,
     example_features,
     prepare_training,
     train_loop,
 )
 
 UNROLL_ATTENTION = "specdec_eagle_unroll"
+EVAL = EvalConfig(tree="dynamic", depth=6, budget=16, topk=4)  # the verifier evaluation's drafter by default
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,7 @@ class EagleTrainConfig:
         unroll: passes of the training-time test (1 = teacher forcing only).
         batch_size / seq_len: examples per step, at most ``seq_len`` pairs per example.
         kd_weight / noise: weight of the distillation term, feature-noise width.
-        eval_tree / eval_depth / eval_budget / eval_topk: the drafter used for the verifier evaluation.
-        eval_prompts / eval_holdout: extra evaluation prompts; the last ``eval_holdout`` rows are held out.
+        evaluation: the verifier evaluation (:class:`EvalConfig`; default :data:`EVAL`).
     """
 
     data_dir: str | tuple[str, ...]
@@ -65,19 +65,14 @@ class EagleTrainConfig:
     seq_len: int = 256
     kd_weight: float = 0.1
     noise: float = 0.2
-    eval_tree: str = "dynamic"
-    eval_depth: int = 6
-    eval_budget: int = 16
-    eval_topk: int = 4
-    eval_prompts: tuple[str | tuple[int, ...], ...] = field(default_factory=tuple)
-    eval_holdout: int = 0
+    evaluation: EvalConfig = EVAL
 
     def __post_init__(self) -> None:
-        for name in ("unroll", "batch_size", "seq_len", "eval_depth", "eval_budget", "eval_topk"):
+        for name in ("unroll", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.kd_weight, self.noise, self.eval_holdout, self.draft_vocab_size) < 0:
-            raise ValueError("kd_weight, noise, eval_holdout and draft_vocab_size must be >= 0")
+        if min(self.kd_weight, self.noise, self.draft_vocab_size) < 0:
+            raise ValueError("kd_weight, noise and draft_vocab_size must be >= 0")
 
 
 @dataclass
@@ -195,7 +190,7 @@ def eagle_loss(head: EagleHead, batch: PairBatch, unroll: int, kd_weight: float,
 def train_eagle(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EagleTrainConfig) -> Path:
     """Train an EAGLE head for ``target_model`` on ``config.data_dir``; returns the final checkpoint folder
     (``out_dir/step_{steps}``, loadable with ``EagleDrafter.from_pretrained(path, TargetModel(target_model))``)."""
-    data = prepare_training(target_model, tokenizer, config.data_dir, config.eval_holdout, config.loop.seed,
+    data = prepare_training(target_model, tokenizer, config.data_dir, config.evaluation.holdout, config.loop.seed,
                             config.draft_vocab_size)
     train_rows, vocab_ids = data.train, data.vocab_ids
     target = TargetModel(target_model)
@@ -212,9 +207,10 @@ def train_eagle(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         return eagle_loss(head, batch, config.unroll, config.kd_weight, config.noise, labels)
 
     def drafter(module: EagleHead) -> EagleDrafter:
-        return EagleDrafter(module, tree=config.eval_tree, depth=config.eval_depth, budget=config.eval_budget,
-                            topk=config.eval_topk, backend=target.backend)
+        ev = config.evaluation
+        return EagleDrafter(module, tree=ev.tree, depth=ev.depth, budget=ev.budget, topk=ev.topk,
+                            backend=target.backend)
 
-    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, data.held_out)
+    prompts = eval_prompt_ids(tokenizer, config.evaluation.prompts, data.held_out)
     return train_loop(Trainee(head, loss, drafter), target_model, prompts, data.eos_ids, config.loop,
                       asdict(config))

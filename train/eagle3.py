@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,13 @@ from specdec.drafters.eagle3 import Eagle3Drafter, Eagle3Head, fused_layers
 from specdec.target import TargetModel, eos_token_ids
 from specdec.train.data import load_distillation_data
 from specdec.train.eagle import UNROLL_ATTENTION, UnrollKV
-from specdec.train.loop import LoopConfig, Trainee, batch_indices, eval_prompt_ids, split_rows, train_loop
+from specdec.train.evaluation import EvalConfig, eval_prompt_ids
+from specdec.train.loop import LoopConfig, Trainee, batch_indices, split_rows, train_loop
 
 STEP_DECAY = 0.8  # EAGLE-3's weight of training-time-test step s: 0.8 ** (s - 1)
+
+
+EVAL = EvalConfig(tree="dynamic", depth=5, budget=8, topk=4, holdout=4)  # the verifier evaluation by default
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Eagle3TrainConfig:
         draft_vocab_size: the head scores the ``N`` most frequent response tokens (plus EOS); 0 = all.
         steps_ttt: training-time-test passes (1 = teacher forcing only).
         batch_size / seq_len: examples per optimizer step, at most ``seq_len`` pairs per example.
-        eval_*: the drafter used for the verifier evaluation, extra evaluation prompts, held-out rows.
+        evaluation: the verifier evaluation (:class:`EvalConfig`; default :data:`EVAL`).
         vocab_data: data folders (token ids suffice) whose responses pick the draft vocabulary (default: the
             training data at the start).
         follow: every ``follow`` steps, re-read ``data_dir`` and train on the shards a still-running ``features`` job
@@ -64,21 +68,16 @@ class Eagle3TrainConfig:
     steps_ttt: int = 4
     batch_size: int = 8
     seq_len: int = 256
-    eval_tree: str = "dynamic"
-    eval_depth: int = 5
-    eval_budget: int = 8
-    eval_topk: int = 4
-    eval_prompts: tuple[str | tuple[int, ...], ...] = field(default_factory=tuple)
-    eval_holdout: int = 4
+    evaluation: EvalConfig = EVAL
     vocab_data: tuple[str, ...] = ()
     follow: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps_ttt", "batch_size", "seq_len", "eval_depth", "eval_budget", "eval_topk"):
+        for name in ("steps_ttt", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.eval_holdout, self.draft_vocab_size) < 0:
-            raise ValueError("eval_holdout and draft_vocab_size must be >= 0")
+        if self.draft_vocab_size < 0:
+            raise ValueError("draft_vocab_size must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     torch.manual_seed(config.loop.seed)
     target_model.eval().requires_grad_(False)
     data = _load_features(config.data_dir)
-    train_ids, held_ids = split_rows(range(len(data)), config.eval_holdout, config.data_dir)
+    train_ids, held_ids = split_rows(range(len(data)), config.evaluation.holdout, config.data_dir)
     target = TargetModel(target_model)
     vocab, eos_ids = target.vocab_size, eos_token_ids(target_model, tokenizer)
     vocab_ids = None
@@ -213,13 +212,13 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         return total, metrics
 
     def drafter(module: Eagle3Head) -> Eagle3Drafter:
-        d = Eagle3Drafter(module, tree=config.eval_tree, depth=config.eval_depth, budget=config.eval_budget,
-                          topk=config.eval_topk, backend=target.backend)
+        ev = config.evaluation
+        d = Eagle3Drafter(module, tree=ev.tree, depth=ev.depth, budget=ev.budget, topk=ev.topk, backend=target.backend)
         d.feature_layers = fused_layers(target.num_layers)
         return d
 
     held = [data[i] for i in held_ids]
-    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, held)
+    prompts = eval_prompt_ids(tokenizer, config.evaluation.prompts, held)
     run_config = {**asdict(config), "draft_vocab": 0 if vocab_ids is None else vocab_ids.numel(),
                   "train_examples": len(train_ids)}
     return train_loop(Trainee(head, loss, drafter, load_trained_state), target_model, prompts, eos_ids, config.loop,
@@ -260,8 +259,9 @@ def cmd_eagle3(args: argparse.Namespace) -> None:
     prompts = tuple(p.text for p in load_prompts(args.eval_prompts)) if args.eval_prompts else ()
     config = Eagle3TrainConfig(
         data_dir=tuple(args.data), loop=loop_config(args, "specdec-eagle3"), draft_vocab_size=args.draft_vocab,
-        steps_ttt=args.ttt, batch_size=args.batch_size, seq_len=args.seq_len, eval_prompts=prompts,
-        eval_holdout=args.eval_holdout, vocab_data=tuple(args.vocab_data or ()), follow=args.follow,
+        steps_ttt=args.ttt, batch_size=args.batch_size, seq_len=args.seq_len,
+        evaluation=replace(EVAL, prompts=prompts, holdout=args.eval_holdout), vocab_data=tuple(args.vocab_data or ()),
+        follow=args.follow,
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=check_device(args.device))
     print(f"trained EAGLE-3 head: {train_eagle3(model, tokenizer, config)}")

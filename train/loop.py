@@ -28,14 +28,13 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.app import tracking
-from specdec.app.prompts import encode_prompt
 from specdec.checkpoint import read_checkpoint
 from specdec.draft_vocab import frequent_tokens
-from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Drafter
 from specdec.stats import RequestStats
-from specdec.target import TargetModel, eos_token_ids
+from specdec.target import eos_token_ids
 from specdec.train.data import load_distillation_data
+from specdec.train.evaluation import eval_metrics, evaluate_tau
 
 
 @dataclass(frozen=True)
@@ -149,13 +148,6 @@ def split_rows(rows: Sequence[Any], holdout: int, data_dir: str | Sequence[str])
     return train, held
 
 
-def eval_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str | Sequence[int]],
-                    held_out: Sequence[dict]) -> list[list[int]]:
-    """Token ids of the evaluation prompts: ``prompts`` (strings are chat-templated) + the held-out rows'."""
-    ids = [encode_prompt(tokenizer, p).tolist() if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    return ids + [[int(t) for t in row["prompt_ids"]] for row in held_out]
-
-
 @torch.no_grad()
 def example_features(model: PreTrainedModel, row: dict, seq_len: int, need_logits: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -177,25 +169,6 @@ def example_features(model: PreTrainedModel, row: dict, seq_len: int, need_logit
     rows = slice(prompt.numel() - 1, prompt.numel() - 1 + num)
     logits = out.logits[0, rows].float() if need_logits else None
     return out.hidden_states[-1][0, rows].float(), response.to(device), logits
-
-
-@torch.no_grad()
-def evaluate_tau(model: PreTrainedModel, drafter: Drafter, prompts: Sequence[Sequence[int]], eos_ids: Sequence[int],
-                 max_new_tokens: int) -> RequestStats:
-    """Greedy speculative decoding of every prompt with the real engine; the requests' combined stats (the same
-    tau and acceptance by depth as inference, :mod:`specdec.stats`)."""
-    target = TargetModel(model)
-    max_len = max(len(p) for p in prompts) + max_new_tokens + 80
-    cache = target.new_cache(num_blocks=math.ceil(max_len / 16) + 2, block_size=16)
-    engine = SpeculativeEngine(target, cache, drafter, eos_token_ids=eos_ids, max_tree_nodes=80)
-    return RequestStats.combine([engine.generate(list(p), max_new_tokens).stats for p in prompts])
-
-
-def eval_metrics(stats: RequestStats) -> dict[str, float]:
-    """``eval/tau`` and ``eval/acceptance_depth{d}``."""
-    out = {"eval/tau": stats.tau}
-    out.update({f"eval/acceptance_depth{d + 1}": a for d, a in enumerate(stats.acceptance_by_depth)})
-    return out
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -14,7 +14,7 @@ only the heads train (:func:`specdec.train.loop.train_loop`: accelerate, real-ve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.draft_vocab import draft_index
 from specdec.drafters.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
+from specdec.train.evaluation import EvalConfig, eval_prompt_ids
 from specdec.train.loop import (
     LoopConfig,
     Trainee,
     batch_indices,
-    eval_prompt_ids,
     example_features,
     prepare_training,
     train_loop,
@@ -46,8 +46,8 @@ class MedusaTrainConfig:
             ``draft_vocab_size`` 0 = the full vocabulary.
         batch_size: examples per step; seq_len: at most this many response tokens per example are used.
         kd_weight: weight of the KL term (0 skips KD and, with stored hidden states, any target forward).
-        eval_prompts: extra held-out prompts (strings, chat-templated, or token-id sequences).
-        eval_holdout: the last ``eval_holdout`` dataset rows are not trained on; their prompts join the eval set.
+        evaluation: the verifier evaluation's prompts and held-out rows (:class:`EvalConfig`; the heads' own
+            default tree).
     """
 
     data_dir: str | tuple[str, ...]
@@ -59,15 +59,14 @@ class MedusaTrainConfig:
     batch_size: int = 8
     seq_len: int = 512
     kd_weight: float = 0.0
-    eval_prompts: tuple[str | tuple[int, ...], ...] = field(default_factory=tuple)
-    eval_holdout: int = 0
+    evaluation: EvalConfig = EvalConfig()
 
     def __post_init__(self) -> None:
         for name in ("num_heads", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kd_weight < 0 or self.eval_holdout < 0 or self.draft_vocab_size < 0:
-            raise ValueError("kd_weight, eval_holdout and draft_vocab_size must be >= 0")
+        if self.kd_weight < 0 or self.draft_vocab_size < 0:
+            raise ValueError("kd_weight and draft_vocab_size must be >= 0")
 
 
 def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor, lengths: Sequence[int],
@@ -110,7 +109,7 @@ def medusa_loss(head_logits: torch.Tensor, labels: torch.Tensor, lengths: Sequen
 def train_medusa(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MedusaTrainConfig) -> Path:
     """Train Medusa heads for ``target_model`` on ``config.data_dir``; returns the final checkpoint folder
     (``out_dir/step_{steps}``, loadable with ``MedusaDrafter.from_pretrained(path, TargetModel(target_model))``)."""
-    data = prepare_training(target_model, tokenizer, config.data_dir, config.eval_holdout, config.loop.seed,
+    data = prepare_training(target_model, tokenizer, config.data_dir, config.evaluation.holdout, config.loop.seed,
                             config.draft_vocab_size)
     train_rows, vocab_ids = data.train, data.vocab_ids
     lm_head = target_model.get_output_embeddings()
@@ -132,5 +131,5 @@ def train_medusa(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         return medusa_loss(heads(hidden), labels, [f[1].numel() for f in feats], teacher, config.kd_weight)
 
     trainee = Trainee(heads, loss, lambda module: MedusaDrafter(module))
-    prompts = eval_prompt_ids(tokenizer, config.eval_prompts, data.held_out)
+    prompts = eval_prompt_ids(tokenizer, config.evaluation.prompts, data.held_out)
     return train_loop(trainee, target_model, prompts, data.eos_ids, config.loop, asdict(config))
