@@ -35,7 +35,7 @@ own tree (or a prefix of its chain) with no n-gram node does the model's ``Draft
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -81,6 +81,8 @@ class HybridDrafter:
         model_cost: a model draft's cost as a fraction of a verification step; the model is asked only where its
             expected extra tokens pay for it (module docstring). ``None``: always ask (unless ``skip_model_above``).
         probe: under the cost rule, the model is asked at least every ``probe`` steps.
+        ngram_alone: a step that does not ask the model proposes the n-gram drafter's own tree (as plain n-gram
+            drafting would) instead of the rate-pruned n-gram candidates.
         step_cost: measured verification cost ``step_cost(n, context)`` of an ``n``-node tree relative to one node
             (e.g. :meth:`specdec.research.cost_model.CostModel.relative_step`). Given, it replaces the linear
             ``1 + node_cost * (n - 1)`` everywhere above, and the merged tree keeps the prefix of its best nodes
@@ -91,7 +93,8 @@ class HybridDrafter:
     def __init__(self, model: Drafter, ngram: NgramDrafter | None = None, budget: int = 16, max_depth: int = 8,
                  prior: float | dict[str, float] = 0.6, weight: float = 0.2, min_value: float | None = None,
                  skip_model_above: float | None = None, model_cost: float | None = MODEL_COST,
-                 probe: int = 32, step_cost: Callable[[int, int], float] | None = None) -> None:
+                 probe: int = 32, step_cost: Callable[[int, int], float] | None = None,
+                 ngram_alone: bool = True) -> None:
         if budget < 1 or max_depth < 1:
             raise ValueError(f"budget and max_depth must be >= 1, got {budget}, {max_depth}")
         if not 0 < weight <= 1:
@@ -108,7 +111,7 @@ class HybridDrafter:
         self.min_value = self.ngram.node_cost if min_value is None else min_value
         self.skip_model_above, self.model_cost = skip_model_above, model_cost
         self.sources = ("model", *(f"ngram{n}" for n in range(self.ngram.min_ngram, self.ngram.max_ngram + 1)))
-        self.probe, self.step_cost = probe, step_cost
+        self.probe, self.step_cost, self.ngram_alone = probe, step_cost, ngram_alone
         # prior of a rank-r child: the source's prior times 0.3 ** r (siblings' priors sum to < 1)
         self._state: PerSequence[_SeqState] = PerSequence(lambda: _SeqState(
             {s: [[priors["model" if s == "model" else "ngram"] * 0.3**r for r in range(RANKS)]
@@ -125,7 +128,19 @@ class HybridDrafter:
         ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i], budgets[i])]
         model_drafts = dict(zip(ask, self.model.propose([batch[i] for i in ask]), strict=True)) if ask else {}
         self.model_calls += len(ask)
-        return [self._merge(item, *ngram[i], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
+        alone = [i for i in range(len(batch)) if i not in model_drafts] if self.ngram_alone else []
+        plain = dict(zip(alone, self.ngram.propose([replace(batch[i], budget=budgets[i]) for i in alone]),
+                         strict=True)) if alone else {}
+        return [self._alone(item, *ngram[i], plain[i]) if i in plain else
+                self._merge(item, *ngram[i], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
+
+    def _alone(self, item: DraftInput, ngram_paths: list[Path], ngram_source: str, draft: Draft) -> Draft:
+        """A step without the model: the n-gram drafter's own tree (so such steps equal plain n-gram drafting);
+        the rates still learn from every candidate."""
+        state = self._state[item.seq_id]
+        state.proposed = {ngram_source: ngram_paths, "model": []}
+        state.nodes = draft.tree.num_nodes - 1
+        return draft
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Update the per-rank rates and the running estimates from the accepted tokens ``[A + 1]`` (A drafts,
@@ -143,7 +158,7 @@ class HybridDrafter:
                 old = state.model_value
                 state.model_value = float(held) if old is None else old + self.weight * (held - old)
             state.proposed = {}
-        self.ngram.accept(seq_id, tokens, hidden)
+        self.ngram.accept(seq_id, tokens, hidden)  # its running acceptance follows only the trees it proposed
         self.model.accept(seq_id, tokens, hidden)
 
     def release(self, seq_id: int) -> None:

@@ -94,6 +94,7 @@ class NgramDrafter:
         accepted = tokens.numel() - 1
         rejected = int(accepted < state.drafted_depth)
         state.alpha = 0.8 * state.alpha + 0.2 * (accepted / (accepted + rejected))
+        state.drafted_depth = 0  # consumed: an accept after a step it did not draft (e.g. in the hybrid) is no evidence
 
     def release(self, seq_id: int) -> None:
         self._state.release(seq_id)

@@ -307,3 +307,25 @@ def test_the_steps_option_reads_a_cost_model_file(target, tmp_path):
     assert hybrid.step_cost(1, 100) == pytest.approx(1.0) and hybrid.step_cost(6, 100) == pytest.approx(0.11 / 0.06)
     with pytest.raises(ValueError, match="cost-model file not found"):
         build_drafter(DrafterSpec.parse(f"hybrid:steps={tmp_path / 'none.json'}"), target)
+
+
+def test_a_step_without_the_model_proposes_exactly_the_ngram_drafters_tree(target):
+    """Where the model is not asked the hybrid drafts as plain n-gram drafting does (same tree, same adaptive
+    depth), so those steps cost and yield what n-gram alone would; greedy output stays exact."""
+    model = FixedDrafter([(7,), (8,)])
+    hybrid = HybridDrafter(model, budget=12, skip_model_above=0.0)  # a match always skips the model
+    plain, compared = NgramDrafter(max_depth=8, max_nodes=12), 0
+    for end in range(6, len(REPEATING) + 1):
+        history = torch.tensor(REPEATING[:end])
+        [got] = hybrid.propose(inputs([0], [history]))
+        [want] = plain.propose(inputs([0], [history]))
+        if want.tree.num_nodes > 1:  # a match: the model was skipped
+            assert torch.equal(got.tree.tokens, want.tree.tokens) and torch.equal(got.tree.parents, want.tree.parents)
+            compared += 1
+        hybrid.accept(0, torch.tensor([int(REPEATING[end % len(REPEATING)])]))
+        plain.accept(0, torch.tensor([int(REPEATING[end % len(REPEATING)])]))
+    assert compared >= 5
+    ar = SpeculativeEngine(target, target.new_cache(64, 4)).generate(REPEATING, 16)
+    out = SpeculativeEngine(target, target.new_cache(64, 4), HybridDrafter(FixedDrafter([(7,)]), budget=12),
+                            max_tree_nodes=12).generate(REPEATING, 16)
+    assert out.tokens == ar.tokens
