@@ -201,3 +201,42 @@ def test_conversation_encoding_holds_earlier_answers():
     assert torch.equal(encode_conversation(tokenizer, ["Hi"], []), encode_prompt(tokenizer, "Hi"))
     with pytest.raises(ValueError, match="needs 1 answers"):
         encode_conversation(tokenizer, ["a", "b"], [])
+
+
+def test_repeats_time_every_method_interleaved_and_keep_the_median_run(tiny_model_dir, monkeypatch):  # noqa: F811
+    """``--repeats 3``: per request the baseline and every method run three times, interleaved (baseline, AR,
+    n-gram, baseline, ...); the kept run is the median one, its tokens those of every repeat (greedy)."""
+    from transformers import AutoModelForCausalLM
+
+    import specdec.app.bench as B
+    from specdec.app.loaders import load_tokenizer
+    from specdec.app.prompts import Prompt
+    from specdec.drafters import DrafterSpec
+    from specdec.target import TargetModel
+
+    order = []
+    real_hf, real_gen = B.hf_generate, SpeculativeEngine.generate
+
+    def hf(*args, **kw):
+        order.append("hf")
+        return real_hf(*args, **kw)
+
+    def gen(self, *args, **kw):
+        order.append("ngram" if self.drafter is not None else "ar")
+        return real_gen(self, *args, **kw)
+
+    monkeypatch.setattr(B, "hf_generate", hf)
+    monkeypatch.setattr(SpeculativeEngine, "generate", gen)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    target = TargetModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+    prompts = [Prompt("Repeat: a b c a b c a b c", "rw"), Prompt("Say hi", "chat")]
+    settings = B.BenchSettings(max_new_tokens=6, repeats=3)
+    report = B.run_bench(target, tokenizer, prompts, {"ngram": DrafterSpec.parse("ngram")}, settings)
+    body = order[order.index("hf", 3):]  # after the warm-up (one call each)
+    assert body == ["hf", "ar", "ngram"] * 6
+    assert all(r.identical_to_baseline == 2 for r in report.runs)
+    for bad, match in [({"repeats": 0}, "--repeats must be >= 1"),
+                       ({"repeats": 2, "sampling": B.SamplingParams(0.8)}, "greedy runs only"),
+                       ({"repeats": 2, "batch_size": 4}, "--batch-size 1")]:
+        with pytest.raises(ValueError, match=match):
+            B.BenchSettings(**bad)

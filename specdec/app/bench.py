@@ -56,6 +56,15 @@ class BenchSettings:
     batch_size: int = 1
     model: str | None = None
     cost_model: str | None = None  # --tree-budget auto: every drafter under the budget chooser with this file
+    repeats: int = 1  # greedy: each request timed this many times per method (interleaved), the median run kept
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.repeats > 1 and not self.sampling.greedy:
+            raise ValueError("--repeats times greedy runs only (repeated sampled runs differ): use --temperature 0")
+        if self.repeats > 1 and self.batch_size > 1:
+            raise ValueError("--repeats applies to --batch-size 1")
 
     @property
     def baseline_name(self) -> str:
@@ -64,8 +73,9 @@ class BenchSettings:
     def journal_key(self, methods: Sequence[str], prompts: Sequence[Prompt]) -> dict[str, Any]:
         digest = hashlib.sha256(json.dumps([asdict(p) for p in prompts]).encode()).hexdigest()[:16]
         key = asdict(self)
-        if key["cost_model"] is None:  # journals written before the field existed still resume
-            del key["cost_model"]
+        for name, default in (("cost_model", None), ("repeats", 1)):  # journals written before these existed resume
+            if key[name] == default:
+                del key[name]
         return {**key, "methods": list(methods), "prompts": digest}
 
 
@@ -189,18 +199,26 @@ def _run_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, runs
     for t in range(len(turns)):
         params = sampling if sampling.greedy else replace(sampling, seed=(sampling.seed or 0) + first_index + t)
         ids = encode_conversation(tokenizer, turns[: t + 1], answers["baseline"], settings.chat)
-        ref, seconds = hf_generate(model, ids, settings.max_new_tokens, params)
+        owns = [encode_conversation(tokenizer, turns[: t + 1], answers[run.name], settings.chat) for run in runs]
+        trials = [(hf_generate(model, ids, settings.max_new_tokens, params),
+                   [run.engine.generate(own, settings.max_new_tokens, sampling=params)
+                    for run, own in zip(runs, owns, strict=True)]) for _ in range(settings.repeats)]
+        ref, seconds = _median_by(lambda x: x[1], [hf for hf, _ in trials])
         answers["baseline"].append(tokenizer.decode(ref, skip_special_tokens=True))
         entry["baseline"].append({"tokens": len(ref), "seconds": seconds})
-        for run in runs:
-            own = encode_conversation(tokenizer, turns[: t + 1], answers[run.name], settings.chat)
-            result = run.engine.generate(own, settings.max_new_tokens, sampling=params)
+        for i, run in enumerate(runs):
+            result = _median_by(lambda r: r.stats.total_s, [results[i] for _, results in trials])
             answers[run.name].append(tokenizer.decode(result.tokens, skip_special_tokens=True))
             check = check_greedy(model, ids, ref, result.tokens) if sampling.greedy else None
             entry["runs"][run.name].append({
                 "stats": asdict(result.stats), "speedup": result.stats.tokens_per_s / (len(ref) / seconds),
                 "equality": None if check is None else asdict(check)})
     return entry
+
+
+def _median_by(key, items: Sequence[Any]) -> Any:
+    """The item of median ``key`` (the lower middle one of an even count): a repeated run's typical timing."""
+    return sorted(items, key=key)[(len(items) - 1) // 2]
 
 
 class _Accumulator:

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1,
                    help="requests run concurrently; B > 1 compares aggregate throughput with HF generate on "
                         "left-padded batches of B")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="greedy: time each request this many times per method, interleaved, and keep the median run "
+                        "(steadier per-prompt and per-category ratios on a noisy machine)")
     add_prompt_args(p)
     p.add_argument("--out", default="report.json",
                    help="JSON report (PNG plots beside it; OUT.partial.jsonl holds finished prompts until done)")
@@ -55,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
                 max_new_tokens=args.max_new_tokens, multi_turn=args.multi_turn, chat=args.chat, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed or 0, acceptance=args.acceptance, num_blocks=args.num_blocks,
                 block_size=args.block_size, spec_defaults=spec_defaults(args), paths=spec_paths(args),
-                batch_size=args.batch_size, model=args.model, cost_model=auto_cost_model(args))
+                batch_size=args.batch_size, model=args.model, cost_model=auto_cost_model(args), repeats=args.repeats)
     methods = grid.methods()  # a bad spec fails here, before the model loads
+    grid.settings(args.temperature)  # so do bad --repeats combinations
     from specdec.app.bench import run_bench
     from specdec.app.cmd_generate import check_cache, engine_tree_nodes
     from specdec.app.loaders import load_prompt_set, load_target, load_tokenizer

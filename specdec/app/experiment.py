@@ -47,6 +47,8 @@ class Grid:
         model: the model's id or folder (identifies a resumable run).
         cost_model: ``--tree-budget auto``: every drafter runs under the budget chooser with this cost-model JSON
             (method names get ``+auto``).
+        repeats: greedy timing repeats per request (every method, the baseline included, interleaved; the run of
+            median time is kept).
     """
 
     drafters: tuple[str, ...] = ("ngram",)
@@ -66,6 +68,7 @@ class Grid:
     batch_size: int = 1
     model: str | None = None
     cost_model: str | None = None
+    repeats: int = 1
 
     def _parse(self, text: str) -> DrafterSpec:
         return parse_spec(text, self.paths, self.spec_defaults)
@@ -73,7 +76,8 @@ class Grid:
     def settings(self, temperature: float) -> BenchSettings:
         sampling = SamplingParams(temperature, self.top_k, self.top_p, self.seed)
         return BenchSettings(self.max_new_tokens, self.chat, self.num_blocks, self.block_size, sampling,
-                             self.acceptance, self.multi_turn, self.batch_size, self.model, self.cost_model)
+                             self.acceptance, self.multi_turn, self.batch_size, self.model, self.cost_model,
+                             self.repeats)
 
     def methods(self) -> dict[str, DrafterSpec]:
         """Method name -> parsed spec, budgets expanded (raises ``ValueError`` for a bad spec)."""
