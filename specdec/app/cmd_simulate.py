@@ -28,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--budget", type=int, nargs="*", default=[], help="sweep: each tree=dynamic drafter per budget")
     rep.add_argument("--max-new-tokens", type=int, default=None)
     rep.add_argument("--max-tree-nodes", type=int, default=64)
-    rep.add_argument("--batch", type=int, default=8,
-                     help="T = 0: prompts replayed in lockstep, one batched propose per step (1 = as the bench runs)")
+    rep.add_argument("--batch", type=int, default=None,
+                     help="T = 0: prompts replayed in lockstep, one batched propose per step (1 = one at a time, as "
+                          "the bench runs). Default 8, or 1 with --cost: predicted speedups use the measured draft "
+                          "times, which batching shares out")
     rep.add_argument("--temperature", type=float, default=0.0, help="> 0: first-order ESTIMATE")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--cost", default=None, help="cost-model JSON (python -m specdec.research.cost_model calibrate)")

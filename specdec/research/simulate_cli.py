@@ -92,6 +92,7 @@ def run_command(args: argparse.Namespace) -> int:
         specs += [(f"{name}+auto", spec) for name, spec in specs]
     sampling = SamplingParams(args.temperature, seed=args.seed) if args.temperature > 0 else GREEDY
     runs = []
+    batch = args.batch or (1 if cost is not None else 8)
     for name, spec in specs:
         drafter = build_drafter(spec, target)
         if name.endswith("+auto"):
@@ -103,7 +104,7 @@ def run_command(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if sampling.greedy:
             results = replay(trace, drafter, args.max_new_tokens, args.max_tree_nodes, target.dtype, target.device,
-                             args.batch)
+                             batch)
         else:
             results = estimate_replay(trace, drafter, sampling, args.max_new_tokens, args.max_tree_nodes,
                                       target.dtype, target.device)
@@ -113,7 +114,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{run['label']:<28} tau {run['tau']:.3f}{' (estimate)' if run['estimate'] else ''}  "
               f"predicted speedup {run['predicted_speedup'] or float('nan'):.2f}  replay {run['replay_s']:.1f}s",
               file=sys.stderr)
-    report = {"trace": {k: v for k, v in trace.meta.items()}, "n_prompts": len(trace.prompts),
+    report = {"trace": {k: v for k, v in trace.meta.items()}, "n_prompts": len(trace.prompts), "replay_batch": batch,
               "sampling": {"temperature": sampling.temperature, "seed": sampling.seed}, "runs": runs}
     text = json.dumps(report, indent=2)
     if args.out:
