@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from specdec.interfaces import Draft
 from specdec.tree import TokenTree
 
 Path = tuple[int, ...]
@@ -50,3 +51,33 @@ def tree_paths(tree: TokenTree) -> list[Path]:
     for i in range(1, len(tokens)):
         paths.append(paths[parents[i]] + (tokens[i],))
     return paths[1:]
+
+
+def observe_rates(rates: list[list[float]], paths: list[Path], accepted: list[int], weight: float) -> None:
+    """One step's evidence for one source's running rates ``rates[depth - 1][rank]`` (moving average, ``weight``
+    of the newest): at each depth ``d`` whose accepted prefix lies in the source's proposal ``paths``, was the
+    accepted token (the bonus at the last depth) its rank-``r`` child there, for each rank ``r`` the proposal had?"""
+    children: dict[Path, list[int]] = {}
+    for path in paths:
+        children.setdefault(path[:-1], []).append(path[-1])
+    for d in range(1, min(len(accepted), len(rates)) + 1):
+        options = children.get(tuple(accepted[: d - 1]))
+        if not options:
+            return
+        for rank, tok in enumerate(options):
+            r = rates[d - 1][min(rank, RANKS - 1)]
+            rates[d - 1][min(rank, RANKS - 1)] = r + weight * (float(tok == accepted[d - 1]) - r)
+        if accepted[d - 1] not in options:
+            return
+
+
+def pass_through(draft: Draft, paths: list[Path], kept: set[Path]) -> Draft | None:
+    """The model's own draft (probabilities included) when ``kept`` is all of it or a prefix of its chain, else
+    ``None`` (the merged tree is then verified as one-hot proposals)."""
+    if kept == set(paths) and len(paths) == draft.tree.num_nodes - 1:
+        return draft
+    n = len(kept) + 1
+    if draft.tree.max_depth == draft.tree.num_nodes - 1 and kept == set(paths[: n - 1]):  # chain prefix
+        probs = None if draft.probs is None else draft.probs[:n]
+        return Draft(TokenTree.chain(draft.tree.tokens[:n]), probs, draft.without_replacement)
+    return None

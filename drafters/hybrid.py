@@ -40,11 +40,18 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from specdec.drafters.common import PerSequence, row_budgets
-from specdec.drafters.draft_paths import RANKS, Path, longest_match, path_values, tree_paths
+from specdec.drafters.draft_paths import (
+    RANKS,
+    Path,
+    longest_match,
+    observe_rates,
+    pass_through,
+    path_values,
+    tree_paths,
+)
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.interfaces import Draft, Drafter, DraftInput
-from specdec.tree import TokenTree
 from specdec.tree_builders import union_tree
 
 SOURCES = ("ngram", "model")
@@ -149,7 +156,7 @@ class HybridDrafter:
         if state is not None and state.proposed:
             accepted = tokens.tolist()
             for source, paths in state.proposed.items():
-                self._observe(state.rates[source], paths, accepted)
+                observe_rates(state.rates[source], paths, accepted, self.weight)
             speed = len(accepted) / (1 + self.ngram.node_cost * state.nodes)
             state.speed += self.weight * (speed - state.speed)
             if state.since_model == 0:  # the model proposed: how many accepted tokens did its tree hold?
@@ -254,38 +261,10 @@ class HybridDrafter:
         state.nodes = len(kept)
         root = int(item.history[-1])
         if model_draft is not None and kept and kept <= set(model_paths):
-            passed = self._pass_through(model_draft, model_paths, kept)
+            passed = pass_through(model_draft, model_paths, kept)
             if passed is not None:
                 return passed
         return Draft(union_tree(root, list(kept))[0])
-
-    @staticmethod
-    def _pass_through(draft: Draft, paths: list[Path], kept: set[Path]) -> Draft | None:
-        """The model's own draft (probabilities included) when ``kept`` is all of it or a prefix of its chain."""
-        if kept == set(paths) and len(paths) == draft.tree.num_nodes - 1:
-            return draft
-        n = len(kept) + 1
-        if draft.tree.max_depth == draft.tree.num_nodes - 1 and kept == set(paths[: n - 1]):  # chain prefix
-            probs = None if draft.probs is None else draft.probs[:n]
-            return Draft(TokenTree.chain(draft.tree.tokens[:n]), probs, draft.without_replacement)
-        return None
-
-    def _observe(self, rates: list[list[float]], paths: list[Path], accepted: list[int]) -> None:
-        """One step's evidence for one source: at each depth ``d`` whose accepted prefix lies in the source's
-        proposal, was the accepted token (the bonus at the last depth) its rank-``r`` child there, for each rank
-        ``r`` the proposal had?"""
-        children: dict[Path, list[int]] = {}
-        for path in paths:
-            children.setdefault(path[:-1], []).append(path[-1])
-        for d in range(1, min(len(accepted), len(rates)) + 1):
-            options = children.get(tuple(accepted[: d - 1]))
-            if not options:
-                return
-            for rank, tok in enumerate(options):
-                r = rates[d - 1][min(rank, RANKS - 1)]
-                rates[d - 1][min(rank, RANKS - 1)] = r + self.weight * (float(tok == accepted[d - 1]) - r)
-            if accepted[d - 1] not in options:
-                return
 
 
 MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
