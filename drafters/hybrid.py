@@ -34,6 +34,7 @@ own tree (or a prefix of its chain) with no n-gram node does the model's ``Draft
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -49,6 +50,7 @@ from specdec.drafters.draft_paths import (
     path_values,
     tree_paths,
 )
+from specdec.drafters.hybrid_cost import CostRule, running
 from specdec.drafters.ngram import NgramDrafter
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.interfaces import Draft, Drafter, DraftInput
@@ -70,7 +72,7 @@ class _SeqState:
     context: int = 0  # history length at this step (the measured step cost depends on it)
 
 
-class HybridDrafter:
+class HybridDrafter(CostRule):
     """N-gram + model drafting under one node budget (see the module docstring).
 
     Args:
@@ -88,6 +90,9 @@ class HybridDrafter:
         model_cost: a model draft's cost as a fraction of a verification step; the model is asked only where its
             expected extra tokens pay for it (module docstring). ``None``: always ask (unless ``skip_model_above``).
         probe: under the cost rule, the model is asked at least every ``probe`` steps.
+        measure_cost: ``model_cost`` is only the prior: once measured, the running ratio of the model's ``propose``
+            time to the time from one ``propose`` to the next (the engine's verification and bookkeeping; a gap
+            over 5x the running value, an idle engine, is ignored) replaces it, so the rule follows the machine.
         ngram_alone: a step that does not ask the model proposes the n-gram drafter's own tree (as plain n-gram
             drafting would) instead of the rate-pruned n-gram candidates.
         step_cost: measured verification cost ``step_cost(n, context)`` of an ``n``-node tree relative to one node
@@ -101,7 +106,7 @@ class HybridDrafter:
                  prior: float | dict[str, float] = 0.6, weight: float = 0.2, min_value: float | None = None,
                  skip_model_above: float | None = None, model_cost: float | None = MODEL_COST,
                  probe: int = 32, step_cost: Callable[[int, int], float] | None = None,
-                 ngram_alone: bool = True) -> None:
+                 ngram_alone: bool = True, measure_cost: bool = False) -> None:
         if budget < 1 or max_depth < 1:
             raise ValueError(f"budget and max_depth must be >= 1, got {budget}, {max_depth}")
         if not 0 < weight <= 1:
@@ -119,6 +124,10 @@ class HybridDrafter:
         self.skip_model_above, self.model_cost = skip_model_above, model_cost
         self.sources = ("model", *(f"ngram{n}" for n in range(self.ngram.min_ngram, self.ngram.max_ngram + 1)))
         self.probe, self.step_cost, self.ngram_alone = probe, step_cost, ngram_alone
+        self.measure_cost = measure_cost
+        self._last_end: float | None = None  # when the last propose returned
+        self.step_s: float | None = None  # running time from a propose's end to the next one's start
+        self.model_s: float | None = None  # running time of the model's propose
         # prior of a rank-r child: the source's prior times 0.3 ** r (siblings' priors sum to < 1)
         self._state: PerSequence[_SeqState] = PerSequence(lambda: _SeqState(
             {s: [[priors["model" if s == "model" else "ngram"] * 0.3**r for r in range(RANKS)]
@@ -128,18 +137,26 @@ class HybridDrafter:
     # ------------------------------------------------------------------ protocol
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         """One merged draft per input; the model runs once for the sequences that need it."""
+        start = time.perf_counter()
+        if self.measure_cost and self._last_end is not None:
+            self.step_s = running(self.step_s, start - self._last_end, self.weight, clip=5.0)
         ngram = [self._ngram_paths(item.history) for item in batch]
         budgets = row_budgets(batch, self.budget)
         for item in batch:
             self._state[item.seq_id].context = item.history.numel()
         ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i], budgets[i])]
+        t0 = time.perf_counter()
         model_drafts = dict(zip(ask, self.model.propose([batch[i] for i in ask]), strict=True)) if ask else {}
+        if ask and self.measure_cost:
+            self.model_s = running(self.model_s, time.perf_counter() - t0, self.weight)
         self.model_calls += len(ask)
         alone = [i for i in range(len(batch)) if i not in model_drafts] if self.ngram_alone else []
         plain = dict(zip(alone, self.ngram.propose([replace(batch[i], budget=budgets[i]) for i in alone]),
                          strict=True)) if alone else {}
-        return [self._alone(item, *ngram[i], plain[i]) if i in plain else
-                self._merge(item, *ngram[i], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
+        out = [self._alone(item, *ngram[i], plain[i]) if i in plain else
+               self._merge(item, *ngram[i], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
+        self._last_end = time.perf_counter()
+        return out
 
     def _alone(self, item: DraftInput, ngram_paths: list[Path], ngram_source: str, draft: Draft) -> Draft:
         """A step without the model: the n-gram drafter's own tree (so such steps equal plain n-gram drafting);
@@ -189,46 +206,6 @@ class HybridDrafter:
         asked = budget > 1 and self._decide(state, ngram_paths, source, budget)
         state.since_model = 0 if asked else state.since_model + 1
         return asked
-
-    def _decide(self, state: _SeqState, ngram_paths: list[Path], source: str, budget: int) -> bool:
-        if ngram_paths and self.skip_model_above is not None and state.rates[source][0][0] >= self.skip_model_above:
-            return False
-        if self.model_cost is None or state.model_value is None or state.since_model + 1 >= self.probe:
-            return True
-        values = path_values(ngram_paths, state.rates[source])
-        ctx = state.context
-        if self.step_cost is None:
-            v_n, n_n = self._kept_worth(values, self._floor(state), budget)
-        else:
-            ranked = sorted(values.values(), reverse=True)[: budget - 1]
-            v_n, n_n = sum(ranked[: self._best_prefix(ranked, ctx)]), self._best_prefix(ranked, ctx)
-        n_m = max(n_n, state.model_nodes)
-        with_model = (1 + max(v_n, state.model_value)) / (self._rel(n_m + 1, ctx) + self.model_cost)
-        return with_model > (1 + v_n) / self._rel(n_n + 1, ctx)
-
-    def _rel(self, nodes: float, ctx: int) -> float:
-        """Verification cost of a ``nodes``-node tree relative to a lone root."""
-        if self.step_cost is None:
-            return 1 + self.ngram.node_cost * (nodes - 1)
-        return self.step_cost(max(1, round(nodes)), ctx)
-
-    def _best_prefix(self, values: list[float], ctx: int) -> int:
-        """How many of ``values`` (best first) to keep: maximises ``(1 + their sum) / step cost``."""
-        best, best_rate, gained = 0, 1.0 / self._rel(1, ctx), 1.0
-        for i, v in enumerate(values):
-            gained += v
-            if gained / self._rel(i + 2, ctx) > best_rate:
-                best, best_rate = i + 1, gained / self._rel(i + 2, ctx)
-        return best
-
-    def _floor(self, state: _SeqState) -> float:
-        """The value a node needs to pay for its verification cost at this sequence's running speed."""
-        return self.min_value * max(1.0, state.speed)
-
-    def _kept_worth(self, values: dict[Path, float], floor: float, budget: int) -> tuple[float, int]:
-        """Sum and count of the values a tree of these candidates alone would keep."""
-        kept = sorted((v for v in values.values() if v >= floor), reverse=True)[: budget - 1]
-        return sum(kept), len(kept)
 
     def _merge(self, item: DraftInput, ngram_paths: list[Path], ngram_source: str, model_draft: Draft | None,
                budget: int) -> Draft:
@@ -280,8 +257,9 @@ MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
     Option("topk", int, None, "children per expanded node of the model's dynamic tree"),
     Option("skip", float, None, "depth-1 n-gram rate above which a matched sequence skips the model (default: no "
                                 "such override)"),
-    Option("cost", float, None, f"a model draft's cost as a fraction of a verification step: the model runs only "
-                                f"where its expected extra tokens pay for it (default {MODEL_COST}; -1 = always)"),
+    Option("cost", str, None, f"a model draft's cost as a fraction of a verification step: the model runs only "
+                              f"where its expected extra tokens pay for it (default {MODEL_COST}; -1 = always ask; "
+                              f"'auto' = measured while running, from the prior {MODEL_COST})"),
     Option("steps", str, None, "a cost-model JSON (specdec calibrate): tree sizes by the measured verification cost "
                                "instead of a linear per-node cost"),
 ))
@@ -296,5 +274,14 @@ def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=
         from specdec.research.cost_model import CostModel
 
         step_cost = CostModel.load(steps).relative_step
+    measure = cost == "auto"
+    if cost is None or measure:
+        model_cost = MODEL_COST
+    else:
+        try:
+            value = float(cost)
+        except ValueError:
+            raise ValueError(f"option 'cost' of drafter 'hybrid' expects a number or 'auto', got {cost!r}") from None
+        model_cost = None if value < 0 else value
     return HybridDrafter(build_drafter(sub, target), skip_model_above=skip, step_cost=step_cost,
-                         model_cost=MODEL_COST if cost is None else None if cost < 0 else cost, **kwargs)
+                         model_cost=model_cost, measure_cost=measure, **kwargs)

@@ -329,3 +329,51 @@ def test_a_step_without_the_model_proposes_exactly_the_ngram_drafters_tree(targe
     out = SpeculativeEngine(target, target.new_cache(64, 4), HybridDrafter(FixedDrafter([(7,)]), budget=12),
                             max_tree_nodes=12).generate(REPEATING, 16)
     assert out.tokens == ar.tokens
+
+
+class SlowDrafter(FixedDrafter):
+    """A model that always knows the next token but takes ``seconds`` per propose."""
+
+    def __init__(self, truth, seconds):
+        super().__init__([])
+        self.truth, self.seconds = truth, seconds
+
+    def propose(self, batch):
+        import time
+
+        time.sleep(self.seconds)
+        out = []
+        for item in batch:
+            n = item.history.numel()
+            nxt = self.truth[n] if n < len(self.truth) else 0
+            out.append(Draft(_tree(int(item.history[-1]), [(nxt,)])))
+        return out
+
+
+def test_a_measured_model_cost_stops_asking_a_model_that_costs_more_than_it_saves(target):
+    """``cost=auto``: the model's propose time over the time between proposes replaces the prior; a model that
+    is always right but costs ~20 verification steps is soon asked only at the probe interval, while the prior
+    (0.3) keeps asking it. Both stay lossless."""
+    prompt = [8, 2, 6, 1, 3, 11, 40, 7]
+    ar = SpeculativeEngine(target, target.new_cache(64, 4)).generate(prompt, 40)
+    truth = prompt + ar.tokens
+    calls = {}
+    for measure in (False, True):
+        hybrid = HybridDrafter(SlowDrafter(truth, 0.05), budget=4, measure_cost=measure, probe=16)
+        out = SpeculativeEngine(target, target.new_cache(64, 4), hybrid, max_tree_nodes=4).generate(prompt, 40)
+        assert out.tokens == ar.tokens
+        calls[measure] = hybrid.model_calls
+        if measure:
+            assert hybrid.current_model_cost > 3.0 and hybrid.step_s > 0
+    assert calls[False] >= 10 and calls[True] <= calls[False] // 2, calls
+
+
+def test_the_cost_option_takes_a_number_or_auto(target):
+    from specdec.drafters import DrafterSpec, build_drafter
+
+    auto = build_drafter(DrafterSpec.parse("hybrid:cost=auto"), target)
+    assert auto.measure_cost and auto.current_model_cost == auto.model_cost == 0.3
+    assert build_drafter(DrafterSpec.parse("hybrid:cost=-1"), target).model_cost is None
+    assert build_drafter(DrafterSpec.parse("hybrid:cost=0.5"), target).model_cost == 0.5
+    with pytest.raises(ValueError, match="option 'cost' of drafter 'hybrid' expects a number or 'auto', got 'x'"):
+        build_drafter(DrafterSpec.parse("hybrid:cost=x"), target)
