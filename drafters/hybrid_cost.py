@@ -8,7 +8,10 @@ A mixin of :class:`specdec.drafters.hybrid.HybridDrafter`: it reads the drafter'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from specdec.drafters.draft_paths import Path, path_values
+from specdec.drafters.ngram import NgramDrafter
 
 
 def running(old: float | None, new: float, weight: float, clip: float | None = None) -> float:
@@ -21,7 +24,17 @@ def running(old: float | None, new: float, weight: float, clip: float | None = N
 
 
 class CostRule:
-    """When to ask the model and how many nodes pay (mixed into the hybrid drafter)."""
+    """When to ask the model and how many nodes pay (mixed into the hybrid drafter, which sets these)."""
+
+    ngram: NgramDrafter
+    model_cost: float | None
+    measure_cost: bool
+    step_cost: Callable[[int, int], float] | None
+    min_value: float
+    probe: int
+    skip_model_above: float | None
+    step_s: float | None
+    model_s: float | None
 
     @property
     def current_model_cost(self) -> float | None:
