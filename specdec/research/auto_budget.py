@@ -71,16 +71,16 @@ class AcceptanceTracker:
                 values[c] = values[u] * self.rate(int(tree.depth[c]), rank)
         return values
 
-    def plan_values(self, nodes: int, fanout: int, max_depth: int) -> list[tuple[float, int]]:
-        """``(value, depth)`` of the ``nodes`` best nodes of a virtual tree in which every node up to ``max_depth``
+    def plan_values(self, nodes: int, fanout: int, max_depth: int) -> list[float]:
+        """Values of the ``nodes`` best nodes of a virtual tree in which every node up to ``max_depth``
         has ``fanout`` ranked children, best first: the tree a best-first drafter would build if the tracked rates
         were its confidences. Plans a step's size before drafting."""
         heap = [(-self.rate(1, r), 1) for r in range(fanout)]
         heapq.heapify(heap)
-        out: list[tuple[float, int]] = []
+        out: list[float] = []
         while heap and len(out) < nodes:
             v, d = heapq.heappop(heap)
-            out.append((-v, d))
+            out.append(-v)
             if d < max_depth:
                 for r in range(fanout):
                     heapq.heappush(heap, (v * self.rate(d + 1, r), d + 1))
@@ -183,8 +183,9 @@ class AutoBudgetDrafter:
         self._fit = [0.0] * 5  # decayed sums of 1, x, x^2, y, x y: per-sequence draft seconds y vs levels x
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
-        if self.plan:
-            budgets = [self._plan(item.history.numel()) for item in batch]
+        if self.plan:  # the tracker is shared: one virtual tree for the batch, a budget per context length
+            values = self.tracker.plan_values(self._own - 1, self._fanout, self._depth)
+            budgets = [self._plan(values, item.history.numel()) for item in batch]
             batch = [dataclasses.replace(item, budget=b if item.budget is None else min(b, item.budget))
                      for item, b in zip(batch, budgets, strict=True)]
             self.planned += budgets
@@ -227,9 +228,8 @@ class AutoBudgetDrafter:
         slope = (sxy / n - sx / n * sy / n) / var
         return max(sy / n + slope * (levels - sx / n), 0.0)
 
-    def _plan(self, ctx: int) -> int:
-        """The budget to ask for: maximises expected tokens per second on the tracker's virtual tree."""
-        values = [v for v, _ in self.tracker.plan_values(self._own - 1, self._fanout, self._depth)]
+    def _plan(self, values: list[float], ctx: int) -> int:
+        """The budget to ask for: maximises expected tokens per second on the tracker's virtual tree ``values``."""
         return choose_size(values, lambda n: self.draft_estimate(self._levels(n)) + self.cost.verify_time(n, ctx),
                            self._own)
 
