@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -144,17 +144,17 @@ class HybridDrafter(CostRule):
         budgets = row_budgets(batch, self.budget)
         for item in batch:
             self._state[item.seq_id].context = item.history.numel()
-        ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i], budgets[i])]
+        ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i][:2], budgets[i])]
         t0 = time.perf_counter()
         model_drafts = dict(zip(ask, self.model.propose([batch[i] for i in ask]), strict=True)) if ask else {}
         if ask and self.measure_cost:
             self.model_s = running(self.model_s, time.perf_counter() - t0, self.weight)
         self.model_calls += len(ask)
         alone = [i for i in range(len(batch)) if i not in model_drafts] if self.ngram_alone else []
-        plain = dict(zip(alone, self.ngram.propose([replace(batch[i], budget=budgets[i]) for i in alone]),
-                         strict=True)) if alone else {}
-        out = [self._alone(item, *ngram[i], plain[i]) if i in plain else
-               self._merge(item, *ngram[i], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
+        plain = {i: self.ngram.draft_from(batch[i].seq_id, int(batch[i].history[-1]), ngram[i][2], budgets[i])
+                 for i in alone}
+        out = [self._alone(item, *ngram[i][:2], plain[i]) if i in plain else
+               self._merge(item, *ngram[i][:2], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
         self._last_end = time.perf_counter()
         return out
 
@@ -191,14 +191,16 @@ class HybridDrafter(CostRule):
         self.model.release(seq_id)
 
     # ------------------------------------------------------------------ internals
-    def _ngram_paths(self, history: torch.Tensor) -> tuple[list[Path], str]:
-        """Every node of the n-gram continuations (prefixes included), most recent match first, and the source
-        name of this step's n-gram proposal (``ngram{n}``, ``n`` = the longest matched suffix)."""
+    def _ngram_paths(self, history: torch.Tensor) -> tuple[list[Path], str, list[list[int]]]:
+        """Every node of the n-gram continuations (prefixes included), most recent match first, the source
+        name of this step's n-gram proposal (``ngram{n}``, ``n`` = the longest matched suffix), and the
+        continuations themselves (the n-gram drafter's own tree is built from them on steps without the model)."""
         paths: dict[Path, None] = {}
-        for cont in self.ngram.continuations(history, self.ngram.max_matches):
+        conts = self.ngram.continuations(history, self.ngram.max_matches)
+        for cont in conts:
             cont = tuple(cont[: self.max_depth])
             paths.update((cont[:d], None) for d in range(1, len(cont) + 1))
-        return list(paths), f"ngram{longest_match(history, self.ngram.max_ngram, self.ngram.min_ngram)}"
+        return list(paths), f"ngram{longest_match(history, self.ngram.max_ngram, self.ngram.min_ngram)}", conts
 
     def _model_pays(self, seq_id: int, ngram_paths: list[Path], source: str, budget: int) -> bool:
         """Whether to ask the model for this sequence this step (the module docstring's rule)."""

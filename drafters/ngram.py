@@ -68,16 +68,17 @@ class NgramDrafter:
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         """Deterministic proposals (no probabilities): verified as one-hot drafts, exact at any temperature."""
-        drafts = []
-        for item, budget in zip(batch, row_budgets(batch, self.max_nodes), strict=True):
-            history = item.history
-            state = self._state[item.seq_id]
-            depth = self.worthwhile_depth(state.alpha)
-            conts = [c[:depth] for c in self.continuations(history, self.max_matches)]
-            tree = merge_continuations(int(history[-1]), conts, budget)
-            state.drafted_depth = tree.max_depth
-            drafts.append(Draft(tree))
-        return drafts
+        return [self.draft_from(item.seq_id, int(item.history[-1]), self.continuations(item.history, self.max_matches),
+                                budget) for item, budget in zip(batch, row_budgets(batch, self.max_nodes), strict=True)]
+
+    def draft_from(self, seq_id: int, root: int, continuations: list[list[int]], budget: int) -> Draft:
+        """This sequence's tree from already found ``continuations`` (:meth:`continuations`), cut to the depth its
+        running acceptance makes worthwhile and to ``budget`` nodes (the hybrid reuses the matches it found)."""
+        state = self._state[seq_id]
+        depth = self.worthwhile_depth(state.alpha)
+        tree = merge_continuations(root, [c[:depth] for c in continuations], budget)
+        state.drafted_depth = tree.max_depth
+        return Draft(tree)
 
     def worthwhile_depth(self, alpha: float) -> int:
         """Deepest ``d <= max_depth`` with ``alpha ** d > node_cost`` (at least 1)."""
