@@ -39,9 +39,12 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {"kernels", "verify", "e2e", "drafters"} <= set(res)
-    assert {(r["n"], r["num_splits"]) for r in res["kernels"]} == {(1, 2), (4, 2)}
-    assert all(r["split_vs_unsplit_max_err"] < 1e-5 for r in res["kernels"])
-    assert all(r["unsplit_ms"] > 0 and r["gbps"] > 0 and r["tflops"] > 0 for r in res["kernels"])
+    assert not res["errors"] and not res["skipped"], res["errors"]
+    grid = res["kernels"]["grid"]
+    assert res["kernels"]["correctness"] and all(c["ok"] for c in res["kernels"]["correctness"])
+    assert {(r["n"], r["num_splits"]) for r in grid} == {(1, 2), (4, 2)}
+    assert all(r["split_vs_unsplit_max_err"] < 1e-5 for r in grid)
+    assert all(r["unsplit_ms"] > 0 and r["gbps"] > 0 and r["tflops"] > 0 for r in grid)
     assert [r["n"] for r in res["verify"]] == [1, 4] and all(r["hf_static_ms"] > 0 for r in res["verify"])
     e2e = {r["name"]: r for r in res["e2e"]}
     runs = {"specdec_ar", "oracle_chain4", "oracle_chain8"}
@@ -49,6 +52,8 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
     assert e2e["oracle_chain4"]["identical_to_ar"] and e2e["oracle_chain4"]["tau"] > 2, e2e["oracle_chain4"]
     assert all(e2e[f"{r}_compiled"]["identical_to_ar"] for r in runs)
     assert all(r["compiled_ms"] > 0 for r in res["verify"])  # smoke buckets 1 and 4 = its tree sizes
+    stats = res["compile_stats"]
+    assert stats["compiled_steps"] > 0 and stats["eager_steps"] > 0  # prefill chunks run eagerly
     assert all(r["blocks_freed"] for r in res["e2e"][1:])
     drafters = res["drafters"]
     assert len(drafters) == 20 and {r["temperature"] for r in drafters} == {0.0, 0.8}
@@ -59,12 +64,12 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
 def test_oracle_chain_drafter_proposes_the_known_continuation():
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import bench_gpu
+        import gpu_engine_bench
     finally:
         sys.path.remove(str(SCRIPT.parent))
     from specdec.interfaces import DraftInput
 
-    oracle = bench_gpu.OracleChain(torch.tensor([5, 6, 7, 8, 9, 10]), depth=3)
+    oracle = gpu_engine_bench.OracleChain(torch.tensor([5, 6, 7, 8, 9, 10]), depth=3)
     drafts = oracle.propose([DraftInput(0, torch.tensor([5, 6])), DraftInput(1, torch.tensor([5, 6, 7, 8, 9]))])
     assert drafts[0].tree.tokens.tolist() == [6, 7, 8, 9] and drafts[0].tree.parents.tolist() == [-1, 0, 1, 2]
     assert drafts[1].tree.tokens.tolist() == [9, 10]  # the continuation ends: a shorter chain
