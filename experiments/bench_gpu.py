@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the compiled / CUDA-graph verify step in (b) and (c)")
     p.add_argument("--compile-buckets", default="1,8,16", help="token buckets of the compiled step")
+    p.add_argument("--oracle-depths", default="4,8", help="(c): depths of the oracle chain drafter")
+    p.add_argument("--profile", default=None, help="(c): write a host profile of the compiled AR run here")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip the stages that would start after this many seconds (0: no limit)")
     p.add_argument("--seed", type=int, default=0)
@@ -239,7 +241,7 @@ def main(argv=None):
         from specdec.target import TargetModel
 
         model = eb.build_model(torch, args.shape, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                               args.seed)
+                               args.seed, peaked=True)
         target = TargetModel(model, backend=_backend(args, dev))
         compiled = None
         if args.compile:  # aot_eager in the smoke run: the same trace without minutes of CPU code generation
@@ -251,7 +253,8 @@ def main(argv=None):
             verify += run.stage(f"verify ctx {ctxs[0]}", eb.section_verify, torch, args, model, target, dev,
                                 compiled, ctxs[:1], errors) or []
         if "e2e" in args.sections:
-            result["e2e"] = run.stage("e2e", eb.section_e2e, torch, args, model, target, dev, compiled, errors)
+            result["e2e"] = run.stage("e2e", eb.section_e2e, torch, args, model, target, dev, compiled, errors,
+                                      args.profile)
     if "drafters" in args.sections:
         result["drafters"] = run.stage("drafters", section_drafters, torch, args, dev)
     if "verify" in args.sections and len(ctxs) > 1:

@@ -41,10 +41,19 @@ def timeit(torch, fn, dev, reps=10, warm=2):
     return statistics.median(times)
 
 
-def build_model(torch, shape, dev, dtype, seed):
+def build_model(torch, shape, dev, dtype, seed, peaked=False):
+    """A random-weight Llama of ``shape`` (speed does not depend on the weights).
+
+    ``peaked``: the next token is decided by a wide margin, so greedy decoding has no near-ties in bf16 and
+    "same output as HF / as autoregressive" is a real check: every block's output projections are scaled down
+    (the residual stream stays close to the input embedding ``e_x``) and ``lm_head`` row ``j`` is the embedding of
+    ``pi^-1(j)`` for a random permutation ``pi``, so the logits peak at ``pi(x)`` (``|e_x|^2`` against dot
+    products ~ ``sqrt(hidden)`` times smaller). The text is a walk ``x -> pi(x)``; the shapes, and so the
+    speed, are the real model's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                      tie_word_embeddings=False)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: an 8B model never exists in float32
@@ -57,6 +66,13 @@ def build_model(torch, shape, dev, dtype, seed):
         for prm in model.parameters():
             if prm.dim() == 2:
                 prm.mul_(0.5)
+        if peaked:
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(0.02)
+                layer.mlp.down_proj.weight.mul_(0.02)
+            emb = model.get_input_embeddings().weight
+            perm = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(seed)).to(emb.device)
+            model.lm_head.weight.copy_(emb[torch.argsort(perm)])
     return model
 
 
@@ -195,11 +211,14 @@ class OracleChain:
         pass
 
 
-def run_engine(torch, target, drafter, prompt, new, dev, sampling=None, num_blocks=None):
+def run_engine(torch, target, drafter, prompt, new, dev, sampling=None, num_blocks=None, cache=None):
+    """(result, seconds, every block free afterwards); ``cache``: reuse one (a server keeps one for its life; a
+    compiled step captures its CUDA graphs once per cache), else a fresh one of ``num_blocks``."""
     from specdec.engine import SpeculativeEngine
     from specdec.sampling import SamplingParams
 
-    cache = target.new_cache(num_blocks=num_blocks or (prompt.numel() + new + 64) // 16 + 8, block_size=16)
+    if cache is None:
+        cache = target.new_cache(num_blocks=num_blocks or (prompt.numel() + new + 64) // 16 + 8, block_size=16)
     engine = SpeculativeEngine(target, cache, drafter, eos_token_ids=())
     sync(torch, dev)
     t0 = time.perf_counter()
@@ -209,7 +228,24 @@ def run_engine(torch, target, drafter, prompt, new, dev, sampling=None, num_bloc
     return result, time.perf_counter() - t0, freed
 
 
-def section_e2e(torch, args, model, target, dev, compiled, errors):
+def profile_engine(torch, target, prompt, new, dev, cache, path):
+    """Host profile (cProfile, by own time) of one engine run: where the step's wall time goes outside the GPU."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run_engine(torch, target, None, prompt, new, dev, cache=cache)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
+
+
+def section_e2e(torch, args, model, target, dev, compiled, errors, profile=None):
     g = torch.Generator().manual_seed(args.seed + 1)
     ctx, new = ints(args.ctx)[0], args.new
     prompt = torch.randint(0, model.config.vocab_size, (1, ctx), generator=g).to(dev)
@@ -218,27 +254,33 @@ def section_e2e(torch, args, model, target, dev, compiled, errors):
     rows = [dict(name="hf_static_compile", tok_s=new / hf_s, speedup=1.0, tau=None, identical_to_hf=True)]
     print(f"\n(c) end to end, prompt {ctx}, {new} new tokens\n  hf_static_compile {new / hf_s:8.1f} tok/s",
           flush=True)
-    blocks = cache_blocks(args)
-    run_engine(torch, target, None, prompt[0].cpu(), 8, dev, num_blocks=blocks)  # warm-up
+    caches = {id(t): t.new_cache(num_blocks=cache_blocks(args), block_size=16) for t in (target, compiled) if t}
+    run_engine(torch, target, None, prompt[0].cpu(), 8, dev, cache=caches[id(target)])  # warm-up
     own = None
-    runs = [("specdec_ar", 0, target), ("oracle_chain4", 4, target), ("oracle_chain8", 8, target)]
+    runs = [("specdec_ar", 0, target)] + [(f"oracle_chain{d}", d, target) for d in ints(args.oracle_depths)]
     if compiled is not None:
         runs += [(f"{name}_compiled", depth, compiled) for name, depth, _ in runs]
     for name, depth, tgt in runs:
         drafter = OracleChain(torch.cat([prompt[0].cpu(), torch.tensor(own)]), depth) if depth else None
         try:
-            if tgt is compiled:  # warm-up: compiles the buckets this drafter's trees use
-                run_engine(torch, tgt, drafter, prompt[0].cpu(), 2 * depth + 2, dev, num_blocks=blocks)
-            result, secs, freed = run_engine(torch, tgt, drafter, prompt[0].cpu(), new, dev, num_blocks=blocks)
+            cache = caches[id(tgt)]
+            if tgt is compiled:  # warm-up: compiles the buckets this drafter's trees use, captures their graphs
+                run_engine(torch, tgt, drafter, prompt[0].cpu(), 4 * depth + 4, dev, cache=cache)
+            result, secs, freed = run_engine(torch, tgt, drafter, prompt[0].cpu(), new, dev, cache=cache)
+            if profile and name == "specdec_ar_compiled":
+                profile_engine(torch, tgt, prompt[0].cpu(), new, dev, cache, profile)
         except Exception as err:  # one failing configuration must not hide the others
             errors.append(f"e2e {name}: {type(err).__name__}: {err}"[:2000])
             traceback.print_exc()
             continue
         own = own or result.tokens  # the target's own greedy continuation feeds the oracle
-        row = dict(name=name, tok_s=new / secs, speedup=hf_s / secs, tau=result.stats.tau,
+        st = result.stats
+        row = dict(name=name, tok_s=new / secs, speedup=hf_s / secs, tau=st.tau,
                    identical_to_hf=result.tokens == hf_tokens.tolist(), identical_to_ar=result.tokens == own,
-                   blocks_freed=freed)
+                   blocks_freed=freed, wall_s=secs, steps=st.steps, prefill_s=st.prefill_s, draft_s=st.draft_s,
+                   verify_s=st.verify_s, ms_per_step=1e3 * (secs - st.prefill_s) / max(st.steps, 1))
         rows.append(row)
-        print(f"  {name:<17} {row['tok_s']:8.1f} tok/s  {row['speedup']:5.2f}x HF static  tau {row['tau']:.2f}  "
+        print(f"  {name:<22} {row['tok_s']:8.1f} tok/s  {row['speedup']:5.2f}x HF static  tau {row['tau']:.2f}  "
+              f"{row['ms_per_step']:6.2f} ms/step (verify {1e3 * st.verify_s / max(st.steps, 1):.2f})  "
               f"same as AR {row['identical_to_ar']}  same as HF {row['identical_to_hf']}", flush=True)
     return rows

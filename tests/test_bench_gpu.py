@@ -34,7 +34,8 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
     out = tmp_path / "smoke.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER, "--smoke", "--out", str(out)], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, "--smoke", "--out", str(out),
+                           "--profile", str(tmp_path / "profile.txt")], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -55,6 +56,12 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
     stats = res["compile_stats"]
     assert stats["compiled_steps"] > 0 and stats["eager_steps"] > 0  # prefill chunks run eagerly
     assert all(r["blocks_freed"] for r in res["e2e"][1:])
+    assert all(r["identical_to_hf"] for r in res["e2e"])  # the peaked model has no near-ties
+    new = res["args"]["new"]  # the first token comes from the prefill; then every oracle token is accepted:
+    for depth in (4, 8):
+        assert e2e[f"oracle_chain{depth}"]["steps"] == e2e[f"oracle_chain{depth}_compiled"]["steps"] \
+            == -(-(new - 1) // (depth + 1))
+    assert "greedy_accept_batch" in (tmp_path / "profile.txt").read_text()
     drafters = res["drafters"]
     assert len(drafters) == 20 and {r["temperature"] for r in drafters} == {0.0, 0.8}
     bad = [r for r in drafters if not (r["ok"] and r["blocks_freed"] and r["identical_to_ar"] is not False)]
