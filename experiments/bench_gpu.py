@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel-trees", default="1,4,16,64")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the compiled / CUDA-graph verify step in (b) and (c)")
+    p.add_argument("--graphs", default=None, choices=["manual", "trees", "none"],
+                   help="CUDA graphs of the compiled step (default: manual on CUDA; see specdec.compiled_step)")
     p.add_argument("--compile-buckets", default="1,8,16", help="token buckets of the compiled step")
     p.add_argument("--oracle-depths", default="4,8", help="(c): depths of the oracle chain drafter")
     p.add_argument("--profile", default=None, help="(c): write a host profile of the compiled AR run here")
@@ -246,7 +248,8 @@ def main(argv=None):
         compiled = None
         if args.compile:  # aot_eager in the smoke run: the same trace without minutes of CPU code generation
             compiled = TargetModel(model, backend=_backend(args, dev), compile="aot_eager" if args.smoke else True,
-                                   buckets=(ints(args.compile_buckets), (1,)))
+                                   buckets=(ints(args.compile_buckets), (1,)),
+                                   graphs=args.graphs or ("manual" if args.smoke else None))
         errors = result["errors"]
         verify = result["verify"] = []
         if "verify" in args.sections:  # the first context now, the others after the drafters (least needed)

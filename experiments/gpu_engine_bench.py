@@ -88,7 +88,8 @@ def compile_stats(torch, compiled):
     except Exception as err:  # counters are private API: report, never fail on them
         skips = f"unavailable: {err}"
     return dict(compiled_steps=cv.compiled_steps, eager_steps=cv.eager_steps, graphs=sorted(map(str, cv.graphs)),
-                mode=cv.mode, cudagraph_skips=skips)
+                graph_mode=cv.graph_mode, step_graphs=len(cv.step_graphs), capture_error=cv.capture_error,
+                cudagraph_skips=skips)
 
 
 # ------------------------------------------------------------------------------------- (b) verify step

@@ -36,20 +36,18 @@ class PaddedTrees:
 
     @classmethod
     def stack(cls, trees: list[TokenTree], device: torch.device | str = "cpu") -> PaddedTrees:
+        """Pad on the host, then two transfers (the integer fields together, the ancestor masks): on CUDA every
+        blocking copy waits for the stream, so one copy per field would cost a round trip each."""
         n = max(t.num_nodes for t in trees)
-
-        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, n - x.shape[-1]), value=value)
-
-        anc = torch.stack([torch.nn.functional.pad(t.ancestor_mask, (0, n - t.num_nodes, 0, n - t.num_nodes))
-                           for t in trees])
-        return cls(
-            tokens=torch.stack([pad(t.tokens, 0) for t in trees]).to(device),
-            parents=torch.stack([pad(t.parents, -1) for t in trees]).to(device),
-            depth=torch.stack([pad(t.depth, 0) for t in trees]).to(device),
-            ancestors=anc.to(device),
-            valid=torch.stack([pad(torch.ones(t.num_nodes, dtype=torch.long), 0) for t in trees]).bool().to(device),
-        )
+        ints = torch.zeros(4, len(trees), n, dtype=torch.long)  # tokens, parents, depth, valid
+        ints[1] = -1
+        anc = torch.zeros(len(trees), n, n, dtype=torch.bool)
+        for b, t in enumerate(trees):
+            m = t.num_nodes
+            ints[0, b, :m], ints[1, b, :m], ints[2, b, :m], ints[3, b, :m] = t.tokens, t.parents, t.depth, 1
+            anc[b, :m, :m] = t.ancestor_mask
+        ints, anc = ints.to(device), anc.to(device)
+        return cls(tokens=ints[0], parents=ints[1], depth=ints[2], ancestors=anc, valid=ints[3].bool())
 
 
 @dataclass(frozen=True)

@@ -94,19 +94,24 @@ def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequenc
     for s, c, t, r in zip(seq_ids, ctx, trees, reserved, strict=True):
         if c + t.num_nodes > r:
             raise IndexError(f"position {c + t.num_nodes - 1} of sequence {s} is not reserved")
-    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size, offsets)
+    return tree_batch(cache.block_table_host(seq_ids), ctx, trees, cache.block_size, offsets, cache.device)
 
 
 def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Sequence[TokenTree],
-               block_size: int, offsets: Sequence[int] | None = None) -> TreeBatch:
-    """:class:`TreeBatch` from a block table ``[B, max_blocks]`` int32 (on the cache's device), host context
-    lengths and trees, with whole-batch tensor ops (no per-token Python, no device sync).
+               block_size: int, offsets: Sequence[int] | None = None,
+               device: torch.device | str | None = None) -> TreeBatch:
+    """:class:`TreeBatch` from a block table ``[B, max_blocks]`` int32, host context lengths and trees, with
+    whole-batch tensor ops (no per-token Python, no device sync).
 
     ``trees[b]`` is the whole (partial) tree; ``offsets[b]`` (default 0) of its leading nodes are already written
     at ``ctx_b + j`` by earlier forwards. The queries are nodes ``offsets[b]:`` (``0 <= offsets[b] <= len(tree)``;
     equal means no query for that sequence): tokens ``tokens[off:]``, positions ``ctx + depth[off:]``, slots of
-    ``ctx + off + i``, mask rows ``ancestor_mask[off:, :]``."""
-    dev = block_table.device
+    ``ctx + off + i``, mask rows ``ancestor_mask[off:, :]``.
+
+    ``device`` (default: the block table's): where the batch lives. A host block table with another ``device``
+    is the fast path of a decode loop: everything is computed on the host and moves in three copies (int64,
+    int32 and mask bytes; on CUDA each blocking copy is a round trip)."""
+    dev = torch.device(device) if device is not None else block_table.device
     nodes = [t.num_nodes for t in trees]
     offs = [0] * len(trees) if offsets is None else [int(o) for o in offsets]
     if len(offs) != len(trees):
@@ -117,30 +122,44 @@ def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Se
                              f"leading nodes of a {m}-node tree")
     sizes_host = [m - o for m, o in zip(nodes, offs, strict=True)]
     cu_host = tuple(itertools.accumulate(sizes_host, initial=0))
+    b, t = len(trees), cu_host[-1]
     sizes = torch.tensor(sizes_host)
     cu = torch.tensor(cu_host)
     ctx = torch.tensor(list(context_lens), dtype=torch.long)
     off = torch.tensor(offs, dtype=torch.long)
-    seq_of = torch.repeat_interleave(torch.arange(len(trees)), sizes)  # [T]
-    node = torch.arange(cu_host[-1]) - cu[seq_of] + off[seq_of]  # tree node index of each query
-    depth = torch.cat([t.depth[o:] for t, o in zip(trees, offs, strict=True)])
-    logical = (ctx[seq_of] + node).to(dev)
-    seq_dev = seq_of.to(dev)
-    slots = block_table[seq_dev, logical // block_size].long() * block_size + logical % block_size
+    seq_of = torch.repeat_interleave(torch.arange(b), sizes)  # [T]
+    node = torch.arange(t) - cu[seq_of] + off[seq_of]  # tree node index of each query
+    depth = torch.cat([tr.depth[o:] for tr, o in zip(trees, offs, strict=True)])
+    logical = ctx[seq_of] + node
+    ids = torch.cat([tr.tokens[o:] for tr, o in zip(trees, offs, strict=True)])
+    indptr = torch.nn.functional.pad((sizes * torch.tensor(nodes)).cumsum(0), (1, 0))
+    mask = torch.cat([tr.ancestor_mask[o:].flatten() for tr, o in zip(trees, offs, strict=True)]).to(torch.uint8)
+    host_table = block_table.device.type == "cpu"
+    if host_table:  # slots from the host table; the table itself travels with the other int32 fields
+        slots = block_table[seq_of, logical // block_size].long() * block_size + logical % block_size
+        longs = torch.cat([ids, ctx[seq_of] + depth, slots, indptr]).to(dev)
+        ints = torch.cat([ctx, cu, off, block_table.flatten().long()]).to(torch.int32).to(dev)
+        table = ints[3 * b + 1:].view(block_table.shape)
+    else:  # a device table (a server's): gather the slots there
+        longs = torch.cat([ids, ctx[seq_of] + depth, logical, seq_of, indptr]).to(dev)
+        ints = torch.cat([ctx, cu, off]).to(torch.int32).to(dev)
+        table = block_table
+        logical_d, seq_d = longs[2 * t:3 * t], longs[3 * t:4 * t]
+        slots = table[seq_d, logical_d // block_size].long() * block_size + logical_d % block_size
+        longs = torch.cat([longs[:2 * t], slots, longs[4 * t:]])
     return TreeBatch(
-        input_ids=torch.cat([t.tokens[o:] for t, o in zip(trees, offs, strict=True)]).to(dev),
-        positions=(ctx[seq_of] + depth).to(dev),
-        slot_mapping=slots,
-        context_lens=ctx.to(torch.int32).to(dev),
-        cu_q=cu.to(torch.int32).to(dev),
-        tree_mask=torch.cat([t.ancestor_mask[o:].flatten() for t, o in zip(trees, offs, strict=True)])
-        .to(torch.uint8).to(dev),
-        mask_indptr=torch.nn.functional.pad((sizes * torch.tensor(nodes)).cumsum(0), (1, 0)).to(dev),
-        block_table=block_table,
+        input_ids=longs[:t],
+        positions=longs[t:2 * t],
+        slot_mapping=longs[2 * t:3 * t],
+        context_lens=ints[:b],
+        cu_q=ints[b:2 * b + 1],
+        tree_mask=mask.to(dev),
+        mask_indptr=longs[3 * t:],
+        block_table=table,
         max_q=max(sizes_host),
         cu_q_host=cu_host,
         context_lens_host=tuple(int(c) for c in context_lens),
-        q_offsets=off.to(torch.int32).to(dev),
+        q_offsets=ints[2 * b + 1:3 * b + 1],
         q_offsets_host=tuple(offs),
     )
 

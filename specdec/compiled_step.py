@@ -10,11 +10,21 @@ shape (no recompilation: nothing in the graph depends on a Python value that cha
 * padding sequences have no query and context 0; their block-table rows are never read.
 
 The attention and the cache write run as the ``specdec::`` custom ops (:mod:`specdec.ops`): the Triton kernels on
-CUDA, gather + SDPA on CPU. On CUDA the graph is also captured as a CUDA graph per bucket
-(``mode="reduce-overhead"``; the cache tensors are marked static addresses so they are not copied); replays copy
-the fresh step metadata into the graph's static inputs. Steps that fit no bucket (e.g. a long prefill chunk, tree
-offsets, or a cache that is not a :class:`~specdec.kv_cache.PagedKVCache`) run eagerly, so results never depend on
-whether a step was compiled beyond floating-point rounding (tested: greedy outputs equal the eager engine's).
+CUDA, gather + SDPA on CPU. On CUDA each bucket is also captured as a CUDA graph, one of two ways (``graphs``):
+
+* ``"manual"`` (default on CUDA; SGLang / vLLM style): inductor code without graphs of its own, captured by
+  :class:`StepGraph` over static input buffers and the cache's K/V (one graph per bucket and cache). A replay is
+  one ``_foreach_copy_`` of the padded metadata into the buffers and ``graph.replay()``: no dynamo guard
+  evaluation, no parameter list, no cudagraph-tree bookkeeping on the host (on an H200 with an 8B model the
+  step's host time is what separates a verify step from HF's compiled decode step).
+* ``"trees"``: ``mode="reduce-overhead"`` (torch's CUDA-graph trees; the cache tensors marked static addresses).
+
+``graphs="manual"`` also runs on CPU (tests): the "replay" re-runs the compiled function on the static buffers and
+copies its outputs into persistent output buffers, so the aliasing of a real graph's outputs is reproduced.
+
+Steps that fit no bucket (e.g. a long prefill chunk, tree offsets, or a cache that is not a
+:class:`~specdec.kv_cache.PagedKVCache`) run eagerly, so results never depend on whether a step was compiled
+beyond floating-point rounding (tested: greedy outputs equal the eager engine's).
 
 Cost: every new bucket traces and compiles the model once (about a minute for SmolLM2 on a 2-core CPU, seconds
 from the on-disk inductor cache afterwards), so it pays on long runs and servers, not on one short generation.
@@ -23,6 +33,7 @@ from the on-disk inductor cache afterwards), so it pays on long runs and servers
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,19 +101,59 @@ def bucket(value: int, sizes: Sequence[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+class StepGraph:
+    """One bucket's step over static buffers: ``inputs`` (``input_ids``, ``positions`` and the :class:`StepPlan`
+    tensors, in :meth:`CompiledVerifier.flat` order) and ``outputs`` (logits, hidden or ``None``), which every
+    :meth:`replay` overwrites. On CUDA a captured ``torch.cuda.CUDAGraph`` (warm-up on a side stream first, as
+    ``torch.cuda.graphs`` asks); elsewhere ``fn`` re-run, its results copied into the output buffers."""
+
+    def __init__(self, fn, inputs: list[torch.Tensor], max_q: int, k: torch.Tensor, v: torch.Tensor, layers):
+        self.inputs = [t.clone() for t in inputs]
+        ids, pos, *fields = self.inputs
+        plan = StepPlan(*fields, max_q=max_q)
+        self._call = lambda: fn(ids, pos, plan, k, v, layers)
+        self.graph = None
+        if k.device.type == "cuda":
+            side = torch.cuda.Stream(k.device)
+            side.wait_stream(torch.cuda.current_stream(k.device))
+            with torch.cuda.stream(side):  # warm-up: compiles (first bucket use) and settles the allocator
+                for _ in range(2):
+                    self._call()
+            torch.cuda.current_stream(k.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = self._call()
+        else:
+            self.outputs = tuple(None if o is None else o.clone() for o in self._call())
+
+    def replay(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        torch._foreach_copy_(self.inputs, inputs)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for buf, out in zip(self.outputs, self._call(), strict=True):
+                if buf is not None:
+                    buf.copy_(out)
+        return self.outputs
+
+
 class CompiledVerifier:
     """Runs :meth:`TargetModel.run <specdec.target.TargetModel.run>` through one compiled graph per bucket.
 
     Args:
         verifier: the target's attention view of the HF model (``TargetModel.verifier``).
         token_buckets / batch_buckets: the padded sizes (sorted); a step larger than the last runs eagerly.
-        mode: ``torch.compile`` mode (default: ``"reduce-overhead"`` (CUDA graphs) on CUDA, the default elsewhere).
+        graphs: ``"manual"`` (default on CUDA: :class:`StepGraph` captures), ``"trees"`` (``torch.compile``'s
+            ``mode="reduce-overhead"``) or ``"none"`` (default elsewhere). ``"manual"`` on CPU re-runs the function
+            over the static buffers (tests of the buffer plumbing).
         backend: ``torch.compile`` backend (default ``"inductor"``; ``"aot_eager"`` traces the same graph without
             code generation: seconds instead of a minute, for tests of the tracing and padding).
     """
 
+    GRAPHS = ("manual", "trees", "none")
+
     def __init__(self, verifier: torch.nn.Module, token_buckets: Sequence[int] = TOKEN_BUCKETS,
-                 batch_buckets: Sequence[int] = BATCH_BUCKETS, mode: str | None = None,
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS, graphs: str | None = None,
                  backend: str = "inductor") -> None:
         for name, sizes in (("token_buckets", token_buckets), ("batch_buckets", batch_buckets)):
             if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
@@ -110,8 +161,13 @@ class CompiledVerifier:
         self.verifier = verifier
         self.token_buckets, self.batch_buckets = tuple(token_buckets), tuple(batch_buckets)
         device = next(verifier.parameters()).device
-        self.mode = mode if mode is not None else ("reduce-overhead" if device.type == "cuda" else None)
+        self.graph_mode = graphs if graphs is not None else ("manual" if device.type == "cuda" else "none")
+        if self.graph_mode not in self.GRAPHS:
+            raise ValueError(f"graphs must be one of {self.GRAPHS}, got {graphs!r}")
+        self.mode = "reduce-overhead" if self.graph_mode == "trees" else None
         self.graphs: set[tuple] = set()  # buckets traced so far
+        self.step_graphs: dict[tuple, StepGraph] = {}  # (bucket, layers, id of the cache's K and V) -> capture
+        self.capture_error: str | None = None
         self.compiled_steps = self.eager_steps = 0
         self._static_caches: set[int] = set()
         # one compiled graph per bucket and output kind; the limit only bounds how many dynamo keeps
@@ -155,12 +211,30 @@ class CompiledVerifier:
         """Logits of the ``keep`` rows (all ``T`` rows if ``None``) and, if ``hidden_layers`` is given, the
         concatenated hidden states of those HF ``hidden_states`` indices for the ``T`` real tokens."""
         input_ids, positions, plan = self.pad(cache, batch)
+        layers = None if hidden_layers is None else tuple(int(i) for i in hidden_layers)
+        self.graphs.add((input_ids.numel(), plan.context_lens.numel(), layers))
+        if self.graph_mode == "manual":
+            flat = self.flat(input_ids, positions, plan)
+            key = (input_ids.numel(), plan.context_lens.numel(), layers, id(cache.k), id(cache.v))
+            graph = self.step_graphs.get(key)
+            if graph is None:
+                try:
+                    graph = StepGraph(self._forward, flat, plan.max_q, cache.k, cache.v, layers)
+                except RuntimeError as err:  # a capture the platform refuses: the compiled code without graphs
+                    warnings.warn(f"CUDA graph capture failed ({err}); running the compiled step without graphs",
+                                  stacklevel=2)
+                    self.capture_error, self.graph_mode = f"{type(err).__name__}: {err}", "none"
+                    return self.run(cache, batch, keep, hidden_layers)
+                self.step_graphs[key] = graph
+            logits, hidden = graph.replay(flat)
+            self.compiled_steps += 1
+            t = batch.num_tokens  # the buffers are overwritten by the next replay: hand out copies
+            logits = logits[:t].clone() if keep is None else logits.index_select(0, keep)
+            return logits, None if hidden is None else hidden[:t].clone()
         if cache.device.type == "cuda" and id(cache.k) not in self._static_caches:
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
             self._static_caches.add(id(cache.k))
-        layers = None if hidden_layers is None else tuple(int(i) for i in hidden_layers)
-        self.graphs.add((input_ids.numel(), plan.context_lens.numel(), layers))
         graphed = self.mode == "reduce-overhead"
         if graphed:  # the previous replay's outputs were copied out: the graph may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
@@ -173,6 +247,17 @@ class CompiledVerifier:
             logits = logits.clone() if keep is None else logits
             hidden = None if hidden is None else hidden.clone()
         return logits, hidden
+
+    def release(self, cache: PagedKVCache) -> None:
+        """Drop the captured graphs over ``cache`` (they hold its K/V addresses and their own memory)."""
+        for key in [key for key in self.step_graphs if key[3] == id(cache.k)]:
+            del self.step_graphs[key]
+
+    @staticmethod
+    def flat(input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan) -> list[torch.Tensor]:
+        """The step's tensors in :class:`StepGraph` input order."""
+        return [input_ids, positions, plan.slot_mapping, plan.block_table, plan.context_lens, plan.cu_q,
+                plan.tree_mask, plan.mask_indptr, plan.q_offsets]
 
     def _graph(self, input_ids, positions, plan: StepPlan, k, v, layers):
         ctx = ForwardContext(OpsCache(k, v), plan, OpsBackend(), plan)

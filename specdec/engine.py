@@ -84,7 +84,7 @@ class SpeculativeEngine:
 
     def __init__(self, target: TargetModel, cache: PagedKVCache, drafter: Drafter | None = None,
                  eos_token_ids: Sequence[int] = (), max_tree_nodes: int = 64, acceptance: str = "exact",
-                 max_batch: int = 8, max_step_tokens: int = 512) -> None:
+                 max_batch: int = 8, max_step_tokens: int = 2048) -> None:
         if acceptance not in ("exact", "typical_lossy"):
             raise ValueError(f"unknown acceptance rule {acceptance!r}; choose 'exact' or 'typical_lossy'")
         if drafter is not None and drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
@@ -221,8 +221,8 @@ class SpeculativeEngine:
     # ------------------------------------------------------------------ verification
     def _verify(self, slots: list[_Slot], draft_s: float, t0: float) -> list[StepOutput]:
         seq_ids = [s.req.seq_id for s in slots]
-        batch = tree_batch(self.cache.block_table(seq_ids), [self.cache.num_tokens(q) for q in seq_ids],
-                           [s.tree for s in slots], self.cache.block_size)
+        batch = tree_batch(self.cache.block_table_host(seq_ids), [self.cache.num_tokens(q) for q in seq_ids],
+                           [s.tree for s in slots], self.cache.block_size, device=self.cache.device)
         cu = batch.cu_q_host
         keep_rows = [list(range(cu[i], cu[i + 1])) if s.draft is not None else [cu[i + 1] - 1]
                      for i, s in enumerate(slots) if s.draft is not None or s.final_chunk]

@@ -50,9 +50,9 @@ def accept_step(engine: SpeculativeEngine, slots: list[_Slot], batch: TreeBatch,
     reads: list[torch.Tensor] = []
     if greedy:
         trees = PaddedTrees.stack([slots[i].tree for i in greedy], dev)
-        n = trees.tokens.shape[1]
-        rows = torch.tensor([start[i] for i in greedy], device=dev)[:, None] + torch.arange(n, device=dev)
-        rows = torch.where(trees.valid, rows, rows[:, :1])
+        n = trees.tokens.shape[1]  # each tree's logits rows; padding nodes read the tree's first row
+        rows = torch.tensor([[start[i] + (j if j < slots[i].tree.num_nodes else 0) for j in range(n)]
+                             for i in greedy]).to(dev)
         depth = max(slots[i].depth for i in greedy)
         verdict = greedy_accept_batch(trees, logits.argmax(-1)[rows], depth)
         reads += [verdict.accept_len, verdict.tokens.flatten(), verdict.path.flatten()]
@@ -135,6 +135,9 @@ def _moves(result: StepAcceptance, batch: TreeBatch, dev: torch.device) -> None:
     cu = batch.cu_q_host
     src = [cu[i] + p for i, path in result.paths.items() for d, p in enumerate(path) if p != d]
     dst = [cu[i] + d for i, path in result.paths.items() for d, p in enumerate(path) if p != d]
+    if not src:  # every accepted node already sits where it belongs (chains, roots): nothing to launch
+        result.src_slots = result.dst_slots = torch.empty(0, dtype=torch.long, device=dev)
+        return
     index = torch.tensor(src + dst, dtype=torch.long).to(dev)
     slots = batch.slot_mapping[index]
     result.src_slots, result.dst_slots = slots[: len(src)], slots[len(src) :]

@@ -89,11 +89,14 @@ class TargetModel:
             (``torch.compile``, one graph per padded shape; CUDA graphs on CUDA). The others run eagerly. A string
             names the ``torch.compile`` backend (``"aot_eager"`` in fast tests); ``True`` is inductor.
         buckets: ``(token_buckets, batch_buckets)`` for ``compile`` (default: 1..64 tokens, 1..32 sequences).
+        graphs: how ``compile`` captures CUDA graphs: ``"manual"`` (default on CUDA), ``"trees"`` or ``"none"``
+            (see :mod:`specdec.compiled_step`).
     """
 
     def __init__(
         self, model: PreTrainedModel, backend: AttentionBackend | None = None, split_gemv: bool | None = None,
         compile: bool | str = False, buckets: tuple[Sequence[int], Sequence[int]] | None = None,
+        graphs: str | None = None,
     ) -> None:
         self.model = model  # the caller's model, untouched (HF ``generate`` keeps working on it)
         self.verifier = attention_view(model, ATTENTION_NAME)  # the same weights, specdec attention set once
@@ -109,7 +112,8 @@ class TargetModel:
         self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2**31
         self.split_gemv = bool(split_gemv)
         backend = compile if isinstance(compile, str) else "inductor"
-        self.compiled = CompiledVerifier(self.verifier, *(buckets or ()), backend=backend) if compile else None
+        self.compiled = (CompiledVerifier(self.verifier, *(buckets or ()), graphs=graphs, backend=backend)
+                         if compile else None)
 
     def new_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A paged cache shaped for this model, using this backend's commit."""

@@ -55,6 +55,7 @@ def test_bench_gpu_smoke_runs_every_section_without_packages_absent_on_the_devic
     assert all(r["compiled_ms"] > 0 for r in res["verify"])  # smoke buckets 1 and 4 = its tree sizes
     stats = res["compile_stats"]
     assert stats["compiled_steps"] > 0 and stats["eager_steps"] > 0  # prefill chunks run eagerly
+    assert stats["graph_mode"] == "manual" and stats["step_graphs"] > 0 and stats["capture_error"] is None
     assert all(r["blocks_freed"] for r in res["e2e"][1:])
     assert all(r["identical_to_hf"] for r in res["e2e"])  # the peaked model has no near-ties
     new = res["args"]["new"]  # the first token comes from the prefill; then every oracle token is accepted:

@@ -113,18 +113,46 @@ def test_inductor_compiled_engine_equals_the_eager_engine_and_never_recompiles_i
     assert got2 == want2 and compiled.compiled.compiled_steps > before
 
 
-@pytest.mark.parametrize("drafter", ["oracle", "ngram"])
-def test_aot_traced_step_equals_eager_for_trees_batches_and_prefill_chunks(tiny_model, drafter):
+@pytest.mark.parametrize("drafter,graphs", [("oracle", "none"), ("ngram", "none"), ("oracle", "manual")])
+def test_aot_traced_step_equals_eager_for_trees_batches_and_prefill_chunks(tiny_model, drafter, graphs):
     prompts = _prompts(21, 4)
     eager, refs = _oracle(tiny_model, prompts)
     make = (lambda: OracleDrafter(refs, seed=3, max_nodes=10)) if drafter == "oracle" else NgramDrafter
     want, _ = _run(eager, prompts, make)
-    compiled = TargetModel(tiny_model, compile="aot_eager")
+    compiled = TargetModel(tiny_model, compile="aot_eager", graphs=graphs)
     got, _ = _run(compiled, prompts, make)
     assert got == want
     cv = compiled.compiled
     assert cv.compiled_steps > 0
     assert all(t in cv.token_buckets and b in cv.batch_buckets for t, b, _ in cv.graphs)
+    # manual graphs: one capture per bucket and cache, replayed for every later step of that bucket
+    assert len(cv.step_graphs) == (len(cv.graphs) if graphs == "manual" else 0)
+
+
+def test_manual_step_graphs_hand_out_copies_and_are_captured_per_cache(tiny_model):
+    from specdec.tree import TokenTree
+
+    target = TargetModel(tiny_model, compile="aot_eager", graphs="manual", buckets=((4,), (1,)))
+    caches = [target.new_cache(16, 4), target.new_cache(16, 4)]
+    outs = []
+    for cache in caches:
+        seq = cache.add_sequence()
+        cache.reserve(seq, 8)
+        for tokens in ([3, 5, 7], [9, 2, 4]):  # the same bucket twice: one capture, then a replay
+            outs.append(target.forward(cache, [seq], [TokenTree.chain(tokens)]).logits)
+    cv = target.compiled
+    assert len(cv.step_graphs) == 2 and cv.compiled_steps == 4
+    held = outs[0].clone()
+    target.forward(caches[0], [0], [TokenTree.chain([1, 1, 1])])
+    assert torch.equal(outs[0], held)  # a later replay overwrote the graph's buffers, not the handed-out logits
+    eager = TargetModel(tiny_model)
+    cache = eager.new_cache(16, 4)
+    cache.reserve(cache.add_sequence(), 8)
+    torch.testing.assert_close(outs[1], eager.forward(cache, [0], [TokenTree.chain([9, 2, 4])]).logits)
+    cv.release(caches[0])
+    assert len(cv.step_graphs) == 1
+    with pytest.raises(ValueError, match="graphs must be one of"):
+        TargetModel(tiny_model, compile="aot_eager", graphs="sometimes")
 
 
 def test_sampled_requests_draw_the_same_tokens_compiled_and_eager(tiny_model):
@@ -132,8 +160,8 @@ def test_sampled_requests_draw_the_same_tokens_compiled_and_eager(tiny_model):
     eager, refs = _oracle(tiny_model, prompts)
     params = [SamplingParams(0.8, seed=s) for s in range(3)]
     want, _ = _run(eager, prompts, lambda: OracleDrafter(refs, seed=4), params=params)
-    got, _ = _run(TargetModel(tiny_model, compile="aot_eager"), prompts, lambda: OracleDrafter(refs, seed=4),
-                  params=params)
+    got, _ = _run(TargetModel(tiny_model, compile="aot_eager", graphs="manual"), prompts,
+                  lambda: OracleDrafter(refs, seed=4), params=params)
     assert got == want
 
 
@@ -153,11 +181,11 @@ def test_hidden_states_for_eagle_come_from_the_compiled_graph(tiny_model):
     prompts = _prompts(51, 2)
     hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules()]
     outs = []
-    for compile_ in (False, "aot_eager"):
-        target = TargetModel(tiny_model, compile=compile_)
+    for compile_, graphs in ((False, None), ("aot_eager", "none"), ("aot_eager", "manual")):
+        target = TargetModel(tiny_model, compile=compile_, graphs=graphs)
         torch.manual_seed(0)
         outs.append(_run(target, prompts, lambda t=target: EagleDrafter.untrained(t))[0])
         if compile_:
             assert any(layers is not None for _, _, layers in target.compiled.graphs)
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules()] == hooks
