@@ -121,7 +121,8 @@ class StepGraph:
                     self._call()
             torch.cuda.current_stream(k.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: another thread of the process (a server's HTTP side) may use CUDA meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self._call()
         else:
             self.outputs = tuple(None if o is None else o.clone() for o in self._call())

@@ -75,3 +75,17 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", "--prompts", str(tmp_path / "none.jsonl")]) == 2
     assert "prompt file not found" in capsys.readouterr().err
+
+
+def test_compile_defaults_to_on_for_cuda_only_and_the_flags_override_it(tiny_model_dir):
+    import argparse
+
+    from specdec.app import loaders
+
+    def args(**kw):
+        return argparse.Namespace(model=tiny_model_dir, dtype="float32", device="cpu", attention=None, **kw)
+
+    assert loaders.load_target(args(compile=None))[0].compiled is None  # CPU: GEMM-bound, compiling does not pay
+    assert loaders.load_target(args(compile=True))[0].compiled is not None
+    assert loaders.load_target(args(compile=False))[0].compiled is None
+    assert loaders.compile_pays(torch.device("cuda", 0)) and not loaders.compile_pays(torch.device("cpu"))

@@ -37,9 +37,11 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--attention", choices=["torch", "triton"], default=None,
                    help="attention backend (default: triton on CUDA, torch on CPU; env SPECDEC_ATTENTION)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="verify through torch.compile'd graphs over padded static shapes (1-64 tokens, 1-32 "
-                        "sequences; CUDA graphs on CUDA); each new shape compiles once (about a minute on CPU)")
+                        "sequences; CUDA graphs on CUDA); each new shape compiles once (about 30 s for an 8B model "
+                        "on an H200, a minute for SmolLM2 on CPU). Default: on for CUDA (1.09x HF static+compile "
+                        "decoding on an H200, 0.24x eager), off on CPU (GEMM-bound: 0.95-0.98x eager)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per request")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the model's chat template")

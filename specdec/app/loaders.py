@@ -154,13 +154,23 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def compile_pays(device: torch.device) -> bool:
+    """``--compile``'s default: on where it measurably pays. CUDA: the eager step is host-bound (8B model on an
+    H200: 34 ms eager, 7.5 ms compiled with CUDA graphs, HF static+compile 8.4 ms per token). CPU: the step is
+    GEMM-bound (SmolLM2 on 2 cores: compiled 0.95-0.98x eager)."""
+    return torch.device(device).type == "cuda"
+
+
 def load_target(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase | None = None
                 ) -> tuple[TargetModel, PreTrainedTokenizerBase]:
     """The target (with the chosen attention backend) and its tokenizer (``tokenizer`` if already loaded), from
     ``--model/--dtype/--device``."""
     backend = select_backend(args.attention, args.device)
     model = load_model(args.model, DTYPES[args.dtype], args.device)
-    target = TargetModel(model, backend, compile=getattr(args, "compile", False))
+    compile_ = getattr(args, "compile", False)
+    if compile_ is None:
+        compile_ = compile_pays(next(model.parameters()).device)
+    target = TargetModel(model, backend, compile=compile_)
     return target, tokenizer if tokenizer is not None else load_tokenizer(args.model)
 
 
