@@ -127,3 +127,36 @@ class LevelTrees:
 
     def trees(self) -> list[LevelTree]:
         return [LevelTree(self.tokens[i], self.depth, self.mask[i]) for i in range(self.tokens.shape[0])]
+
+
+def level_batch(cache, dseqs: list[int], grown: LevelTrees, tokens: torch.Tensor, parents: torch.Tensor):
+    """Append a level (``tokens [B, F]``, ``parents [B, F]`` = index in the previous level) to ``grown``, reserve
+    its positions in every draft sequence of ``cache``, and return the :class:`~specdec.attention.TreeBatch` that
+    forwards only the new level (tree offsets: it attends to the earlier levels' K/V)."""
+    from specdec.attention import build_tree_batch
+
+    written = grown.num_nodes
+    grown.add(tokens, parents)
+    for dseq in dseqs:
+        cache.reserve(dseq, grown.num_nodes)
+    return build_tree_batch(cache, dseqs, grown.trees(), offsets=[written] * len(dseqs))
+
+
+def best_first_drafts(roots: list[int], budgets: list[int], depth: int, topk: int, log_probs: torch.Tensor,
+                      forward_level: Callable, vocab_ids: torch.Tensor | None = None) -> list:
+    """EAGLE-2 best-first trees for a whole batch by tensor ops (:class:`~specdec.tree_builders.BestFirstBatch`;
+    no Python per node), the loop every model-based drafter shares: per level one top-k of every frontier node's
+    draft distribution (``log_probs [B, F, V]``, ``F = 1`` after the roots), then
+    ``forward_level(grown, builder) -> log_probs`` forwards the batch's new frontier (``builder.frontier_tokens``
+    and ``frontier_parent``; :func:`level_batch` grows ``grown: LevelTrees`` and builds its batch). ``vocab_ids``:
+    draft-vocabulary ids of the distribution's columns. Returns one ``Draft`` per sequence."""
+    from specdec.interfaces import Draft
+    from specdec.tree_builders import BestFirstBatch, level_topk
+
+    builder = BestFirstBatch(torch.tensor(roots), budgets, depth, topk)
+    grown = LevelTrees(builder.roots)
+    while builder.more:
+        builder.step(*level_topk(log_probs, topk, vocab_ids))
+        if builder.more:  # the new frontier's children are wanted: forward it
+            log_probs = forward_level(grown, builder)
+    return [Draft(tree) for tree in builder.result()[0]]

@@ -25,13 +25,13 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.attention import AttentionBackend, build_tree_batch
-from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence, row_budgets
+from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence, best_first_drafts, level_batch, row_budgets
 from specdec.drafters.registry import Option, register
 from specdec.interfaces import Draft, DraftInput
 from specdec.sampling import process_logits, sample
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
-from specdec.tree_builders import BestFirstBatch, choices_steps, drive_batch, level_topk
+from specdec.tree_builders import choices_steps, drive_batch
 
 
 class DraftModelDrafter:
@@ -128,22 +128,15 @@ class DraftModelDrafter:
 
     def _dynamic(self, dseqs: list[int], roots: list[int], root_logits: torch.Tensor,
                  budgets: list[int]) -> list[Draft]:
-        """EAGLE-2 best-first trees for the whole batch by tensor ops (:class:`BestFirstBatch`): per level one
-        top-k of every frontier node's draft distribution, then one forward of every sequence's new frontier (tree
-        offsets: only the new nodes are queries; they attend to the earlier levels' K/V)."""
-        builder = BestFirstBatch(torch.tensor(roots), budgets, self.depth, self.topk)
-        grown = LevelTrees(builder.roots)
-        logits = root_logits[:, None]  # [B, F, V]: after each frontier node (F = 1: the root)
-        while builder.more:
-            builder.step(*level_topk(logits.log_softmax(-1), self.topk))
-            if builder.more:  # the new frontier's children are wanted: forward it
-                written = grown.num_nodes
-                grown.add(builder.frontier_tokens, builder.frontier_parent)
-                for d in dseqs:
-                    self.cache.reserve(d, grown.num_nodes)
-                tree_batch = build_tree_batch(self.cache, dseqs, grown.trees(), offsets=[written] * len(dseqs))
-                logits = self.model.run(self.cache, tree_batch).logits.reshape(*builder.frontier_tokens.shape, -1)
-        return [Draft(tree) for tree in builder.result()[0]]
+        """EAGLE-2 best-first trees (:func:`best_first_drafts`): each level's new frontier is one forward of the
+        draft model."""
+        def forward_level(grown: LevelTrees, builder) -> torch.Tensor:
+            batch = level_batch(self.cache, dseqs, grown, builder.frontier_tokens, builder.frontier_parent)
+            logits = self.model.run(self.cache, batch).logits
+            return logits.reshape(*builder.frontier_tokens.shape, -1).log_softmax(-1)
+
+        return best_first_drafts(roots, budgets, self.depth, self.topk, root_logits[:, None].log_softmax(-1),
+                                 forward_level)
 
     def _forward_new(self, dseqs: list[int], grown: list[GrowingTree]) -> list[torch.Tensor]:
         """Logits after each tree's new nodes (``[pending_b, V]`` per tree), one forward with tree offsets."""

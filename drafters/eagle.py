@@ -25,14 +25,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from specdec.attention import AttentionBackend, ForwardContext, build_tree_batch, select_backend
-from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence, row_budgets
+from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence, best_first_drafts, level_batch, row_budgets
 from specdec.drafters.eagle_head import EagleConfig, EagleHead
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
 from specdec.kv_cache import PagedKVCache
 from specdec.sampling import process_logits, sample
 from specdec.tree import TokenTree
-from specdec.tree_builders import BestFirstBatch, level_topk
 
 if TYPE_CHECKING:
     from specdec.target import TargetModel
@@ -175,32 +174,20 @@ class EagleDrafter:
             g.written = len(g.tokens)
 
     def _dynamic(self, dseqs: list[int], roots: list[int], root_out: torch.Tensor, budgets: list[int]) -> list[Draft]:
-        """EAGLE-2 best-first trees for the whole batch by tensor ops (:class:`BestFirstBatch`; no Python per node):
-        per level one top-k over the draft vocabulary for every frontier node, then one head forward of every
-        sequence's new frontier (tree offsets: only the new nodes are queries)."""
-        builder = BestFirstBatch(torch.tensor(roots), budgets, self.depth, self.topk)
-        vocab_ids = getattr(self.head, "vocab_ids", None)
+        """EAGLE-2 best-first trees (:func:`best_first_drafts`): each level's new frontier is one head forward
+        whose inputs are the parents' predicted features."""
         feats = root_out[:, None]  # [B, F, H]: the frontier's predicted features (F = 1: the root)
-        grown = LevelTrees(builder.roots)
-        while builder.more:
-            values, tokens = level_topk(self.head.logits(feats).log_softmax(-1), self.topk, vocab_ids)
-            builder.step(values, tokens)
-            if builder.more:  # the new frontier's children are wanted: forward it (input: its parent's feature)
-                parent = builder.frontier_parent.to(feats.device)
-                inputs = feats.gather(1, parent[..., None].expand(-1, -1, feats.shape[-1]))
-                feats = self._forward_level(dseqs, grown, builder.frontier_tokens, builder.frontier_parent, inputs)
-        return [Draft(tree) for tree in builder.result()[0]]
 
-    def _forward_level(self, dseqs: list[int], grown: LevelTrees, tokens: torch.Tensor, parents: torch.Tensor,
-                       inputs: torch.Tensor) -> torch.Tensor:
-        """Append a level (``tokens [B, F]``, ``parents [B, F]`` = index in the previous level) to ``grown`` and
-        forward only it, with features ``inputs [B, F, H]``; returns its predicted features ``[B, F, H]``."""
-        written = grown.num_nodes
-        grown.add(tokens, parents)
-        for dseq in dseqs:
-            self.cache.reserve(dseq, grown.num_nodes)
-        batch = build_tree_batch(self.cache, dseqs, grown.trees(), offsets=[written] * len(dseqs))
-        return self._run(batch, inputs.reshape(-1, inputs.shape[-1])).reshape(inputs.shape)
+        def forward_level(grown: LevelTrees, builder) -> torch.Tensor:
+            nonlocal feats
+            parent = builder.frontier_parent.to(feats.device)
+            inputs = feats.gather(1, parent[..., None].expand(-1, -1, feats.shape[-1]))
+            batch = level_batch(self.cache, dseqs, grown, builder.frontier_tokens, builder.frontier_parent)
+            feats = self._run(batch, inputs.reshape(-1, inputs.shape[-1])).reshape(inputs.shape)
+            return self.head.logits(feats).log_softmax(-1)
+
+        return best_first_drafts(roots, budgets, self.depth, self.topk, self.head.logits(feats).log_softmax(-1),
+                                 forward_level, getattr(self.head, "vocab_ids", None))
 
     def _chains(self, batch: Sequence[DraftInput], dseqs: list[int], grown: list[GrowingTree],
                 pred: list[dict[Path_, torch.Tensor]]) -> list[Draft]:
