@@ -40,7 +40,7 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="verify through torch.compile'd graphs over padded static shapes (1-64 tokens, 1-32 "
                         "sequences; CUDA graphs on CUDA); each new shape compiles once (about 30 s for an 8B model "
-                        "on an H200, a minute for SmolLM2 on CPU). Default: on for CUDA (1.09x HF static+compile "
+                        "on an H200, a minute for SmolLM2 on CPU); default: on for CUDA (1.09x HF static+compile "
                         "decoding on an H200, 0.24x eager), off on CPU (GEMM-bound: 0.95-0.98x eager)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per request")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
