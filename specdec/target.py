@@ -88,7 +88,8 @@ class TargetModel:
         compile: run every step that fits a bucket through :class:`specdec.compiled_step.CompiledVerifier`
             (``torch.compile``, one graph per padded shape; CUDA graphs on CUDA). The others run eagerly. A string
             names the ``torch.compile`` backend (``"aot_eager"`` in fast tests); ``True`` is inductor.
-        buckets: ``(token_buckets, batch_buckets)`` for ``compile`` (default: 1..64 tokens, 1..32 sequences).
+        buckets: ``(token_buckets, batch_buckets)`` for ``compile`` (default: see
+            :class:`specdec.compiled_step.CompiledVerifier`).
         graphs: how ``compile`` captures CUDA graphs: ``"manual"`` (default on CUDA), ``"trees"`` or ``"none"``
             (see :mod:`specdec.compiled_step`).
     """

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import specdec.kernels as K  # noqa: E402
 from specdec import ops  # noqa: E402
-from specdec.compiled_step import CompiledVerifier, bucket  # noqa: E402
+from specdec.compiled_step import CompiledVerifier, bucket, default_buckets  # noqa: E402
 from specdec.drafters import NgramDrafter  # noqa: E402
 from specdec.engine import SpeculativeEngine  # noqa: E402
 from specdec.kernels.tree_attention_sdpa import paged_tree_attention_sdpa  # noqa: E402
@@ -74,6 +74,10 @@ def test_buckets_pick_the_smallest_size_that_holds_the_step_and_bad_buckets_are_
         CompiledVerifier(TargetModel(tiny_model).verifier, token_buckets=(4, 2))
     with pytest.raises(ValueError, match="batch_buckets must be increasing positive sizes"):
         CompiledVerifier(TargetModel(tiny_model).verifier, batch_buckets=())
+    # defaults: every power of two on CPU; on CUDA few coarse buckets (padding is cheap, compilation is not)
+    assert default_buckets(torch.device("cpu")) == ((1, 2, 4, 8, 16, 32, 64), (1, 2, 4, 8, 16, 32))
+    assert default_buckets(torch.device("cuda", 0)) == ((1, 4, 16, 64), (1, 8, 32))
+    assert CompiledVerifier(TargetModel(tiny_model).verifier).token_buckets == (1, 2, 4, 8, 16, 32, 64)
 
 
 def _engine(target, drafter, **kw):
