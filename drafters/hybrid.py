@@ -119,6 +119,7 @@ class HybridDrafter(CostRule):
         self.model, self.ngram = model, ngram or NgramDrafter(max_depth=max_depth)
         self.vocab_size: int | None = model.vocab_size
         self.needs_hidden: bool = bool(model.needs_hidden)
+        self.feature_layers = getattr(model, "feature_layers", None)  # EAGLE-3 inside: the engine fuses them
         self.budget, self.max_depth, self.weight = budget, max_depth, weight
         self.min_value = self.ngram.node_cost if min_value is None else min_value
         self.skip_model_above, self.model_cost = skip_model_above, model_cost

@@ -35,7 +35,6 @@ from __future__ import annotations
 import bisect
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +46,10 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
     maybe_install_capturing_hooks = None
 
 from specdec import ops
-from specdec.attention import ForwardContext, TreeBatch
+from specdec.attention import ForwardContext, TreeBatch, build_tree_batch
 from specdec.kv_cache import PagedKVCache
+from specdec.step_graph import StepGraph, StepPlan
+from specdec.tree import TokenTree
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -56,23 +57,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 # 16) while every bucket costs a compilation (about 30 s): few, coarse buckets
 CUDA_TOKEN_BUCKETS = (1, 4, 16, 64)
 CUDA_BATCH_BUCKETS = (1, 8, 32)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """The static-shape step metadata the compiled forward reads (the ``batch`` and ``plan`` of its
-    :class:`ForwardContext`): ``slot_mapping [Tp]`` int64 (``-1`` = padding), ``block_table [Bp, MB]`` int32,
-    ``context_lens [Bp]`` int32, ``cu_q [Bp + 1]`` int32, ``tree_mask [Tp * Tp]`` uint8, ``mask_indptr [Bp + 1]``
-    int64, ``q_offsets [Bp]`` int32; ``max_q = Tp``."""
-
-    slot_mapping: torch.Tensor
-    block_table: torch.Tensor
-    context_lens: torch.Tensor
-    cu_q: torch.Tensor
-    tree_mask: torch.Tensor
-    mask_indptr: torch.Tensor
-    q_offsets: torch.Tensor
-    max_q: int
 
 
 class OpsCache:
@@ -110,43 +94,6 @@ def bucket(value: int, sizes: Sequence[int]) -> int | None:
     """The smallest size in ``sizes`` (sorted) that holds ``value``; ``None`` if none does."""
     i = bisect.bisect_left(sizes, value)
     return sizes[i] if i < len(sizes) else None
-
-
-class StepGraph:
-    """One bucket's step over static buffers: ``inputs`` (``input_ids``, ``positions`` and the :class:`StepPlan`
-    tensors, in :meth:`CompiledVerifier.flat` order) and ``outputs`` (logits, hidden or ``None``), which every
-    :meth:`replay` overwrites. On CUDA a captured ``torch.cuda.CUDAGraph`` (warm-up on a side stream first, as
-    ``torch.cuda.graphs`` asks); elsewhere ``fn`` re-run, its results copied into the output buffers."""
-
-    def __init__(self, fn, inputs: list[torch.Tensor], max_q: int, k: torch.Tensor, v: torch.Tensor, layers):
-        self.inputs = [t.clone() for t in inputs]
-        ids, pos, *fields = self.inputs
-        plan = StepPlan(*fields, max_q=max_q)
-        self._call = lambda: fn(ids, pos, plan, k, v, layers)
-        self.graph = None
-        if k.device.type == "cuda":
-            side = torch.cuda.Stream(k.device)
-            side.wait_stream(torch.cuda.current_stream(k.device))
-            with torch.cuda.stream(side):  # warm-up: compiles (first bucket use) and settles the allocator
-                for _ in range(2):
-                    self._call()
-            torch.cuda.current_stream(k.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread of the process (a server's HTTP side) may use CUDA meanwhile
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.outputs = self._call()
-        else:
-            self.outputs = tuple(None if o is None else o.clone() for o in self._call())
-
-    def replay(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        torch._foreach_copy_(self.inputs, inputs)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            for buf, out in zip(self.outputs, self._call(), strict=True):
-                if buf is not None:
-                    buf.copy_(out)
-        return self.outputs
 
 
 class CompiledVerifier:
@@ -264,6 +211,47 @@ class CompiledVerifier:
             logits = logits.clone() if keep is None else logits
             hidden = None if hidden is None else hidden.clone()
         return logits, hidden
+
+    @torch.inference_mode()  # as TargetModel.run: no autograd graph (it would also make capture fail)
+    def warmup(self, cache: PagedKVCache, max_batch: int, max_tokens: int,
+               hidden_layers: Sequence[Sequence[int] | None] = (None,), log=None) -> list[tuple[int, int]]:
+        """Trace, compile and (CUDA) capture now every bucket a step of at most ``max_batch`` sequences and
+        ``max_tokens`` tokens can use, so a server pays the compilations at start rather than on its first
+        requests. Each bucket runs one dummy step: chain trees of token 0 on scratch sequences of ``cache``, all
+        released afterwards (their K/V writes land in blocks that are free again). ``hidden_layers``: the output
+        kinds the engine will ask for (``None``: logits only; ``[-1]``: the last hidden state too). ``log(msg)``
+        reports progress. Returns the ``(tokens, sequences)`` buckets run."""
+        done: list[tuple[int, int]] = []
+        prev_b = 0
+        for bp in self.batch_buckets:
+            b = min(bp, max_batch)
+            if b <= prev_b:
+                break
+            prev_t = 0
+            for tp in self.token_buckets:
+                t = min(tp, max_tokens)
+                if t <= prev_t:
+                    break
+                prev_t = tp
+                if t < b:  # every real sequence has a token: this bucket pair never occurs
+                    continue
+                sizes = [t // b + (i < t % b) for i in range(b)]
+                seqs = [cache.add_sequence() for _ in range(b)]
+                try:
+                    for seq, n in zip(seqs, sizes, strict=True):
+                        cache.reserve(seq, n)
+                    batch = build_tree_batch(cache, seqs, [TokenTree.chain([0] * n) for n in sizes])
+                    for layers in hidden_layers:
+                        if log is not None:
+                            log(f"compiling the verify step for {tp} tokens x {bp} sequences"
+                                + ("" if layers is None else f" (hidden states {list(layers)})"))
+                        self.run(cache, batch, None, layers)
+                finally:
+                    for seq in seqs:
+                        cache.release(seq)
+                done.append((tp, bp))
+            prev_b = bp
+        return done
 
     def release(self, cache: PagedKVCache) -> None:
         """Drop the captured graphs over ``cache`` (they hold its K/V addresses and their own memory)."""

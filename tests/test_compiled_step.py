@@ -193,3 +193,24 @@ def test_hidden_states_for_eagle_come_from_the_compiled_graph(tiny_model):
             assert any(layers is not None for _, _, layers in target.compiled.graphs)
     assert outs[0] == outs[1] == outs[2]
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules()] == hooks
+
+
+def test_warmup_compiles_every_bucket_a_step_can_use_and_frees_its_scratch_blocks(tiny_model):
+    target = TargetModel(tiny_model, compile="aot_eager", graphs="manual", buckets=((1, 4, 8), (1, 2, 4)))
+    cache = target.new_cache(160, 4)
+    cv = target.compiled
+    logs = []
+    done = cv.warmup(cache, max_batch=3, max_tokens=6, hidden_layers=(None, (-1,)), log=logs.append)
+    # sequences 1, 2, 3 (bucket 4); tokens up to 6 (bucket 8), never fewer tokens than sequences
+    assert done == [(1, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4)]
+    assert len(logs) == 2 * len(done) and cache.allocator.num_free == 160
+    assert {(t, b) for t, b, _ in cv.graphs} == set(done) and len(cv.step_graphs) == 2 * len(done)
+    traced, captured = set(cv.graphs), len(cv.step_graphs)
+    prompts = _prompts(61, 3)
+    _, refs = _oracle(tiny_model, prompts)
+    engine = SpeculativeEngine(target, cache, OracleDrafter(refs, seed=6, max_nodes=2), max_batch=3,
+                               max_step_tokens=6, max_tree_nodes=2)
+    results = engine.generate_batch(prompts, 10)
+    assert [r.tokens for r in results] == [refs[tuple(p)][:10] for p in prompts]
+    assert set(cv.graphs) == traced and len(cv.step_graphs) == captured  # nothing new to compile or capture
+    assert cache.allocator.num_free == 160

@@ -172,6 +172,7 @@ class AutoBudgetDrafter:
                  drafter_name: str | None = None, max_nodes: int = 64, plan: bool = True) -> None:
         self.inner, self.cost, self.tracker = inner, cost, tracker or AcceptanceTracker()
         self.vocab_size, self.needs_hidden = inner.vocab_size, inner.needs_hidden
+        self.feature_layers = getattr(inner, "feature_layers", None)  # EAGLE-3 inside: the engine fuses them
         self.drafter_name, self.max_nodes, self.plan = drafter_name, max_nodes, plan
         self._trees: dict[int, TokenTree] = {}
         self.chosen: list[int] = []  # tree size (root included) of every step

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import time
 
 from specdec.app.args import add_model_args, auto_cost_model, check_args, parse_spec, spec_defaults, spec_paths
 
@@ -32,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait beyond the running batch; more get HTTP 429")
     p.add_argument("--max-step-tokens", type=int, default=512, help="token budget of one forward (trees + prefill)")
     p.add_argument("--max-tree-nodes", type=int, default=64, help="largest draft tree a step verifies")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --compile: compile every step bucket before serving, not on the first requests "
+                        "(default: on)")
     p.add_argument("--served-model-name", default=None,
                    help="model id in the API (default: --model, or SmolLM2-135M-Instruct)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -52,6 +56,18 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as err:
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     return sock
+
+
+def warm_up(target, loop, settings) -> None:
+    """Compile the verify step for every bucket the server's steps can use (up to ``max_batch`` sequences and
+    ``max_step_tokens`` tokens), with the hidden states its drafters read, before the first request."""
+    router = loop.engine.drafter
+    layers = tuple(router.feature_layers or (-1,)) if router.needs_hidden else None
+    t0 = time.perf_counter()
+    done = target.compiled.warmup(loop.cache, settings.max_batch, settings.max_step_tokens, (layers,),
+                                  log=lambda msg: print(f"specdec: {msg}", file=sys.stderr, flush=True))
+    print(f"specdec: {len(done)} compiled step buckets ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+          flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         default_top_k=args.top_k, acceptance=args.acceptance,
     )
     state = build_state(target, tokenizer, drafters, settings)
+    if target.compiled is not None and args.warmup:
+        warm_up(target, state.loop, settings)
     config = uvicorn.Config(create_app(state), log_level=args.log_level, timeout_graceful_shutdown=5)
     server = GracefulServer(config, on_exit=state.loop.stop_soon)
     host, port = sock.getsockname()[:2]

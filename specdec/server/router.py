@@ -54,6 +54,13 @@ class RoutingDrafter:
         self.drafters: dict[str, Drafter] = {n: NoDraft() if d is None else d for n, d in drafters.items()}
         self.vocab_size = vocab_size
         self.needs_hidden = any(d.needs_hidden for d in self.drafters.values())
+        # target features: each hidden-state drafter's layers (EAGLE-3: fused low/mid/high; others: the last
+        # hidden state, -1); the engine asks the forward for their union, each drafter gets its own columns
+        wants = {n: tuple(getattr(d, "feature_layers", None) or (-1,)) for n, d in self.drafters.items()
+                 if d.needs_hidden}
+        union = tuple(dict.fromkeys(layer for w in wants.values() for layer in w))
+        self.feature_layers: tuple[int, ...] | None = None if union in ((), (-1,)) else union
+        self._columns = {n: [union.index(layer) for layer in w] for n, w in wants.items()}
         self._resolve = resolve
         self._names: dict[int, str] = {}
 
@@ -81,8 +88,15 @@ class RoutingDrafter:
         return out  # type: ignore[return-value]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
-        drafter = self.drafters[self.name_of(seq_id)]
-        drafter.accept(seq_id, tokens, hidden if drafter.needs_hidden else None)
+        name = self.name_of(seq_id)
+        drafter = self.drafters[name]
+        if not drafter.needs_hidden:
+            hidden = None
+        elif hidden is not None and self.feature_layers is not None:  # [S, len(union) * H] -> this drafter's
+            cols = self._columns[name]
+            if cols != list(range(len(self.feature_layers))):
+                hidden = hidden.reshape(hidden.shape[0], len(self.feature_layers), -1)[:, cols].flatten(1)
+        drafter.accept(seq_id, tokens, hidden)
 
     def release(self, seq_id: int) -> None:
         name = self._names.pop(seq_id, None)
