@@ -352,8 +352,8 @@ class SlowDrafter(FixedDrafter):
 
 def test_a_measured_model_cost_stops_asking_a_model_that_costs_more_than_it_saves(target):
     """``cost=auto``: the model's propose time over the time between proposes replaces the prior; a model that
-    is always right but costs ~60 verification steps (more under load) is soon asked only at the probe interval, while the prior
-    (0.3) keeps asking it. Both stay lossless."""
+    is always right but costs ~60 verification steps (more under load) is soon asked only at the probe interval,
+    while the prior (0.3) keeps asking it. Both stay lossless."""
     prompt = [8, 2, 6, 1, 3, 11, 40, 7]
     ar = SpeculativeEngine(target, target.new_cache(64, 4)).generate(prompt, 40)
     truth = prompt + ar.tokens
