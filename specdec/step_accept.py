@@ -51,8 +51,10 @@ def accept_step(engine: SpeculativeEngine, slots: list[_Slot], batch: TreeBatch,
     if greedy:
         trees = PaddedTrees.stack([slots[i].tree for i in greedy], dev)
         n = trees.tokens.shape[1]  # each tree's logits rows; padding nodes read the tree's first row
-        rows = torch.tensor([[start[i] + (j if j < slots[i].tree.num_nodes else 0) for j in range(n)]
-                             for i in greedy]).to(dev)
+        first = torch.tensor([start[i] for i in greedy])[:, None]
+        sizes = torch.tensor([slots[i].tree.num_nodes for i in greedy])[:, None]
+        col = torch.arange(n)
+        rows = torch.where(col < sizes, first + col, first).to(dev)  # host ops, one copy
         depth = max(slots[i].depth for i in greedy)
         verdict = greedy_accept_batch(trees, logits.argmax(-1)[rows], depth)
         reads += [verdict.accept_len, verdict.tokens.flatten(), verdict.path.flatten()]
