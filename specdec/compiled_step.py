@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -116,7 +117,8 @@ class CompiledVerifier:
     def __init__(self, verifier: torch.nn.Module, token_buckets: Sequence[int] | None = None,
                  batch_buckets: Sequence[int] | None = None, graphs: str | None = None,
                  backend: str = "inductor") -> None:
-        default_tokens, default_batch = default_buckets(next(verifier.parameters()).device)
+        device = next(verifier.parameters()).device
+        default_tokens, default_batch = default_buckets(device)
         token_buckets = default_tokens if token_buckets is None else token_buckets
         batch_buckets = default_batch if batch_buckets is None else batch_buckets
         for name, sizes in (("token_buckets", token_buckets), ("batch_buckets", batch_buckets)):
@@ -124,16 +126,17 @@ class CompiledVerifier:
                 raise ValueError(f"{name} must be increasing positive sizes, got {tuple(sizes)}")
         self.verifier = verifier
         self.token_buckets, self.batch_buckets = tuple(token_buckets), tuple(batch_buckets)
-        device = next(verifier.parameters()).device
         self.graph_mode = graphs if graphs is not None else ("manual" if device.type == "cuda" else "none")
         if self.graph_mode not in self.GRAPHS:
             raise ValueError(f"graphs must be one of {self.GRAPHS}, got {graphs!r}")
         self.mode = "reduce-overhead" if self.graph_mode == "trees" else None
         self.graphs: set[tuple] = set()  # buckets traced so far
-        self.step_graphs: dict[tuple, StepGraph] = {}  # (bucket, layers, id of the cache's K and V) -> capture
+        # captures per cache, held weakly: a graph pins its cache's K/V, so it must go when the cache goes (a
+        # caller that builds a cache per generation would otherwise keep every old cache alive)
+        self._captures: weakref.WeakKeyDictionary[PagedKVCache, dict[tuple, StepGraph]] = weakref.WeakKeyDictionary()
         self.capture_error: str | None = None
         self.compiled_steps = self.eager_steps = 0
-        self._static_caches: set[int] = set()
+        self._static_caches: weakref.WeakSet[PagedKVCache] = weakref.WeakSet()  # "trees": K/V marked static
         # one compiled graph per bucket and output kind; the limit only bounds how many dynamo keeps
         limit = len(self.token_buckets) * len(self.batch_buckets) * 4 + 8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
@@ -179,8 +182,9 @@ class CompiledVerifier:
         self.graphs.add((input_ids.numel(), plan.context_lens.numel(), layers))
         if self.graph_mode == "manual":
             flat = self.flat(input_ids, positions, plan)
-            key = (input_ids.numel(), plan.context_lens.numel(), layers, id(cache.k), id(cache.v))
-            graph = self.step_graphs.get(key)
+            key = (input_ids.numel(), plan.context_lens.numel(), layers)
+            captures = self._captures.setdefault(cache, {})
+            graph = captures.get(key)
             if graph is None:
                 try:
                     graph = StepGraph(self._forward, flat, plan.max_q, cache.k, cache.v, layers)
@@ -189,16 +193,16 @@ class CompiledVerifier:
                                   stacklevel=2)
                     self.capture_error, self.graph_mode = f"{type(err).__name__}: {err}", "none"
                     return self.run(cache, batch, keep, hidden_layers)
-                self.step_graphs[key] = graph
+                captures[key] = graph
             logits, hidden = graph.replay(flat)
             self.compiled_steps += 1
             t = batch.num_tokens  # the buffers are overwritten by the next replay: hand out copies
             logits = logits[:t].clone() if keep is None else logits.index_select(0, keep)
             return logits, None if hidden is None else hidden[:t].clone()
-        if cache.device.type == "cuda" and id(cache.k) not in self._static_caches:
+        if cache.device.type == "cuda" and cache not in self._static_caches:
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
-            self._static_caches.add(id(cache.k))
+            self._static_caches.add(cache)
         graphed = self.mode == "reduce-overhead"
         if graphed:  # the previous replay's outputs were copied out: the graph may reuse their memory
             torch.compiler.cudagraph_mark_step_begin()
@@ -253,10 +257,15 @@ class CompiledVerifier:
             prev_b = bp
         return done
 
+    @property
+    def step_graphs(self) -> dict[tuple, StepGraph]:
+        """Every live capture, keyed ``(tokens, sequences, layers, id(cache))``."""
+        return {(*key, id(cache)): g for cache, graphs in self._captures.items() for key, g in graphs.items()}
+
     def release(self, cache: PagedKVCache) -> None:
-        """Drop the captured graphs over ``cache`` (they hold its K/V addresses and their own memory)."""
-        for key in [key for key in self.step_graphs if key[3] == id(cache.k)]:
-            del self.step_graphs[key]
+        """Drop the captured graphs over ``cache`` now (they hold its K/V and their own memory; they also go when
+        the cache is garbage-collected)."""
+        self._captures.pop(cache, None)
 
     @staticmethod
     def flat(input_ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan) -> list[torch.Tensor]:

@@ -195,6 +195,23 @@ def test_hidden_states_for_eagle_come_from_the_compiled_graph(tiny_model):
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules()] == hooks
 
 
+def test_a_cache_that_is_dropped_takes_its_captured_graphs_with_it(tiny_model):
+    import gc
+    import weakref
+
+    from specdec.tree import TokenTree
+
+    target = TargetModel(tiny_model, compile="aot_eager", graphs="manual", buckets=((4,), (1,)))
+    cache = target.new_cache(16, 4)
+    cache.reserve(cache.add_sequence(), 4)
+    target.forward(cache, [0], [TokenTree.chain([3, 5, 7])])
+    assert len(target.compiled.step_graphs) == 1
+    k = weakref.ref(cache.k)
+    del cache
+    gc.collect()
+    assert len(target.compiled.step_graphs) == 0 and k() is None  # neither the graph nor the K/V outlive it
+
+
 def test_warmup_compiles_every_bucket_a_step_can_use_and_frees_its_scratch_blocks(tiny_model):
     target = TargetModel(tiny_model, compile="aot_eager", graphs="manual", buckets=((1, 4, 8), (1, 2, 4)))
     cache = target.new_cache(160, 4)
