@@ -94,7 +94,7 @@ def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequenc
     for s, c, t, r in zip(seq_ids, ctx, trees, reserved, strict=True):
         if c + t.num_nodes > r:
             raise IndexError(f"position {c + t.num_nodes - 1} of sequence {s} is not reserved")
-    return tree_batch(cache.block_table_host(seq_ids), ctx, trees, cache.block_size, offsets, cache.device)
+    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size, offsets, cache.device)
 
 
 def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Sequence[TokenTree],
@@ -108,9 +108,9 @@ def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Se
     equal means no query for that sequence): tokens ``tokens[off:]``, positions ``ctx + depth[off:]``, slots of
     ``ctx + off + i``, mask rows ``ancestor_mask[off:, :]``.
 
-    ``device`` (default: the block table's): where the batch lives. A host block table with another ``device``
-    is the fast path of a decode loop: everything is computed on the host and moves in three copies (int64,
-    int32 and mask bytes; on CUDA each blocking copy is a round trip)."""
+    ``device`` (default: the block table's): where the batch lives. Everything is computed on the host and moves
+    in three copies (int64, int32 and mask bytes; on CUDA each blocking copy is a round trip), so a decode loop
+    passes its host block table (:meth:`PagedKVCache.block_table`) and the device."""
     dev = torch.device(device) if device is not None else block_table.device
     nodes = [t.num_nodes for t in trees]
     offs = [0] * len(trees) if offsets is None else [int(o) for o in offsets]
@@ -134,19 +134,10 @@ def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Se
     ids = torch.cat([tr.tokens[o:] for tr, o in zip(trees, offs, strict=True)])
     indptr = torch.nn.functional.pad((sizes * torch.tensor(nodes)).cumsum(0), (1, 0))
     mask = torch.cat([tr.ancestor_mask[o:].flatten() for tr, o in zip(trees, offs, strict=True)]).to(torch.uint8)
-    host_table = block_table.device.type == "cpu"
-    if host_table:  # slots from the host table; the table itself travels with the other int32 fields
-        slots = block_table[seq_of, logical // block_size].long() * block_size + logical % block_size
-        longs = torch.cat([ids, ctx[seq_of] + depth, slots, indptr]).to(dev)
-        ints = torch.cat([ctx, cu, off, block_table.flatten().long()]).to(torch.int32).to(dev)
-        table = ints[3 * b + 1:].view(block_table.shape)
-    else:  # a device table (a server's): gather the slots there
-        longs = torch.cat([ids, ctx[seq_of] + depth, logical, seq_of, indptr]).to(dev)
-        ints = torch.cat([ctx, cu, off]).to(torch.int32).to(dev)
-        table = block_table
-        logical_d, seq_d = longs[2 * t:3 * t], longs[3 * t:4 * t]
-        slots = table[seq_d, logical_d // block_size].long() * block_size + logical_d % block_size
-        longs = torch.cat([longs[:2 * t], slots, longs[4 * t:]])
+    table_host = block_table.cpu()  # a device table (a server's own) costs one read back; the engine's is host
+    slots = table_host[seq_of, logical // block_size].long() * block_size + logical % block_size
+    longs = torch.cat([ids, ctx[seq_of] + depth, slots, indptr]).to(dev)  # int64 fields, one copy
+    ints = torch.cat([ctx, cu, off, table_host.flatten().long()]).to(torch.int32).to(dev)  # int32 fields, one copy
     return TreeBatch(
         input_ids=longs[:t],
         positions=longs[t:2 * t],
@@ -155,7 +146,7 @@ def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Se
         cu_q=ints[b:2 * b + 1],
         tree_mask=mask.to(dev),
         mask_indptr=longs[3 * t:],
-        block_table=table,
+        block_table=ints[3 * b + 1:].view(block_table.shape),
         max_q=max(sizes_host),
         cu_q_host=cu_host,
         context_lens_host=tuple(int(c) for c in context_lens),

@@ -148,11 +148,8 @@ class PagedKVCache:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def block_table(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        """``[B, max_blocks]`` int32 block table on the cache's device (padding entries are 0 and never read)."""
-        return self.block_table_host(seq_ids).to(self.k.device)
-
-    def block_table_host(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        """:meth:`block_table` on the host (what :func:`specdec.attention.tree_batch` packs into its copies)."""
+        """``[B, max_blocks]`` int32 block table on the host (padding entries are 0 and never read);
+        :func:`specdec.attention.tree_batch` packs it into its copies to the device."""
         rows = [self._seq(s).blocks for s in seq_ids]
         width = max(1, max(len(r) for r in rows))
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
