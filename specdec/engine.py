@@ -227,13 +227,22 @@ class SpeculativeEngine:
         keep_rows = [list(range(cu[i], cu[i + 1])) if s.draft is not None else [cu[i + 1] - 1]
                      for i, s in enumerate(slots) if s.draft is not None or s.final_chunk]
         keep = torch.tensor([r for rows in keep_rows for r in rows], dtype=torch.long, device=self.cache.device)
-        needs_hidden = self.drafter is not None and self.drafter.needs_hidden
-        layers = getattr(self.drafter, "feature_layers", None)  # e.g. EAGLE-3's fused low/mid/high layers
-        out = self.target.run(self.cache, batch, keep, return_hidden=needs_hidden, hidden_layers=layers)
+        out = self.target.run(self.cache, batch, keep, *self._hidden_request())
         logits = out.logits  # [K, V], rows in keep order
         result = accept_step(self, slots, batch, logits, keep_rows)
         verify_s = time.perf_counter() - t0
         return self._commit(slots, result, out.hidden, batch, draft_s, verify_s)
+
+    def _hidden_request(self) -> tuple[bool, Sequence[int] | None]:
+        """``(return_hidden, hidden_layers)`` of every verification: what the drafter reads (e.g. EAGLE-3's fused
+        low/mid/high layers)."""
+        return self.drafter is not None and self.drafter.needs_hidden, getattr(self.drafter, "feature_layers", None)
+
+    def warmup(self, log=None) -> list[tuple[int, int]]:
+        """Compile the target's step buckets for this engine's steps before the first request (a no-op
+        without ``compile``); see :meth:`TargetModel.warmup`."""
+        return self.target.warmup(self.cache, self.scheduler.max_batch, self.scheduler.max_step_tokens,
+                                  *self._hidden_request(), log=log)
 
     def _accept_lossy(self, slot: _Slot, probs: torch.Tensor):
         return typical_accept_lossy(slot.draft.tree, probs, slot.req.generator)

@@ -116,6 +116,16 @@ class TargetModel:
         self.compiled = (CompiledVerifier(self.verifier, *(buckets or ()), graphs=graphs, backend=backend)
                          if compile else None)
 
+    def warmup(self, cache: PagedKVCache, max_batch: int, max_tokens: int, return_hidden: bool = False,
+               hidden_layers: Sequence[int] | None = None, log=None) -> list[tuple[int, int]]:
+        """Compile (and capture) now every step bucket :meth:`run` with these outputs can use for steps of at most
+        ``max_batch`` sequences and ``max_tokens`` tokens (:meth:`CompiledVerifier.warmup`); ``[]`` when not
+        compiling."""
+        if self.compiled is None:
+            return []
+        return self.compiled.warmup(cache, max_batch, max_tokens, (_output_layers(return_hidden, hidden_layers),),
+                                    log)
+
     def new_cache(self, num_blocks: int, block_size: int = 16, dtype: torch.dtype | None = None) -> PagedKVCache:
         """A paged cache shaped for this model, using this backend's commit."""
         return PagedKVCache(
@@ -152,8 +162,7 @@ class TargetModel:
         ``return_hidden``): indices into HF ``hidden_states`` whose rows are concatenated instead of the last
         hidden state (``[T, len * H]``; EAGLE-3 fuses low, middle and high layers), from the same forward."""
         if self.compiled is not None and self.compiled.fits(cache, batch):
-            layers = (hidden_layers or [-1]) if return_hidden else None
-            logits, hidden = self.compiled.run(cache, batch, keep, layers)
+            logits, hidden = self.compiled.run(cache, batch, keep, _output_layers(return_hidden, hidden_layers))
             return TargetOutput(logits, batch, hidden)
         if self.compiled is not None:
             self.compiled.eager_steps += 1
@@ -173,6 +182,11 @@ class TargetModel:
             layers = [-1] if hidden_layers is None else list(hidden_layers)
             hidden = torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
         return TargetOutput(out.logits[0], batch, hidden)
+
+
+def _output_layers(return_hidden: bool, hidden_layers: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The hidden-state layers a compiled step returns (``None``: logits only; the last layer by default)."""
+    return tuple(hidden_layers or (-1,)) if return_hidden else None
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:

@@ -231,3 +231,17 @@ def test_warmup_compiles_every_bucket_a_step_can_use_and_frees_its_scratch_block
     assert [r.tokens for r in results] == [refs[tuple(p)][:10] for p in prompts]
     assert set(cv.graphs) == traced and len(cv.step_graphs) == captured  # nothing new to compile or capture
     assert cache.allocator.num_free == 160
+
+
+def test_the_engine_warms_up_the_buckets_with_the_outputs_its_drafter_reads(tiny_model):
+    from specdec.drafters.eagle import EagleDrafter
+
+    target = TargetModel(tiny_model, compile="aot_eager", graphs="manual", buckets=((1, 4), (1, 2)))
+    torch.manual_seed(0)
+    engine = SpeculativeEngine(target, target.new_cache(64, 4), EagleDrafter.untrained(target), max_batch=2,
+                               max_step_tokens=4, max_tree_nodes=4)
+    assert engine.warmup() == [(1, 1), (4, 1), (4, 2)]
+    assert {layers for _, _, layers in target.compiled.graphs} == {(-1,)}  # EAGLE reads the last hidden state
+    assert engine.cache.allocator.num_free == 64
+    eager = TargetModel(tiny_model)
+    assert SpeculativeEngine(eager, eager.new_cache(16, 4)).warmup() == []  # nothing to compile

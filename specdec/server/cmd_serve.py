@@ -58,14 +58,11 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def warm_up(target, loop, settings) -> None:
+def warm_up(engine) -> None:
     """Compile the verify step for every bucket the server's steps can use (up to ``max_batch`` sequences and
     ``max_step_tokens`` tokens), with the hidden states its drafters read, before the first request."""
-    router = loop.engine.drafter
-    layers = tuple(router.feature_layers or (-1,)) if router.needs_hidden else None
     t0 = time.perf_counter()
-    done = target.compiled.warmup(loop.cache, settings.max_batch, settings.max_step_tokens, (layers,),
-                                  log=lambda msg: print(f"specdec: {msg}", file=sys.stderr, flush=True))
+    done = engine.warmup(log=lambda msg: print(f"specdec: {msg}", file=sys.stderr, flush=True))
     print(f"specdec: {len(done)} compiled step buckets ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
           flush=True)
 
@@ -106,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     )
     state = build_state(target, tokenizer, drafters, settings)
     if target.compiled is not None and args.warmup:
-        warm_up(target, state.loop, settings)
+        warm_up(state.loop.engine)
     config = uvicorn.Config(create_app(state), log_level=args.log_level, timeout_graceful_shutdown=5)
     server = GracefulServer(config, on_exit=state.loop.stop_soon)
     host, port = sock.getsockname()[:2]
