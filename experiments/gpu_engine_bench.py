@@ -77,7 +77,8 @@ def build_model(torch, shape, dev, dtype, seed, peaked=False):
 
 
 def compile_stats(torch, compiled):
-    """How many steps ran compiled / eagerly, the buckets traced, and CUDA-graph skips inductor reported."""
+    """How many steps ran compiled / eagerly, the buckets traced, the graphs captured (``step_graphs``: a count,
+    the graphs themselves go with their caches) and CUDA-graph skips inductor reported."""
     if compiled is None:
         return None
     cv = compiled.compiled
@@ -88,7 +89,7 @@ def compile_stats(torch, compiled):
     except Exception as err:  # counters are private API: report, never fail on them
         skips = f"unavailable: {err}"
     return dict(compiled_steps=cv.compiled_steps, eager_steps=cv.eager_steps, graphs=sorted(map(str, cv.graphs)),
-                graph_mode=cv.graph_mode, step_graphs=len(cv.step_graphs), capture_error=cv.capture_error,
+                graph_mode=cv.graph_mode, step_graphs=cv.captures, capture_error=cv.capture_error,
                 cudagraph_skips=skips)
 
 

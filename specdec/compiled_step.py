@@ -135,7 +135,7 @@ class CompiledVerifier:
         # caller that builds a cache per generation would otherwise keep every old cache alive)
         self._captures: weakref.WeakKeyDictionary[PagedKVCache, dict[tuple, StepGraph]] = weakref.WeakKeyDictionary()
         self.capture_error: str | None = None
-        self.compiled_steps = self.eager_steps = 0
+        self.compiled_steps = self.eager_steps = self.captures = 0  # captures: graphs captured so far
         self._static_caches: weakref.WeakSet[PagedKVCache] = weakref.WeakSet()  # "trees": K/V marked static
         # one compiled graph per bucket and output kind; the limit only bounds how many dynamo keeps
         limit = len(self.token_buckets) * len(self.batch_buckets) * 4 + 8
@@ -194,6 +194,7 @@ class CompiledVerifier:
                     self.capture_error, self.graph_mode = f"{type(err).__name__}: {err}", "none"
                     return self.run(cache, batch, keep, hidden_layers)
                 captures[key] = graph
+                self.captures += 1
             logits, hidden = graph.replay(flat)
             self.compiled_steps += 1
             t = batch.num_tokens  # the buffers are overwritten by the next replay: hand out copies
