@@ -159,4 +159,4 @@ def best_first_drafts(roots: list[int], budgets: list[int], depth: int, topk: in
         builder.step(*level_topk(log_probs, topk, vocab_ids))
         if builder.more:  # the new frontier's children are wanted: forward it
             log_probs = forward_level(grown, builder)
-    return [Draft(tree) for tree in builder.result()[0]]
+    return [Draft(tree, scores=scores) for tree, scores in zip(*builder.result(), strict=True)]

@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from specdec.attention import ATTENTION_NAME, ForwardContext
 from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.draft_vocab import check_vocab_ids, expand_logits
+from specdec.packed_linear import PackedWeight
 
 if TYPE_CHECKING:
     from specdec.target import TargetModel
@@ -87,6 +88,7 @@ class EagleHead(nn.Module):
         object.__setattr__(self, "embed_tokens", embed)
         weight = lm_head.weight.detach()
         object.__setattr__(self, "proj_weight", weight if vocab_ids is None else weight[vocab_ids])
+        object.__setattr__(self, "_proj", PackedWeight(self.proj_weight))  # MKL-packed on a float32 CPU
 
     @contextlib.contextmanager
     def _attention(self, name: str) -> Iterator[None]:
@@ -119,7 +121,7 @@ class EagleHead(nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """``[..., N]`` next-token logits over the draft vocabulary (``N = V`` without one) from ``features
         [..., H]`` via the target's LM head rows. Target features give the target's own logits on those rows."""
-        return nn.functional.linear(features.to(self.proj_weight.dtype), self.proj_weight)
+        return self._proj(features.to(self.proj_weight.dtype))
 
     def full_logits(self, features: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` over the whole vocabulary ``[..., V]`` (``-inf`` outside the draft vocabulary)."""

@@ -126,7 +126,7 @@ class MedusaDrafter:
             width = builder.frontier_tokens.shape[1]
             builder.step(values[:, d, None].expand(-1, width, -1), tokens[:, d, None].expand(-1, width, -1))
             d += 1
-        return [Draft(tree) for tree in builder.result()[0]]
+        return [Draft(tree, scores=scores) for tree, scores in zip(*builder.result(), strict=True)]
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Keep ``hidden[-1]``, the state that predicted ``tokens[-1]`` (the next root).

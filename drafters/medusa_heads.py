@@ -14,6 +14,7 @@ from torch import nn
 
 from specdec.checkpoint import read_checkpoint, save_checkpoint
 from specdec.draft_vocab import check_vocab_ids, expand_logits
+from specdec.packed_linear import PackedWeight
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class MedusaHeads(nn.Module):
         # The shared projection (the target's LM head, or its draft-vocabulary rows) is not a submodule: the target
         # owns it, so it is never saved, moved or cast here.
         object.__setattr__(self, "shared_weight", rows if config.share_lm_head else None)
+        object.__setattr__(self, "_shared", None if self.shared_weight is None else PackedWeight(rows))  # float32 CPU
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every head's logits.
@@ -131,7 +133,7 @@ class MedusaHeads(nn.Module):
             out.append(head(hidden if first is None else hidden.to(first.dtype)))
         out = torch.stack(out, dim=-2)
         if self.shared_weight is not None:  # one matmul for every head: the shared rows are read once, not K times
-            out = nn.functional.linear(out.to(self.shared_weight.dtype), self.shared_weight)
+            out = self._shared(out.to(self.shared_weight.dtype))
         return out
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,16 @@ class Draft:
             drafter's distribution at ``i``'s parent, processed with the request's ``SamplingParams``); row 0 is
             unused. ``None`` for deterministic drafters (n-gram, top-k trees), verified as one-hot proposals.
         without_replacement: siblings were drawn from their parent's distribution without replacement.
+        scores: ``[N]`` float or ``None``: the drafter's own confidence, the cumulative log-probability of each
+            node's path under its draft distribution (0 at the root), as best-first trees rank their nodes.
+            Informational only (verification never reads it): ``--tree-budget auto`` calibrates it against
+            observed acceptance to size and prune trees.
     """
 
     tree: TokenTree
     probs: torch.Tensor | None = None
     without_replacement: bool = False
+    scores: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class TokenTree:
                 )
         if torch.equal(parents, torch.arange(-1, n - 1)):  # chain (also every prefill): closed form
             depth = torch.arange(n)
-            mask = torch.ones(n, n, dtype=torch.bool).tril_()
+            mask = depth[:, None] >= depth[None, :]  # (tril_ wakes the thread pool even for a 2 x 2 mask)
         else:
             depth, mask = _depth_and_mask(parents.tolist())
         object.__setattr__(self, "tokens", tokens)

@@ -8,7 +8,7 @@ import torch
 from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft, DraftInput
-from specdec.research.auto_budget import AcceptanceTracker, AutoBudgetDrafter, prune
+from specdec.research.auto_budget import SEQUENCE_TRACKER, AcceptanceTracker, AutoBudgetDrafter, prune
 from specdec.research.cost_model import CostModel, choose_size, fit_draft, fit_verify, measure_draft, measure_verify
 from specdec.research.simulate import replay
 from specdec.research.trace import record_trace
@@ -182,6 +182,32 @@ def test_the_budget_is_planned_before_drafting_at_the_analytic_optimum(alpha, d1
 def test_without_a_calibrated_draft_cost_the_planner_fits_the_measured_propose_times():
     auto = AutoBudgetDrafter(BudgetLog(), CostModel((1.0, 0.1, 0.0, 0.0)))
     assert auto.draft_estimate(3) == 0.0  # nothing measured yet
-    for levels, seconds in [(2, 0.5), (4, 0.9), (8, 1.7)]:  # 0.1 + 0.2 * levels
+    auto._observe_draft(2, 0.5, forget=1.0)
+    assert auto.draft_estimate(4) == pytest.approx(1.0)  # one level count seen: proportional to the levels
+    for levels, seconds in [(2, 0.5), (2, 0.5), (4, 0.9), (4, 0.9), (4, 0.9)]:  # 0.1 + 0.2 * levels
         auto._observe_draft(levels, seconds, forget=1.0)
     assert auto.draft_estimate(6) == pytest.approx(1.3) and auto.draft_estimate(0) == pytest.approx(0.1)
+    auto._observe_draft(5, 9.0, forget=1.0)  # one slow call at a new level count sets no slope
+    assert auto.draft_estimate(5) == pytest.approx(1.1) and auto.draft_estimate(8) == pytest.approx(1.7)
+
+
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_each_sequence_gets_the_tree_its_own_acceptance_pays_for(per_sequence):
+    """Two sequences at once, one whose drafts are always right and one whose drafts are always wrong: with
+    per-sequence trackers the first is planned a deep tree and the second a bare root; one pooled tracker plans
+    both the same. Releasing a sequence drops its tracker."""
+    cost = CostModel((1.0, 0.2, 0.0, 0.0), draft_coef={"chain": (0.05, 0.02)})
+    auto = AutoBudgetDrafter(BudgetLog(), cost, drafter_name="chain",
+                             per_sequence=SEQUENCE_TRACKER if per_sequence else None)
+    history = torch.tensor(PROMPT)
+    for _ in range(40):
+        good, bad = auto.propose([DraftInput(0, history), DraftInput(1, history)])
+        auto.accept(0, torch.cat([good.tree.tokens[1:], torch.tensor([7])]))
+        auto.accept(1, torch.tensor([int(history[-1]) + 1]))  # the first draft token is wrong
+    good_budget, bad_budget = auto.planned[-2:]
+    if per_sequence:
+        assert good_budget >= 4 and bad_budget == 1
+        auto.release(0)
+        assert 0 not in auto._seq and 1 in auto._seq
+    else:
+        assert good_budget == bad_budget

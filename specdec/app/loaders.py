@@ -170,7 +170,7 @@ def load_target(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase | N
     compile_ = getattr(args, "compile", False)
     if compile_ is None:
         compile_ = compile_pays(next(model.parameters()).device)
-    target = TargetModel(model, backend, compile=compile_)
+    target = TargetModel(model, backend, compile=compile_, packed=getattr(args, "packed", None))
     return target, tokenizer if tokenizer is not None else load_tokenizer(args.model)
 
 

@@ -18,6 +18,7 @@ per step.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import sys
@@ -64,17 +65,27 @@ class CostModel:
         c0, c1, c2, c3 = self.verify_coef
         return c0 + c1 * nodes + c2 * context + c3 * nodes * context
 
+    def _grid_tables(self) -> tuple[list[int], list[int], list[list[float]]]:
+        """Sizes, contexts and each context's non-decreasing times, built once per grid (the chooser asks for
+        dozens of verify times per step; rebuilding them per call cost about a millisecond a step)."""
+        key = id(self.grid), len(self.grid)
+        cached = self.__dict__.get("_tables")
+        if cached is None or cached[0] != key:
+            table = {(n, c): t for n, c, t in self.grid}
+            sizes, ctxs = sorted({g[0] for g in self.grid}), sorted({g[1] for g in self.grid})
+            rows = [np.maximum.accumulate([table[(n, c)] for n in sizes]).tolist() for c in ctxs]
+            cached = self.__dict__["_tables"] = (key, (sizes, ctxs, rows))
+        return cached[1]
+
     def _grid_time(self, nodes: int, context: int) -> float:
-        table = {(n, c): t for n, c, t in self.grid}
-        sizes, ctxs = sorted({g[0] for g in self.grid}), sorted({g[1] for g in self.grid})
+        sizes, ctxs, rows = self._grid_tables()
         per_ctx = []
-        for c in ctxs:
-            ys = np.maximum.accumulate([table[(n, c)] for n in sizes])
-            y = float(np.interp(nodes, sizes, ys))
+        for c, ys in zip(ctxs, rows, strict=True):
+            y = _interp(nodes, sizes, ys)
             if nodes > sizes[-1]:
                 y += self._fit_time(nodes, c) - self._fit_time(sizes[-1], c)
             per_ctx.append(y)
-        t = float(np.interp(context, ctxs, per_ctx))
+        t = _interp(context, ctxs, per_ctx)
         if context > ctxs[-1]:
             t += self._fit_time(nodes, context) - self._fit_time(nodes, ctxs[-1])
         return t
@@ -104,6 +115,17 @@ class CostModel:
             raise ValueError(f"{path} is not a cost model: it needs verify_coef with 4 numbers")
         return cls(tuple(raw["verify_coef"]), {k: tuple(v) for k, v in raw.get("draft_coef", {}).items()},
                    [tuple(g) for g in raw.get("grid", [])], raw.get("meta", {}), bool(raw.get("from_grid", False)))
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """``np.interp`` for one point (clamped at the ends), without numpy's per-call overhead."""
+    i = bisect.bisect_right(xs, x)
+    if i == 0:
+        return float(ys[0])
+    if i == len(xs):
+        return float(ys[-1])
+    x0, x1 = xs[i - 1], xs[i]
+    return float(ys[i - 1] + (ys[i] - ys[i - 1]) * (x - x0) / (x1 - x0))
 
 
 def fit_verify(grid: Sequence[tuple[int, int, float]]) -> tuple[float, float, float, float]:
@@ -234,7 +256,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     grid = measure_verify(target, args.sizes, args.contexts, args.repeats, statistic=args.statistic)
     cost = CostModel(fit_verify(grid), grid=grid, from_grid=args.verify_model == "grid", meta={
         "model": args.model or "embedded SmolLM2-135M-Instruct", "device": str(target.device),
-        "threads": torch.get_num_threads(), "dtype": str(target.dtype), "measured_at": time.time(),
+        "threads": torch.get_num_threads(), "dtype": str(target.dtype), "packed_linears": target.packed_linears,
+        "measured_at": time.time(),
         "statistic": args.statistic})
     prompts = [encode_prompt(tok, p.text) for p in load_prompts(args.prompts or builtin_prompts_path(), args.limit)]
     for spec in args.drafter:

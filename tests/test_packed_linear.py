@@ -1,0 +1,108 @@
+"""Packed-weight CPU linears: the same products as ``F.linear`` (to float32 rounding), the caller's model untouched,
+greedy decoding unchanged, and a weight changed in place repacked."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specdec.engine import SpeculativeEngine
+from specdec.packed_linear import MIN_ROWS, PackedLinear, PackedWeight, linear_bytes, pack_linears, packing_works
+from specdec.target import TargetModel
+from specdec.tree import TokenTree
+from tests.conftest import tiny_llama
+from tests.oracles import KnownDepthDrafter
+
+pytestmark = pytest.mark.skipif(not packing_works(), reason="this torch build cannot pack float32 weights (no MKL)")
+
+
+def _tiny(dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("rows", [1, MIN_ROWS - 1, MIN_ROWS, 7, 16, 33])
+def test_packed_weight_computes_the_same_products_as_f_linear_for_any_row_count(rows):
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
+    x = torch.randn(2, rows, 40, generator=gen)
+    got = PackedWeight(weight, bias)(x)
+    assert got.shape == (2, rows, 70)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_changed_in_place_is_repacked_at_the_next_call():
+    weight = torch.randn(30, 20)
+    packed, x = PackedWeight(weight), torch.randn(8, 20)
+    packed(x)
+    with torch.no_grad():
+        weight.mul_(2)
+    torch.testing.assert_close(packed(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_packing_replaces_only_the_targets_own_view_and_keeps_the_callers_model():
+    model = _tiny()
+    target = TargetModel(model)
+    assert target.packed_linears == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) > 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # HF generate still runs nn.Linear
+    packed = [m for m in target.verifier.modules() if isinstance(m, PackedLinear)]
+    ours = {id(p) for p in model.parameters()}
+    assert packed and all(id(m.weight) in ours for m in packed)  # the same Parameters, not copies
+
+
+def test_packing_is_off_for_float64_models_for_compile_and_when_asked():
+    assert TargetModel(_tiny(torch.float64)).packed_linears == 0
+    assert TargetModel(_tiny(), packed=False).packed_linears == 0
+    assert TargetModel(_tiny(), compile="aot_eager").packed_linears == 0
+
+
+def test_the_size_limit_leaves_large_models_alone():
+    model = _tiny()
+    assert pack_linears(model, limit=linear_bytes(model) - 1) == 0
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_tree_logits_with_packed_linears_match_plain_linears():
+    model = _tiny()
+    plain, packed = TargetModel(model, packed=False), TargetModel(model)
+    gen = torch.Generator().manual_seed(1)
+    tree = TokenTree(torch.randint(0, 97, (9,), generator=gen), torch.tensor([-1, 0, 0, 1, 1, 2, 3, 4, 5]))
+    outs = []
+    for target in (plain, packed):
+        cache = target.new_cache(num_blocks=4)
+        seq = cache.add_sequence()
+        cache.reserve(seq, 20 + 9)
+        target.forward(cache, [seq], [TokenTree.chain(torch.randint(0, 97, (20,), generator=gen))], last_only=True)
+        cache.advance(seq, 20)
+        outs.append(target.forward(cache, [seq], [tree]).logits)
+        gen.manual_seed(1)
+        torch.randint(0, 97, (9,), generator=gen)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_decoding_with_packed_linears_matches_hf_generate():
+    """Trees of up to 7 nodes (the packed path runs from 4 rows) keep greedy decoding identical to HF's."""
+    model = tiny_llama(dtype=torch.float32, seed=5)
+    prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(3))
+    reference = model.generate(prompt[None], max_new_tokens=40, do_sample=False, min_new_tokens=40,
+                               attention_mask=torch.ones(1, 12, dtype=torch.long))[0].tolist()
+    target = TargetModel(model)
+    assert target.packed_linears > 0
+    drafter = KnownDepthDrafter(reference, seed=0)
+    engine = SpeculativeEngine(target, target.new_cache(num_blocks=8), drafter, eos_token_ids=[])
+    assert engine.generate(prompt.tolist(), max_new_tokens=40).tokens == reference[12:]
+    assert max(length for length, _ in drafter.log) >= MIN_ROWS  # the packed path ran
+
+
+def test_a_copied_or_pickled_packed_weight_packs_its_own_weight():
+    import copy
+    import pickle
+
+    weight, x = torch.randn(30, 20), torch.randn(8, 20)
+    packed = PackedWeight(weight)
+    packed(x)  # packed now
+    for clone in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert clone.weight is not weight
+        torch.testing.assert_close(clone(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
