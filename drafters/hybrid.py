@@ -19,10 +19,11 @@ When to ask the model (it costs ``model_cost`` of a verification step; the n-gra
 is worth ``(1 + V_n) / (1 + node_cost * N_n)`` tokens per unit of step time (``V_n``: sum of its kept values,
 ``N_n``: its kept nodes); with the model, ``(1 + max(V_n, V_m)) / (1 + model_cost + node_cost * max(N_n, N_m))``,
 ``V_m`` being the running average of the accepted tokens the model's earlier trees for this sequence held (what it
-delivered, not what its rates promise: rarely seen depths and ranks keep optimistic priors) and ``N_m`` of its
-nodes kept in the merged tree. The model runs
-only when the second is larger (and at least every ``probe`` steps, so its estimate stays current): with no match
-any model worth its cost is asked; a long, confident match drafts alone; a model that does not pay for its cost and
+delivered, not what its rates promise: rarely seen depths and ranks keep optimistic priors; a sequence the model
+has not drafted yet starts from that average over all sequences) and ``N_m`` of its nodes kept in the merged tree.
+The model runs only when the second is larger (and at least every ``probe`` steps, so its estimate stays current;
+each probe that was needed doubles the interval, up to 4x, until the model pays again): with no match any model
+worth its cost is asked; a long, confident match drafts alone; a model that does not pay for its cost and
 its nodes is not asked. ``skip_model_above`` (a depth-1 n-gram rate) is an older, simpler override. Model drafters
 catch up on the history at their next ``propose``, so skipping is safe. Both sub-drafters are told every
 ``accept`` and ``release``.
@@ -67,6 +68,7 @@ class _SeqState:
     model_value: float | None = None  # running accepted tokens the model's trees held (None: never asked)
     model_nodes: float = 0.0  # running count of the model's nodes kept in the merged tree
     since_model: int = 0  # steps since the model was last asked
+    probe_gap: int = 0  # steps between probes now (0: ``probe``; doubles after each probe, back when the model pays)
     speed: float = 1.0  # running tokens per step / (1 + node_cost * draft nodes): what one unit of step time yields
     nodes: int = 0  # draft nodes of the last proposed tree
     context: int = 0  # history length at this step (the measured step cost depends on it)
@@ -134,6 +136,7 @@ class HybridDrafter(CostRule):
             {s: [[priors["model" if s == "model" else "ngram"] * 0.3**r for r in range(RANKS)]
                  for _ in range(max_depth)] for s in self.sources}))
         self.model_calls = 0  # sequences the model drafted (for reports and tests)
+        self.pooled_value: float | None = None  # running model_value over all sequences: a new one starts from it
 
     # ------------------------------------------------------------------ protocol
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
@@ -182,6 +185,8 @@ class HybridDrafter(CostRule):
                 held = next((d for d in range(len(accepted), 0, -1) if tuple(accepted[:d]) in model), 0)
                 old = state.model_value
                 state.model_value = float(held) if old is None else old + self.weight * (held - old)
+                pooled = self.pooled_value
+                self.pooled_value = float(held) if pooled is None else pooled + self.weight * (held - pooled)
             state.proposed = {}
         self.ngram.accept(seq_id, tokens, hidden)  # its running acceptance follows only the trees it proposed
         self.model.accept(seq_id, tokens, hidden)

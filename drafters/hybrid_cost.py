@@ -13,6 +13,8 @@ from collections.abc import Callable
 from specdec.drafters.draft_paths import Path, path_values
 from specdec.drafters.ngram import NgramDrafter
 
+MAX_PROBE_BACKOFF = 4  # probes that find the model not paying space out to at most 4 x ``probe`` steps
+
 
 def running(old: float | None, new: float, weight: float, clip: float | None = None) -> float:
     """Moving average of measured seconds; with ``clip``, a value over ``clip`` times the average is ignored."""
@@ -35,6 +37,7 @@ class CostRule:
     skip_model_above: float | None
     step_s: float | None
     model_s: float | None
+    pooled_value: float | None
 
     @property
     def current_model_cost(self) -> float | None:
@@ -47,7 +50,12 @@ class CostRule:
     def _decide(self, state, ngram_paths: list[Path], source: str, budget: int) -> bool:
         if ngram_paths and self.skip_model_above is not None and state.rates[source][0][0] >= self.skip_model_above:
             return False
-        if self.model_cost is None or state.model_value is None or state.since_model + 1 >= self.probe:
+        model_value = state.model_value if state.model_value is not None else self.pooled_value
+        if self.model_cost is None or model_value is None:
+            return True
+        gap = state.probe_gap or self.probe
+        if state.since_model + 1 >= gap:  # a probe; the next one comes later unless the model pays meanwhile
+            state.probe_gap = min(2 * gap, MAX_PROBE_BACKOFF * self.probe)
             return True
         values = path_values(ngram_paths, state.rates[source])
         ctx = state.context
@@ -57,8 +65,11 @@ class CostRule:
             ranked = sorted(values.values(), reverse=True)[: budget - 1]
             v_n, n_n = sum(ranked[: self._best_prefix(ranked, ctx)]), self._best_prefix(ranked, ctx)
         n_m = max(n_n, state.model_nodes)
-        with_model = (1 + max(v_n, state.model_value)) / (self._rel(n_m + 1, ctx) + self.current_model_cost)
-        return with_model > (1 + v_n) / self._rel(n_n + 1, ctx)
+        with_model = (1 + max(v_n, model_value)) / (self._rel(n_m + 1, ctx) + self.current_model_cost)
+        pays = with_model > (1 + v_n) / self._rel(n_n + 1, ctx)
+        if pays:
+            state.probe_gap = self.probe
+        return pays
 
     def _rel(self, nodes: float, ctx: int) -> float:
         """Verification cost of a ``nodes``-node tree relative to a lone root."""

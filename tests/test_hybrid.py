@@ -220,6 +220,25 @@ def test_the_model_is_asked_only_where_its_expected_tokens_pay_for_its_cost_and_
         assert model.proposed[2:] == ([1] if step == 2 else [])  # 4 steps after the last ask: probed
 
 
+def test_a_new_sequence_starts_from_the_pooled_model_value_and_probes_space_out():
+    """A model that never held the accepted token: once one sequence has seen it, a new sequence does not ask it
+    at its first step (it starts from the pooled value, 0 tokens), and the probes of a model that does not pay
+    come after 4, 8, 16, 16 ... steps (``probe`` = 4, doubling up to 4x)."""
+    unmatched = [8, 2, 6, 1, 3]
+    model = FixedDrafter([(7,)])
+    hybrid = HybridDrafter(model, budget=6, prior={"ngram": 0.95, "model": 0.5}, model_cost=0.3, probe=4)
+    hybrid.propose(inputs([0], [unmatched]))
+    hybrid.accept(0, torch.tensor([5]))  # the model's token was wrong
+    assert model.proposed == [0] and hybrid.pooled_value == 0.0
+    asked_at = []
+    for step in range(1, 46):
+        hybrid.propose(inputs([1], [unmatched]))
+        if model.proposed[-1] == 1 and len(model.proposed) > len(asked_at) + 1:
+            asked_at.append(step)
+        hybrid.accept(1, torch.tensor([5]))
+    assert asked_at == [4, 12, 28, 44]  # never at step 1 (pooled), then after 4, 8, 16, 16 steps
+
+
 def test_a_long_match_keeps_its_own_rates():
     """The n-gram rates are kept per matched suffix length: a wrong 2-token match does not lower the 4-token
     matches' rates (a copy of earlier text stays trusted)."""
