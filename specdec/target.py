@@ -120,6 +120,10 @@ class TargetModel:
         self.split_gemv = bool(split_gemv)
         wanted = packed if packed is not None else not (compile or self.split_gemv)
         self.packed_linears = pack_linears(self.verifier, None if packed else AUTO_PACK_LIMIT) if wanted else 0
+        if packed and not self.packed_linears:
+            mkl = torch.backends.mkl.is_available()
+            raise ValueError(f"packed linears need a float32 model on the CPU and a torch build with MKL; this model "
+                             f"is {self.dtype} on {self.device.type} (mkl available: {mkl})")
         backend = compile if isinstance(compile, str) else "inductor"
         self.compiled = (CompiledVerifier(self.verifier, *(buckets or ()), graphs=graphs, backend=backend)
                          if compile else None)

@@ -58,6 +58,11 @@ def test_packing_is_off_for_float64_models_for_compile_and_when_asked():
     assert TargetModel(_tiny(), compile="aot_eager").packed_linears == 0
 
 
+def test_asking_for_packed_linears_where_none_can_be_packed_names_the_reason():
+    with pytest.raises(ValueError, match=r"packed linears need a float32 model on the CPU .* torch.float64 on cpu"):
+        TargetModel(_tiny(torch.float64), packed=True)
+
+
 def test_the_size_limit_leaves_large_models_alone():
     model = _tiny()
     assert pack_linears(model, limit=linear_bytes(model) - 1) == 0

@@ -151,6 +151,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_cost_model(getattr(args, "tree_budget", None), getattr(args, "cost_model", None))
     args.device = check_device(args.device)
     check_attention(args.attention, args.device)
+    if getattr(args, "packed", None) and (args.device != "cpu" or args.dtype != "float32"):
+        raise ValueError(f"--packed needs --dtype float32 on the CPU (got --dtype {args.dtype} on {args.device})")
+    if getattr(args, "packed", None) and getattr(args, "compile", None):
+        raise ValueError("--packed and --compile exclude each other (the compiled step packs nothing); pick one")
 
 
 def check_cost_model(budget: int | str | None, path: str | None) -> None:
