@@ -32,6 +32,8 @@ def test_node_values_with_scores_are_products_of_calibrated_conditionals():
     tree = TokenTree(torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 0, 0, 1]))
     scores = torch.tensor([0.0, math.log(0.6), math.log(0.3), math.log(0.6 * 0.5)])
     assert _conditional(tree, scores) == pytest.approx([1.0, 0.6, 0.3, 0.5])
+    with pytest.raises(ValueError, match=r"one value per tree node: shape \(4,\), got \(3,\)"):
+        _conditional(tree, scores[:3])
     tracker = AcceptanceTracker()
     values = tracker.node_values(tree, scores)
     assert values.tolist() == pytest.approx([1.0, 0.6, 0.3, 0.3])  # uncalibrated: the drafter's own numbers

@@ -21,6 +21,9 @@ def _conf_key(depth: int, q: float) -> tuple[int, int]:
 
 def _conditional(tree: TokenTree, scores: torch.Tensor) -> list[float]:
     """Each node's draft probability given its parent, ``exp(score - parent score)`` in [0, 1] (root 1)."""
+    if scores.shape != (tree.num_nodes,):
+        raise ValueError(f"Draft.scores must have one value per tree node: shape ({tree.num_nodes},), got "
+                         f"{tuple(scores.shape)}")
     s, parents = scores.tolist(), tree.parents.tolist()
     return [1.0] + [min(1.0, math.exp(min(s[i] - s[parents[i]], 0.0))) for i in range(1, len(s))]
 
