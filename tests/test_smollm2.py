@@ -7,6 +7,7 @@ from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompt
 from specdec.drafters import NgramDrafter
 from specdec.engine import SpeculativeEngine
 from specdec.target import TargetModel, eos_token_ids
+from specdec.tree import TokenTree
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +70,26 @@ def test_shipped_drafters_are_trained_and_lossless(smollm2, spec, min_tau):
     assert result.tokens == ref[: len(result.tokens)] and len(result.tokens) == len(ref)
     assert result.stats.tau > min_tau, result.stats.tau
     assert cache.allocator.num_free == 128
+
+
+def test_packed_linears_give_the_plain_targets_tree_logits_on_smollm2(smollm2):
+    """The default (packed) target against ``packed=False`` on a 12-node tree over a real prompt: the same argmax
+    at every node and logits equal to float32 rounding (the packed GEMM sums in another order)."""
+    model, tokenizer = smollm2
+    ids = encode_prompt(tokenizer, "List three uses of a paperclip.")
+    gen = torch.Generator().manual_seed(0)
+    tree = TokenTree(torch.randint(0, 49152, (12,), generator=gen),
+                     torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 8, 3]))
+    logits = []
+    for packed in (False, True):
+        target = TargetModel(model, packed=packed)
+        assert (target.packed_linears > 0) == packed
+        cache = target.new_cache(8, 16)
+        seq = cache.add_sequence()
+        cache.reserve(seq, ids.numel())
+        target.forward(cache, [seq], [TokenTree.chain(ids)], last_only=True)
+        cache.advance(seq, ids.numel())
+        cache.reserve(seq, tree.num_nodes)
+        logits.append(target.forward(cache, [seq], [tree]).logits)
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=2e-3)
