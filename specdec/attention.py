@@ -53,6 +53,8 @@ class TreeBatch:
             device), so no backend needs a device sync to plan.
         q_offsets: ``[B]`` int32, tree offsets ``off_b`` (``None`` at construction: zeros).
         q_offsets_host: the same as a host tuple (``()`` at construction: zeros).
+        first_blocks_host: per sequence, its first block when all its blocks are consecutive and ascending (its
+            K/V is then one run of the cache, read in place by the torch backend), else -1; ``()``: unknown.
 
     All device tensors sit on the cache's device.
     """
@@ -70,6 +72,7 @@ class TreeBatch:
     context_lens_host: tuple[int, ...] = ()
     q_offsets: torch.Tensor | None = None
     q_offsets_host: tuple[int, ...] = ()
+    first_blocks_host: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.q_offsets is None:
@@ -94,12 +97,13 @@ def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequenc
     for s, c, t, r in zip(seq_ids, ctx, trees, reserved, strict=True):
         if c + t.num_nodes > r:
             raise IndexError(f"position {c + t.num_nodes - 1} of sequence {s} is not reserved")
-    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size, offsets, cache.device)
+    runs = cache.first_blocks(seq_ids) if hasattr(cache, "first_blocks") else ()
+    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size, offsets, cache.device, runs)
 
 
 def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Sequence[TokenTree],
                block_size: int, offsets: Sequence[int] | None = None,
-               device: torch.device | str | None = None) -> TreeBatch:
+               device: torch.device | str | None = None, first_blocks: Sequence[int] = ()) -> TreeBatch:
     """:class:`TreeBatch` from a block table ``[B, max_blocks]`` int32, host context lengths and trees, with
     whole-batch tensor ops (no per-token Python, no device sync).
 
@@ -110,7 +114,8 @@ def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Se
 
     ``device`` (default: the block table's): where the batch lives. Everything is computed on the host and moves
     in three copies (int64, int32 and mask bytes; on CUDA each blocking copy is a round trip), so a decode loop
-    passes its host block table (:meth:`PagedKVCache.block_table`) and the device."""
+    passes its host block table (:meth:`PagedKVCache.block_table`) and the device. ``first_blocks``: see
+    :attr:`TreeBatch.first_blocks_host` (:meth:`PagedKVCache.first_blocks`; default unknown)."""
     dev = torch.device(device) if device is not None else block_table.device
     nodes = [t.num_nodes for t in trees]
     offs = [0] * len(trees) if offsets is None else [int(o) for o in offsets]
@@ -152,6 +157,7 @@ def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Se
         context_lens_host=tuple(int(c) for c in context_lens),
         q_offsets=ints[2 * b + 1:3 * b + 1],
         q_offsets_host=tuple(offs),
+        first_blocks_host=tuple(first_blocks),
     )
 
 
@@ -174,12 +180,14 @@ class AttentionBackend(Protocol):
 @dataclass(frozen=True)
 class _TorchPlan:
     kv_slots: list[torch.Tensor]  # per sequence [ctx_b + off_b + n_b] int64
+    kv_starts: list[int]  # per sequence: first flat slot of its K/V when it is one run of the cache, else -1
     masks: list[torch.Tensor]  # per sequence [n_b, ctx_b + off_b + n_b] bool
     cu_q: list[int]
 
 
 class TorchBackend:
-    """Reference backend: gathers each sequence's K/V and runs SDPA with a dense ``[n, ctx + off + n]`` mask."""
+    """Reference backend: gathers each sequence's K/V (or reads it in place when its blocks are one run of the
+    cache: :attr:`TreeBatch.first_blocks_host`) and runs SDPA with a dense ``[n, ctx + off + n]`` mask."""
 
     name = "torch"
 
@@ -187,13 +195,15 @@ class TorchBackend:
         cu, ctx, offs = list(batch.cu_q_host), batch.context_lens_host, batch.q_offsets_host
         table = batch.block_table.long()
         kv_slots, masks, start = [], [], 0
+        firsts = batch.first_blocks_host or (-1,) * len(ctx)
+        starts = [f * block_size if f >= 0 else -1 for f in firsts]
         for b, c in enumerate(ctx):
             n, width = cu[b + 1] - cu[b], offs[b] + cu[b + 1] - cu[b]
             pos = torch.arange(c + width, device=table.device)
             kv_slots.append(table[b, pos // block_size] * block_size + pos % block_size)
             masks.append(dense_tree_mask(c, n, width, batch.tree_mask[start : start + n * width]))
             start += n * width
-        return _TorchPlan(kv_slots, masks, cu)
+        return _TorchPlan(kv_slots, starts, masks, cu)
 
     def attend(
         self, plan: _TorchPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float
@@ -204,8 +214,12 @@ class TorchBackend:
         for b, slots in enumerate(plan.kv_slots):
             if plan.cu_q[b + 1] == plan.cu_q[b]:
                 continue  # no query for this sequence (its offset covers its whole tree)
-            outs.append(attend_rows(q[plan.cu_q[b] : plan.cu_q[b + 1]], k_flat.index_select(0, slots),
-                                    v_flat.index_select(0, slots), plan.masks[b], sm_scale))
+            s0 = plan.kv_starts[b]
+            if s0 >= 0:  # one run of the cache: read in place, no gather
+                k, v = k_flat[s0 : s0 + slots.numel()], v_flat[s0 : s0 + slots.numel()]
+            else:
+                k, v = k_flat.index_select(0, slots), v_flat.index_select(0, slots)
+            outs.append(attend_rows(q[plan.cu_q[b] : plan.cu_q[b + 1]], k, v, plan.masks[b], sm_scale))
         return torch.cat(outs) if len(outs) != 1 else outs[0]
 
     def move_kv(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -53,7 +53,7 @@ class BlockAllocator:
 
     def free(self, blocks: Sequence[int]) -> None:
         """Return blocks to the free list; raise ``ValueError`` on a double free or an unknown id."""
-        for b in blocks:
+        for b in reversed(blocks):  # pushed in reverse, so they are handed out again in order (runs stay runs)
             if b not in self._used:
                 raise ValueError(f"block {b} is not allocated (double free?)")
             self._used.remove(b)
@@ -137,6 +137,16 @@ class PagedKVCache:
         need = -(-(seq.num_tokens + extra) // self.block_size) - len(seq.blocks)
         if need > 0:
             seq.blocks.extend(self.allocator.allocate(need))
+
+    def first_blocks(self, seq_ids: Sequence[int]) -> tuple[int, ...]:
+        """Per sequence, its first block if all its blocks are consecutive and ascending (one run of the cache),
+        else -1 (from the host's own lists: no tensor is read)."""
+        out = []
+        for s in seq_ids:
+            blocks = self._seq(s).blocks
+            first = blocks[0] if blocks else -1
+            out.append(first if blocks == list(range(first, first + len(blocks))) else -1)
+        return tuple(out)
 
     def slots(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot ids ``[P]`` int64 for logical ``positions [P]`` of ``seq_id`` (must be reserved)."""

@@ -137,3 +137,50 @@ def test_random_reserve_commit_release_keeps_invariants(seed):
     for seq in list(shadow):
         cache.release(seq)
     assert cache.allocator.num_free == 24
+
+
+def test_freed_blocks_come_back_in_order_so_a_sequence_stays_one_run():
+    cache = PagedKVCache(1, 1, 2, num_blocks=8, block_size=2)
+    a = cache.add_sequence()
+    cache.reserve(a, 5)  # blocks 0, 1, 2
+    b = cache.add_sequence()
+    cache.reserve(b, 2)  # block 3
+    assert cache.first_blocks([a, b]) == (0, 3)
+    cache.release(a)
+    c = cache.add_sequence()
+    cache.reserve(c, 6)  # reuses 0, 1, 2 in order
+    assert cache.blocks(c) == [0, 1, 2] and cache.first_blocks([c]) == (0,)
+    cache.reserve(b, 4)  # b grows into block 4: 3, 4 is still a run
+    cache.reserve(c, 7)  # c's next block is 5: 0, 1, 2, 5 is not
+    assert cache.first_blocks([b, c]) == (3, -1)
+
+
+def test_reading_a_run_of_blocks_in_place_gives_the_gathered_attention_exactly():
+    """The torch backend's in-place read of a sequence whose blocks are one run equals its gather, bit for bit,
+    on a tree over a prompt (prefill and tree step both)."""
+    from specdec.attention import TreeBatch, build_tree_batch
+    from specdec.target import TargetModel
+    from specdec.tree import TokenTree
+    from tests.conftest import tiny_llama
+
+    target = TargetModel(tiny_llama(seed=4))
+    gen = torch.Generator().manual_seed(0)
+    prompt = TokenTree.chain(torch.randint(0, 64, (21,), generator=gen))
+    tree = TokenTree(torch.randint(0, 64, (6,), generator=gen), torch.tensor([-1, 0, 0, 1, 1, 3]))
+    logits = {}
+    for in_place in (True, False):
+        cache = target.new_cache(num_blocks=16, block_size=4)
+        seq = cache.add_sequence()
+        outs = []
+        for t in (prompt, tree):
+            cache.reserve(seq, t.num_nodes)
+            batch = build_tree_batch(cache, [seq], [t])
+            assert batch.first_blocks_host == (0,)
+            if not in_place:
+                batch = TreeBatch(**{**batch.__dict__, "first_blocks_host": ()})
+            outs.append(target.run(cache, batch).logits)
+            if t is prompt:
+                cache.advance(seq, t.num_nodes)
+        logits[in_place] = outs
+    for a, b in zip(logits[True], logits[False], strict=True):
+        assert torch.equal(a, b)
