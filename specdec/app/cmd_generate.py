@@ -21,6 +21,8 @@ HELP = "generate text for one prompt, streaming, then one statistics line on std
 # same run as HF greedy): n-gram 1.22x HF, the hybrid (n-gram + shipped EAGLE head) 1.10x (1.19x with a calibrated
 # step cost), the shipped EAGLE head 0.68x. So n-gram is the default on the embedded model too (a single-run
 # measurement the session before had put the hybrid first: 1.23x vs 1.07x, within that run's timing noise).
+# Re-measured with packed linears (docs/results/session7/bench24.json, 24 held-out prompts, one run): n-gram 1.27x,
+# hybrid 1.20x (1 % more tokens per second overall), EAGLE b3 0.97x: still n-gram.
 DEFAULT_DRAFTER = "ngram"
 EMBEDDED_DEFAULT_DRAFTER = "ngram"
 INTERRUPTED = 130
