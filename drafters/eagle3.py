@@ -32,7 +32,7 @@ from specdec.draft_vocab import check_vocab_ids, expand_logits
 from specdec.drafters import formats
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.registry import Option, register, resolve_path
-from specdec.packed_linear import PackedWeight
+from specdec.packed_linear import PackedLinear
 
 if TYPE_CHECKING:
     from specdec.target import TargetModel
@@ -106,8 +106,8 @@ class Eagle3Head(nn.Module):
         self.fc = nn.Linear(3 * ht, h, bias=False, **factory)
         self.midlayer = _MidLayer(self.layer_config).to(**factory)
         self.norm = LlamaRMSNorm(h, eps=self.layer_config.rms_norm_eps).to(**factory)
-        self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False, **factory)
-        object.__setattr__(self, "_head", PackedWeight(self.lm_head.weight))  # packed for float32 CPU inference
+        # packed for float32 CPU inference; the same ``lm_head.weight`` parameter, trained and saved as a Linear's
+        self.lm_head = PackedLinear(nn.Linear(h, config.draft_vocab_size, bias=False, **factory))
         self.rotary = LlamaRotaryEmbedding(config=self.layer_config).to(target.device)
         ids = check_vocab_ids(vocab_ids.to(target.device), config.vocab_size)
         self.register_buffer("vocab_ids", None if ids.numel() == config.vocab_size else ids, persistent=False)
@@ -148,9 +148,7 @@ class Eagle3Head(nn.Module):
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """``[..., N]`` draft-vocabulary logits of ``out [..., H]``."""
-        if self._head.weight is not self.lm_head.weight:  # the head module was replaced
-            object.__setattr__(self, "_head", PackedWeight(self.lm_head.weight))
-        return self._head(self.norm(out.to(self.fc.weight.dtype)))
+        return self.lm_head(self.norm(out.to(self.fc.weight.dtype)))
 
     def full_logits(self, out: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` logits over the target vocabulary (``-inf`` outside the draft vocabulary)."""

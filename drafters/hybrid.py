@@ -183,10 +183,8 @@ class HybridDrafter(CostRule):
             if state.since_model == 0:  # the model proposed: how many accepted tokens did its tree hold?
                 model = set(state.proposed["model"])
                 held = next((d for d in range(len(accepted), 0, -1) if tuple(accepted[:d]) in model), 0)
-                old = state.model_value
-                state.model_value = float(held) if old is None else old + self.weight * (held - old)
-                pooled = self.pooled_value
-                self.pooled_value = float(held) if pooled is None else pooled + self.weight * (held - pooled)
+                state.model_value = running(state.model_value, float(held), self.weight)
+                self.pooled_value = running(self.pooled_value, float(held), self.weight)
             state.proposed = {}
         self.ngram.accept(seq_id, tokens, hidden)  # its running acceptance follows only the trees it proposed
         self.model.accept(seq_id, tokens, hidden)

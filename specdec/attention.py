@@ -97,8 +97,8 @@ def build_tree_batch(cache: PagedKVCache, seq_ids: Sequence[int], trees: Sequenc
     for s, c, t, r in zip(seq_ids, ctx, trees, reserved, strict=True):
         if c + t.num_nodes > r:
             raise IndexError(f"position {c + t.num_nodes - 1} of sequence {s} is not reserved")
-    runs = cache.first_blocks(seq_ids) if hasattr(cache, "first_blocks") else ()
-    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size, offsets, cache.device, runs)
+    return tree_batch(cache.block_table(seq_ids), ctx, trees, cache.block_size, offsets, cache.device,
+                      cache.first_blocks(seq_ids))
 
 
 def tree_batch(block_table: torch.Tensor, context_lens: Sequence[int], trees: Sequence[TokenTree],
@@ -179,8 +179,7 @@ class AttentionBackend(Protocol):
 
 @dataclass(frozen=True)
 class _TorchPlan:
-    kv_slots: list[torch.Tensor]  # per sequence [ctx_b + off_b + n_b] int64
-    kv_starts: list[int]  # per sequence: first flat slot of its K/V when it is one run of the cache, else -1
+    kv: list[slice | torch.Tensor]  # per sequence: its K/V rows, a slice of the cache (one run) or slots to gather
     masks: list[torch.Tensor]  # per sequence [n_b, ctx_b + off_b + n_b] bool
     cu_q: list[int]
 
@@ -194,16 +193,18 @@ class TorchBackend:
     def plan(self, batch: TreeBatch, block_size: int) -> _TorchPlan:
         cu, ctx, offs = list(batch.cu_q_host), batch.context_lens_host, batch.q_offsets_host
         table = batch.block_table.long()
-        kv_slots, masks, start = [], [], 0
+        kv, masks, start = [], [], 0
         firsts = batch.first_blocks_host or (-1,) * len(ctx)
-        starts = [f * block_size if f >= 0 else -1 for f in firsts]
         for b, c in enumerate(ctx):
             n, width = cu[b + 1] - cu[b], offs[b] + cu[b + 1] - cu[b]
-            pos = torch.arange(c + width, device=table.device)
-            kv_slots.append(table[b, pos // block_size] * block_size + pos % block_size)
+            if firsts[b] >= 0:  # one run of the cache: read in place, no gather
+                kv.append(slice(firsts[b] * block_size, firsts[b] * block_size + c + width))
+            else:
+                pos = torch.arange(c + width, device=table.device)
+                kv.append(table[b, pos // block_size] * block_size + pos % block_size)
             masks.append(dense_tree_mask(c, n, width, batch.tree_mask[start : start + n * width]))
             start += n * width
-        return _TorchPlan(kv_slots, starts, masks, cu)
+        return _TorchPlan(kv, masks, cu)
 
     def attend(
         self, plan: _TorchPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float
@@ -211,14 +212,13 @@ class TorchBackend:
         k_flat = k_cache.flatten(0, 1)  # [NB * BS, Hkv, D]
         v_flat = v_cache.flatten(0, 1)
         outs = []
-        for b, slots in enumerate(plan.kv_slots):
+        for b, rows in enumerate(plan.kv):
             if plan.cu_q[b + 1] == plan.cu_q[b]:
                 continue  # no query for this sequence (its offset covers its whole tree)
-            s0 = plan.kv_starts[b]
-            if s0 >= 0:  # one run of the cache: read in place, no gather
-                k, v = k_flat[s0 : s0 + slots.numel()], v_flat[s0 : s0 + slots.numel()]
+            if isinstance(rows, slice):
+                k, v = k_flat[rows], v_flat[rows]
             else:
-                k, v = k_flat.index_select(0, slots), v_flat.index_select(0, slots)
+                k, v = k_flat.index_select(0, rows), v_flat.index_select(0, rows)
             outs.append(attend_rows(q[plan.cu_q[b] : plan.cu_q[b + 1]], k, v, plan.masks[b], sm_scale))
         return torch.cat(outs) if len(outs) != 1 else outs[0]
 

@@ -29,7 +29,7 @@ from itertools import count
 import torch
 
 from specdec.acceptance import typical_accept_lossy
-from specdec.attention import tree_batch
+from specdec.attention import build_tree_batch
 from specdec.interfaces import Draft, Drafter
 from specdec.kv_cache import OutOfBlocks, PagedKVCache
 from specdec.request import Request, Status, StepOutput
@@ -221,9 +221,7 @@ class SpeculativeEngine:
     # ------------------------------------------------------------------ verification
     def _verify(self, slots: list[_Slot], draft_s: float, t0: float) -> list[StepOutput]:
         seq_ids = [s.req.seq_id for s in slots]
-        batch = tree_batch(self.cache.block_table(seq_ids), [self.cache.num_tokens(q) for q in seq_ids],
-                           [s.tree for s in slots], self.cache.block_size, device=self.cache.device,
-                           first_blocks=self.cache.first_blocks(seq_ids))
+        batch = build_tree_batch(self.cache, seq_ids, [s.tree for s in slots])
         cu = batch.cu_q_host
         keep_rows = [list(range(cu[i], cu[i + 1])) if s.draft is not None else [cu[i + 1] - 1]
                      for i, s in enumerate(slots) if s.draft is not None or s.final_chunk]

@@ -116,6 +116,8 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < MIN_ROWS * self.in_features:  # decode steps: exactly nn.Linear's cost
             return F.linear(x, self.weight, self.bias)
+        if self._run.weight is not self.weight or self._run.bias is not self.bias:  # parameters swapped (load, .to)
+            self._run = PackedWeight(self.weight, self.bias)
         return self._run(x)
 
     def extra_repr(self) -> str:

@@ -111,3 +111,11 @@ def test_a_copied_or_pickled_packed_weight_packs_its_own_weight():
     for clone in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
         assert clone.weight is not weight
         torch.testing.assert_close(clone(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_linear_follows_a_swapped_parameter():
+    linear = PackedLinear(torch.nn.Linear(20, 30, bias=False))
+    x = torch.randn(8, 20)
+    linear(x)  # packed now
+    linear.weight = torch.nn.Parameter(torch.randn(30, 20))  # as a load or .to() that swaps parameters does
+    torch.testing.assert_close(linear(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
