@@ -46,6 +46,7 @@ class NgramDrafter:
 
     vocab_size: int | None = None
     needs_hidden = False
+    acceptance_by_sequence = True  # a prompt that repeats itself is accepted deep, one that does not is not
 
     def __init__(
         self,

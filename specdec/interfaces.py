@@ -72,7 +72,9 @@ class Drafter(Protocol):
     the drafter's vocabulary, or ``None`` for model-free drafters; the engine refuses a drafter whose vocabulary
     differs from the target's. ``needs_hidden`` asks the engine for the target's last hidden states (Medusa /
     EAGLE-style heads), taken from the verification pass itself; an optional ``feature_layers`` attribute (indices
-    into HF ``hidden_states``) asks for those layers concatenated instead of the last one. A drafter that raises
+    into HF ``hidden_states``) asks for those layers concatenated instead of the last one; an optional
+    ``acceptance_by_sequence = True`` says its acceptance is mostly a property of the text (copying drafters), so
+    ``--tree-budget auto`` tracks it per sequence (:mod:`specdec.research.auto_budget`). A drafter that raises
     fails only the requests of that call (the engine retries them one by one to find the culprit), never the
     engine.
     """

@@ -232,3 +232,16 @@ def test_grid_verify_times_interpolate_the_non_decreasing_grid_and_follow_a_new_
     assert cost.verify_time(32, 64) == pytest.approx(0.070 + cost._fit_time(32, 64) - cost._fit_time(16, 64))
     cost.grid = [(n, c, 2 * t) for n, c, t in grid]
     assert cost.verify_time(1, 64) == pytest.approx(0.080)
+
+
+def test_tree_budget_auto_tracks_copying_drafters_per_sequence_and_model_heads_pooled(tmp_path, tiny_target):
+    """``wrap_auto_budget`` (what ``--tree-budget auto`` builds) gives a drafter that declares
+    ``acceptance_by_sequence`` (n-gram) a tracker per sequence, and a drafter that does not one pooled tracker."""
+    from specdec.research.auto_budget import wrap_auto_budget
+
+    path = tmp_path / "cost.json"
+    CostModel((1.0, 0.2, 0.0, 0.0)).save(path)
+    ngram = wrap_auto_budget(build_drafter(DrafterSpec.parse("ngram"), tiny_target), str(path), "ngram")
+    heads = wrap_auto_budget(BudgetLog(), str(path), "chain")
+    assert ngram.per_sequence == SEQUENCE_TRACKER and heads.per_sequence is None
+    assert wrap_auto_budget(None, str(path)) is None
