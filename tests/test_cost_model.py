@@ -9,7 +9,15 @@ from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft, DraftInput
 from specdec.research.auto_budget import SEQUENCE_TRACKER, AcceptanceTracker, AutoBudgetDrafter, prune
-from specdec.research.cost_model import CostModel, choose_size, fit_draft, fit_verify, measure_draft, measure_verify
+from specdec.research.cost_model import (
+    CostModel,
+    choose_size,
+    draft_levels,
+    fit_draft,
+    fit_verify,
+    measure_draft,
+    measure_verify,
+)
 from specdec.research.simulate import replay
 from specdec.research.trace import record_trace
 from specdec.target import TargetModel
@@ -110,9 +118,23 @@ def tiny_target(tiny_model):
 def test_calibration_measures_a_grid_and_draft_timings_on_the_tiny_model(tiny_target):
     grid = measure_verify(tiny_target, sizes=(1, 4), contexts=(8, 24), repeats=1)
     assert [(n, c) for n, c, _ in grid] == [(1, 8), (4, 8), (1, 24), (4, 24)] and all(s > 0 for _, _, s in grid)
-    samples = measure_draft(tiny_target, build_drafter(DrafterSpec.parse("ngram"), tiny_target),
-                            [torch.tensor(PROMPT)], 12)
+    ngram = build_drafter(DrafterSpec.parse("ngram:depth=3"), tiny_target)
+    samples = measure_draft(tiny_target, ngram, [torch.tensor(PROMPT)], 12)
     assert len(samples) >= 6 and all(s >= 0 for _, s in samples)
+    assert {lv for lv, _ in samples} == {1, 2, 3}  # budgets 2, 3, 4 in turn: every level count of depth 3 timed
+
+
+def test_draft_levels_follow_the_budget_up_to_the_drafters_depth_and_own_budget():
+    eagle = type("Eagle", (), {"depth": 5, "budget": 4})()
+    assert [draft_levels(eagle, b) for b in (1, 2, 3, 4, 16)] == [0, 1, 2, 3, 3]
+    assert draft_levels(type("Ngram", (), {"max_depth": 8, "max_nodes": 16})(), 32) == 8
+
+
+def test_the_draft_fit_goes_through_each_level_counts_median_so_one_slow_call_does_not_tilt_it():
+    samples = [(lv, 0.002 + 0.001 * lv) for lv in (1, 2, 3) for _ in range(5)] + [(3, 0.5)]
+    d0, d1 = fit_draft(samples)
+    assert d0 == pytest.approx(0.002) and d1 == pytest.approx(0.001)
+    assert fit_draft([(2, 0.004), (2, 0.006), (2, 0.9)]) == (0.006, 0.0)
 
 
 @pytest.mark.parametrize(("per_node", "expect"), [(0.0, "full"), (10.0, "root")])

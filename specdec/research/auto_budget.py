@@ -33,7 +33,7 @@ import torch
 from specdec.drafters.common import PerSequence
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.research.acceptance_tracker import AcceptanceTracker
-from specdec.research.cost_model import CostModel, choose_size
+from specdec.research.cost_model import CostModel, choose_size, draft_levels, drafter_depth
 from specdec.tree import TokenTree
 
 
@@ -97,7 +97,7 @@ class AutoBudgetDrafter:
         own = getattr(inner, "budget", None) or getattr(inner, "max_nodes", None) or max_nodes
         self._own = min(int(own), max_nodes)
         self._fanout = int(getattr(inner, "topk", None) or 4)
-        self._depth = int(getattr(inner, "depth", None) or getattr(inner, "max_depth", None) or 8)
+        self._depth = drafter_depth(inner)
         self._draft: dict[int, list[float]] = {}  # levels -> [decayed count, decayed seconds] per sequence
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
@@ -117,7 +117,7 @@ class AutoBudgetDrafter:
         out = []
         for item, draft in zip(batch, drafts, strict=True):
             ctx = item.history.numel()
-            draft_s = self.cost.draft_time(draft.tree.max_depth, None if self.drafter_name else each,
+            draft_s = self.cost.draft_time(self._levels(item.budget or self._own), None if self.drafter_name else each,
                                            self.drafter_name)
             draft = self._size(draft, ctx, draft_s, self._tracker(item.seq_id))
             self._trees[item.seq_id] = draft
@@ -127,7 +127,7 @@ class AutoBudgetDrafter:
 
     def _levels(self, budget: int) -> int:
         """Tree levels a best-first drafter expands for ``budget`` nodes (see :class:`BestFirstBatch`)."""
-        return min(self._depth, budget - 1)
+        return draft_levels(self.inner, budget)
 
     def _observe_draft(self, levels: int, seconds: float, forget: float = 0.98) -> None:
         for cell in self._draft.values():

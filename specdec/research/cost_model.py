@@ -1,14 +1,15 @@
 """Measured cost model of one speculative step, and the tree-size chooser that maximises expected tokens per second.
 
-A step costs ``draft(depth) + verify(nodes, context)`` seconds and yields ``1 + sum_i v_i`` tokens in expectation,
+A step costs ``draft(levels) + verify(nodes, context)`` seconds and yields ``1 + sum_i v_i`` tokens in expectation,
 ``v_i`` being the probability that draft node ``i`` is accepted (its whole path accepted). Calibration measures,
 once per device and model (``python -m specdec.research.cost_model calibrate``, stored as JSON):
 
 * ``verify(n, ctx)``: the target's forward over an ``n``-node tree on top of ``ctx`` cached tokens, on a grid of
   tree sizes and contexts (median of repeats), fitted by non-negative least squares as ``c0 + c1 n + c2 ctx +
   c3 n ctx``;
-* ``draft(depth)``: per drafter spec, the wall time of each ``propose`` during real engine runs (a timing wrapper
-  on the protocol), fitted as ``d0 + d1 depth``.
+* ``draft(levels)``: per drafter spec, the wall time of each ``propose`` during real engine runs (a timing wrapper
+  on the protocol) whose steps ask for tree budgets 2 .. depth + 1 in turn, so that every number of expanded
+  levels is timed; fitted as ``d0 + d1 levels`` through the median of each level count.
 
 :func:`choose_size` picks the number of nodes ``N`` (root included) maximising
 ``(1 + sum of the N - 1 largest v_i) / (draft + verify(N, ctx))``; :mod:`specdec.research.auto_budget` applies it
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import json
 import statistics
 import sys
@@ -139,15 +141,31 @@ def fit_verify(grid: Sequence[tuple[int, int, float]]) -> tuple[float, float, fl
 
 
 def fit_draft(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """Non-negative least-squares ``(d0, d1)`` of ``seconds ~ d0 + d1 depth`` over ``(depth, seconds)``; one depth
-    only: ``(mean, 0)``."""
+    """Non-negative least-squares ``(d0, d1)`` of ``seconds ~ d0 + d1 levels`` through the median time of each
+    level count in ``(levels, seconds)`` (a slow call does not tilt the line); one level count only:
+    ``(median, 0)``."""
     if not samples:
         raise ValueError("no draft timings to fit")
-    depths = {d for d, _ in samples}
-    if len(depths) < 2:
-        return statistics.fmean(s for _, s in samples), 0.0
-    a = np.array([[1.0, d] for d, _ in samples])
-    return tuple(float(x) for x in nnls(a, np.array([s for _, s in samples]))[0])
+    by_level: dict[int, list[float]] = {}
+    for d, sec in samples:
+        by_level.setdefault(d, []).append(sec)
+    medians = {d: statistics.median(v) for d, v in sorted(by_level.items())}
+    if len(medians) < 2:
+        return next(iter(medians.values())), 0.0
+    a = np.array([[1.0, d] for d in medians])
+    return tuple(float(x) for x in nnls(a, np.array(list(medians.values())))[0])
+
+
+def drafter_depth(drafter: Drafter) -> int:
+    """The deepest level a drafter drafts: its ``depth`` or ``max_depth`` attribute (8 if it has neither)."""
+    return int(getattr(drafter, "depth", None) or getattr(drafter, "max_depth", None) or 8)
+
+
+def draft_levels(drafter: Drafter, budget: int) -> int:
+    """Levels a best-first drafter expands for a ``budget``-node tree (root included): ``budget - 1`` up to its
+    depth, its own budget (``budget`` / ``max_nodes`` attribute) capping the one asked for."""
+    own = getattr(drafter, "budget", None) or getattr(drafter, "max_nodes", None)
+    return min(drafter_depth(drafter), (budget if own is None else min(budget, int(own))) - 1)
 
 
 def choose_size(values: Sequence[float], step_time: Callable[[int], float], max_nodes: int | None = None) -> int:
@@ -200,17 +218,30 @@ def measure_verify(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 
 
 
 class TimedDrafter:
-    """Protocol wrapper that records ``(depth, seconds)`` of every proposed tree (batch time split evenly)."""
+    """Protocol wrapper that records ``(levels, seconds)`` of every proposed tree (batch time split evenly).
 
-    def __init__(self, inner: Drafter) -> None:
+    ``budgets``: every step asks the drafter for the next of these tree budgets in turn (``DraftInput.budget``)
+    and records the levels that budget makes it expand (:func:`draft_levels`), the quantity ``--tree-budget auto``
+    plans with; the output stays exact, any budget is. ``None``: the drafter's own budget, recording each tree's
+    depth."""
+
+    def __init__(self, inner: Drafter, budgets: Sequence[int] | None = None) -> None:
         self.inner, self.vocab_size, self.needs_hidden = inner, inner.vocab_size, inner.needs_hidden
+        self.feature_layers = getattr(inner, "feature_layers", None)
+        self.budgets, self._calls = list(budgets or []), 0
         self.samples: list[tuple[int, float]] = []
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        budget = self.budgets[self._calls % len(self.budgets)] if self.budgets else None
+        self._calls += 1
+        if budget is not None:
+            batch = [dataclasses.replace(item, budget=budget if item.budget is None else min(budget, item.budget))
+                     for item in batch]
         t0 = time.perf_counter()
         drafts = self.inner.propose(batch)
         each = (time.perf_counter() - t0) / max(len(drafts), 1)
-        self.samples += [(d.tree.max_depth, each) for d in drafts]
+        self.samples += [(d.tree.max_depth if budget is None else draft_levels(self.inner, item.budget), each)
+                         for item, d in zip(batch, drafts, strict=True)]
         return drafts
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
@@ -221,11 +252,14 @@ class TimedDrafter:
 
 
 def measure_draft(target: TargetModel, drafter: Drafter, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                  eos_token_ids: Sequence[int] = ()) -> list[tuple[int, float]]:
-    """``(depth, seconds)`` of every ``propose`` while the real engine generates greedily from ``prompts``."""
+                  eos_token_ids: Sequence[int] = (), sweep: bool = True) -> list[tuple[int, float]]:
+    """``(levels, seconds)`` of every ``propose`` while the real engine generates greedily from ``prompts``;
+    ``sweep``: the steps take budgets 2 .. depth + 1 in turn, so every level count is timed (:class:`TimedDrafter`);
+    else the drafter's own budget, keyed by tree depth."""
     from specdec.engine import SpeculativeEngine
 
-    timed = TimedDrafter(drafter)
+    budgets = list(range(2, draft_levels(drafter, 1 << 30) + 2)) if sweep else None
+    timed = TimedDrafter(drafter, budgets)
     longest = max(p.numel() for p in prompts) + max_new_tokens + 64
     engine = SpeculativeEngine(target, target.new_cache(-(-longest // 16) + 1, 16), timed, eos_token_ids)
     for p in prompts:
