@@ -1,8 +1,9 @@
 """``--tree-budget auto`` against fixed budgets on the real engine: tokens per second, tau, chosen sizes.
 
-Each drafter spec runs at its fixed budget and under :class:`specdec.research.auto_budget.AutoBudgetDrafter`
-(``+auto``: budget planned before drafting; ``--prune-only`` adds ``+auto-prune``: the full inner budget drafted,
-then pruned), interleaved prompt by prompt with specdec's autoregressive decoding as the baseline of the same run.
+Each drafter spec runs at its fixed budget and under :class:`specdec.research.auto_budget.AutoBudgetDrafter`, set
+up as ``--tree-budget auto`` does (``+auto``: budget planned before drafting; ``--prune-only`` adds
+``+auto-prune``: the full inner budget drafted, then pruned), interleaved prompt by prompt with specdec's
+autoregressive decoding as the baseline of the same run.
 
     python experiments/auto_budget_engine.py --cost docs/results/auto_budget/cost_cpu.json --prompts P.jsonl \
         --drafter "eagle:path=shipped,tree=dynamic,budget=16" --prune-only --out auto_engine.json
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specdec.research.auto_budget import AutoBudgetDrafter
+from specdec.research.auto_budget import auto_budget
 from specdec.research.cost_model import CostModel
 
 
@@ -55,13 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapters = {}
     for spec in args.drafter:
         runs[spec] = build_drafter(DrafterSpec.parse(spec), target)
-        adapters[spec] = AutoBudgetDrafter(build_drafter(DrafterSpec.parse(spec), target), cost,
-                                           drafter_name=spec if spec in cost.draft_coef else None)
+        adapters[spec] = auto_budget(build_drafter(DrafterSpec.parse(spec), target), cost, spec)
         runs[f"{spec}+auto"] = adapters[spec]
         if args.prune_only:  # the previous adapter: draft the full inner budget, then prune
-            runs[f"{spec}+auto-prune"] = AutoBudgetDrafter(build_drafter(DrafterSpec.parse(spec), target), cost,
-                                                          drafter_name=spec if spec in cost.draft_coef else None,
-                                                          plan=False)
+            runs[f"{spec}+auto-prune"] = auto_budget(build_drafter(DrafterSpec.parse(spec), target), cost, spec,
+                                                     plan=False)
     engines = {k: SpeculativeEngine(target, target.new_cache(256), d, eos) for k, d in runs.items()}
     stats: dict[str, list[RequestStats]] = {k: [] for k in runs}
     for prompt in ids:

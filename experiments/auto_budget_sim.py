@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from specdec.drafters import DrafterSpec, build_drafter
-    from specdec.research.auto_budget import SEQUENCE_TRACKER, AutoBudgetDrafter
+    from specdec.research.auto_budget import SEQUENCE_TRACKER, auto_budget
     from specdec.research.cost_model import CostModel
     from specdec.research.simulate import summarize_replay
     from specdec.research.simulate_cli import _load_target
@@ -72,11 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         for inner in inners:
             top = fmt.format(b=inner)
             for variant in args.variants:
-                inner_drafter = build_drafter(DrafterSpec.parse(top), target)
-                own = variant == "per-sequence" or (variant == "default" and
-                                                    getattr(inner_drafter, "acceptance_by_sequence", False))
-                auto = AutoBudgetDrafter(inner_drafter, cost, drafter_name=top if top in cost.draft_coef else None,
-                                         per_sequence=SEQUENCE_TRACKER if own else None)
+                options = {} if variant == "default" else {
+                    "per_sequence": SEQUENCE_TRACKER if variant == "per-sequence" else None}
+                auto = auto_budget(build_drafter(DrafterSpec.parse(top), target), cost, top, **options)
                 runs[_key(inner, variant)] = auto
                 autos[_key(inner, variant)] = f"{top}+auto" + ("" if variant == "default" else f"+{variant}")
         results, seconds = interleaved_replay(trace, runs, target.dtype)

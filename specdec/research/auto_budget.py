@@ -197,16 +197,22 @@ class AutoBudgetDrafter:
         self.inner.release(seq_id)
 
 
+def auto_budget(drafter: Drafter, cost: CostModel, name: str | None = None, max_nodes: int = 64,
+                **options) -> AutoBudgetDrafter:
+    """``drafter`` under the chooser as ``--tree-budget auto`` sets it up: ``name`` (its spec) selects its calibrated
+    draft cost if ``cost`` has one; a tracker per sequence (``SEQUENCE_TRACKER``) if it declares
+    ``acceptance_by_sequence``, else the pooled one alone. ``options`` override :class:`AutoBudgetDrafter`'s."""
+    per_sequence = SEQUENCE_TRACKER if getattr(drafter, "acceptance_by_sequence", False) else None
+    return AutoBudgetDrafter(drafter, cost, drafter_name=name if name in cost.draft_coef else None,
+                             max_nodes=max_nodes, **{"per_sequence": per_sequence, **options})
+
+
 def wrap_auto_budget(drafter: Drafter | None, cost_path: str, name: str | None = None,
                      max_nodes: int = 64) -> AutoBudgetDrafter | None:
     """``--tree-budget auto``: ``drafter`` (built with its largest budget) under the chooser, with the cost model
     at ``cost_path`` (``ValueError`` naming the file if it is missing or not a cost model). ``name``: the drafter's
     spec, used for its calibrated draft cost if the file has one (else each step's measured ``propose`` time).
-    No drafter (plain decoding) stays ``None``. One pooled tracker per wrapped drafter, and a child of it per
-    sequence (released with the sequence) for drafters that declare ``acceptance_by_sequence``."""
+    No drafter (plain decoding) stays ``None``. Set up as :func:`auto_budget` does."""
     if drafter is None:
         return None
-    cost = CostModel.load(cost_path)
-    per_sequence = SEQUENCE_TRACKER if getattr(drafter, "acceptance_by_sequence", False) else None
-    return AutoBudgetDrafter(drafter, cost, drafter_name=name if name in cost.draft_coef else None,
-                             max_nodes=max_nodes, per_sequence=per_sequence)
+    return auto_budget(drafter, CostModel.load(cost_path), name, max_nodes)
