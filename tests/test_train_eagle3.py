@@ -156,7 +156,7 @@ def test_humaneval_prompts_come_from_the_gzipped_stubs_and_need_a_data_dir(tmp_p
         load_instruction_prompts(DataConfig(sources=("humaneval",)))
 
 
-def test_an_interrupted_eagle3_run_resumes_with_the_same_losses(setup, tmp_path, monkeypatch):
+def test_an_interrupted_eagle3_run_resumes_with_the_same_losses_and_pairs_count(setup, tmp_path, monkeypatch):
     from specdec.train import eagle3 as E3
     from tests.conftest import crash_on_call
 
@@ -170,7 +170,7 @@ def test_an_interrupted_eagle3_run_resumes_with_the_same_losses(setup, tmp_path,
         config = Eagle3TrainConfig(data_dir=str(feats), loop=loop, draft_vocab_size=30, steps_ttt=2, batch_size=2,
                                    evaluation=replace(EVAL, holdout=1))
         train_eagle3(model, tokenizer, config)
-        return [m["train/loss"] for m in read_metrics(out)]
+        return read_metrics(out)
 
     whole = run(tmp_path / "whole")
     real = E3.eagle3_loss
@@ -179,4 +179,7 @@ def test_an_interrupted_eagle3_run_resumes_with_the_same_losses(setup, tmp_path,
         run(tmp_path / "cut")
     monkeypatch.setattr(E3, "eagle3_loss", real)
     resumed = run(tmp_path / "cut", resume=True)
-    assert len(resumed) == 6 + 1 and resumed[:3] + resumed[4:] == pytest.approx(whole, rel=1e-5)
+    losses = [m["train/loss"] for m in resumed]
+    assert len(resumed) == 6 + 1 and losses[:3] + losses[4:] == pytest.approx([m["train/loss"] for m in whole],
+                                                                              rel=1e-5)
+    assert resumed[-1]["train/pairs_seen"] == whole[-1]["train/pairs_seen"]  # the count goes on from the checkpoint

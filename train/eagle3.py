@@ -37,7 +37,7 @@ from specdec.target import TargetModel, eos_token_ids
 from specdec.train.data import load_distillation_data
 from specdec.train.eagle import UNROLL_ATTENTION, UnrollKV
 from specdec.train.evaluation import EvalConfig, eval_prompt_ids
-from specdec.train.loop import LoopConfig, Trainee, batch_indices, split_rows, train_loop
+from specdec.train.loop import LoopConfig, Trainee, batch_indices, resumed_total, split_rows, train_loop
 
 STEP_DECAY = 0.8  # EAGLE-3's weight of training-time-test step s: 0.8 ** (s - 1)
 
@@ -195,7 +195,8 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                                     eos_ids)
     head = Eagle3Head.untrained(target, vocab_ids).float()
     fused_layers(target.num_layers)  # the target must have three distinct fused layers
-    seen = {"data": data, "train": train_ids, "tokens": 0}
+    seen = {"data": data, "train": train_ids,  # pairs seen: a resumed run counts on from its checkpoint
+            "tokens": int(resumed_total(config.loop.out_dir, "train/pairs_seen")) if config.loop.resume else 0}
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if config.follow and step % config.follow == 0:  # shards written since by a features job still running

@@ -275,3 +275,14 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     """The per-step records of ``out_dir/metrics.jsonl`` (a resumed run appends to it)."""
     path = Path(out_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def resumed_total(out_dir: str | Path, key: str) -> float:
+    """The running total ``key`` (e.g. ``train/pairs_seen``) had reached at the latest checkpoint of ``out_dir``, so
+    that a resumed run keeps counting from there (0 without a checkpoint or a logged value)."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None or not (Path(out_dir) / "metrics.jsonl").is_file():
+        return 0.0
+    last = int(checkpoint.name[5:])
+    values = [r[key] for r in read_metrics(out_dir) if key in r and r.get("step", 0) <= last]
+    return float(values[-1]) if values else 0.0
