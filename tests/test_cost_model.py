@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -211,6 +213,27 @@ def test_without_a_calibrated_draft_cost_the_planner_fits_the_measured_propose_t
     assert auto.draft_estimate(6) == pytest.approx(1.3) and auto.draft_estimate(0) == pytest.approx(0.1)
     auto._observe_draft(5, 9.0, forget=1.0)  # one slow call at a new level count sets no slope
     assert auto.draft_estimate(5) == pytest.approx(1.1) and auto.draft_estimate(8) == pytest.approx(1.7)
+    auto._observe_draft(2, 50.0, forget=1.0)  # a trusted level count: the slow call counts as twice its mean
+    assert auto.draft_estimate(2) == pytest.approx((3 * 0.5 + 2 * 0.5) / 4)
+
+
+def test_a_sequences_first_propose_which_includes_the_prompt_catch_up_is_not_a_draft_time_sample():
+    class CatchUp(BudgetLog):
+        """Slow on a sequence's first call (the drafter catches up on the whole prompt), fast after."""
+
+        def propose(self, batch):
+            time.sleep(0.05 if any(item.seq_id not in seen for item in batch) else 0.0)
+            seen.update(item.seq_id for item in batch)
+            return super().propose(batch)
+
+    seen: set[int] = set()
+    auto = AutoBudgetDrafter(CatchUp(), CostModel((1.0, 0.1, 0.0, 0.0)))
+    for seq_id in (0, 0, 0, 1):  # two first calls (sequences 0 and 1), two timed ones
+        auto.propose([DraftInput(seq_id, torch.tensor(PROMPT))])
+    assert sum(n for n, _ in auto._draft.values()) == pytest.approx(1.98)  # 0.98 + 1: the two later calls
+    assert all(total / n < 0.02 for n, total in auto._draft.values())
+    auto.release(0)
+    assert 0 not in auto._started
 
 
 @pytest.mark.parametrize("per_sequence", [True, False])
@@ -254,6 +277,16 @@ def test_grid_verify_times_interpolate_the_non_decreasing_grid_and_follow_a_new_
     assert cost.verify_time(32, 64) == pytest.approx(0.070 + cost._fit_time(32, 64) - cost._fit_time(16, 64))
     cost.grid = [(n, c, 2 * t) for n, c, t in grid]
     assert cost.verify_time(1, 64) == pytest.approx(0.080)
+
+
+def test_a_grid_point_above_a_longer_contexts_is_lowered_to_it():
+    """Noise once made 64 cached tokens cost more than 256 and 4..16 nodes cost alike at 64 (so the planner bought
+    16-node trees at short contexts): a point above the same size at a longer context is lowered to it."""
+    grid = [(1, 64, 0.055), (4, 64, 0.069), (16, 64, 0.069), (1, 256, 0.040), (4, 256, 0.052), (16, 256, 0.071)]
+    cost = CostModel(fit_verify(grid), grid=grid, from_grid=True)
+    assert [cost.verify_time(n, 64) for n in (1, 4, 16)] == pytest.approx([0.040, 0.052, 0.069])
+    assert [cost.verify_time(n, 256) for n in (1, 4, 16)] == pytest.approx([0.040, 0.052, 0.071])
+    assert cost.verify_time(16, 64) - cost.verify_time(4, 64) > 0.01  # a 16-node tree costs more again
 
 
 def test_tree_budget_auto_tracks_copying_drafters_per_sequence_and_model_heads_pooled(tmp_path, tiny_target):

@@ -52,9 +52,10 @@ class CostModel:
 
     def verify_time(self, nodes: int, context: int) -> float:
         """Seconds of one verification forward. The linear fit by default; with ``from_grid`` the measured grid,
-        made non-decreasing in ``n``, interpolated linearly in ``n`` then in ``ctx`` (beyond its edges the fit's
-        slopes extend it). On CPU the fit overestimates a lone root (``n = 1`` takes SDPA's unmasked fast path:
-        55 ms measured vs 79 ms fitted for SmolLM2), which biases every predicted speedup against speculation."""
+        made non-decreasing in ``n`` and ``ctx``, interpolated linearly in ``n`` then in ``ctx`` (beyond its edges
+        the fit's slopes extend it). On CPU the fit overestimates a lone root (``n = 1`` takes SDPA's unmasked fast
+        path: 55 ms measured vs 79 ms fitted for SmolLM2), which biases every predicted speedup against
+        speculation."""
         if self.from_grid and self.grid:
             return max(self._grid_time(nodes, context), 1e-9)
         return max(self._fit_time(nodes, context), 1e-9)
@@ -68,14 +69,18 @@ class CostModel:
         return c0 + c1 * nodes + c2 * context + c3 * nodes * context
 
     def _grid_tables(self) -> tuple[list[int], list[int], list[list[float]]]:
-        """Sizes, contexts and each context's non-decreasing times, built once per grid (the chooser asks for
-        dozens of verify times per step; rebuilding them per call cost about a millisecond a step)."""
+        """Sizes, contexts and each context's times, made non-decreasing in ``n`` (running maximum) and then in
+        ``ctx`` (a point above a longer context's is lowered to it: the noise that once made 64 cached tokens cost
+        more than 256 also made 4..16 nodes cost the same there, and the planner bought 16-node trees at short
+        contexts), built once per grid (the chooser asks for dozens of verify times per step; rebuilding them per
+        call cost about a millisecond a step)."""
         key = id(self.grid), len(self.grid)
         cached = self.__dict__.get("_tables")
         if cached is None or cached[0] != key:
             table = {(n, c): t for n, c, t in self.grid}
             sizes, ctxs = sorted({g[0] for g in self.grid}), sorted({g[1] for g in self.grid})
-            rows = [np.maximum.accumulate([table[(n, c)] for n in sizes]).tolist() for c in ctxs]
+            rows = np.maximum.accumulate([[table[(n, c)] for n in sizes] for c in ctxs], axis=1)
+            rows = np.minimum.accumulate(rows[::-1], axis=0)[::-1].tolist()  # nor may a longer context be cheaper
             cached = self.__dict__["_tables"] = (key, (sizes, ctxs, rows))
         return cached[1]
 
@@ -190,31 +195,33 @@ def measure_verify(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 
                    statistic: str = "median") -> list[tuple[int, int, float]]:
     """Median (or ``statistic="min"``: minimum, the robust choice on a machine other jobs load) seconds of ONE
     verification forward (``target.forward`` on a bushy tree of ``n`` nodes: every node a child of the root or of
-    node 1, like a wide dynamic tree) over ``ctx`` cached random tokens."""
+    node 1, like a wide dynamic tree) over ``ctx`` cached random tokens. The points take turns (every repeat times
+    each point once), so the machine's drift over the measurement hits every point alike instead of tilting the
+    grid; the first round is a warm-up."""
     reduce = {"median": statistics.median, "min": min}[statistic]
     gen = torch.Generator().manual_seed(seed)
-    need = max(contexts) + max(sizes)
-    cache = target.new_cache(-(-need // 16) + 1, 16)
-    out = []
+    need = sum(contexts) + len(contexts) * max(sizes)
+    cache = target.new_cache(-(-need // 16) + 2 * len(contexts), 16)
+    seqs, trees = {}, {}
     for ctx in contexts:
-        seq = cache.add_sequence()
-        cache.reserve(seq, ctx)
+        seq = seqs[ctx] = cache.add_sequence()
+        cache.reserve(seq, ctx + max(sizes))
         prompt = torch.randint(0, target.vocab_size, (ctx,), generator=gen)
         target.forward(cache, [seq], [TokenTree.chain(prompt)], last_only=True)
-        cache.advance(seq, ctx)
-        for n in sizes:
-            tokens = torch.randint(0, target.vocab_size, (n,), generator=gen)
-            parents = torch.tensor([-1] + [0 if i % 2 else min(1, i - 1) for i in range(1, n)])
-            tree = TokenTree(tokens, parents)
-            cache.reserve(seq, n)
-            times = []
-            for _ in range(repeats + 1):  # the first is a warm-up
+        cache.advance(seq, ctx, keep_reserved=max(sizes))
+    for n in sizes:
+        parents = torch.tensor([-1] + [0 if i % 2 else min(1, i - 1) for i in range(1, n)])
+        trees[n] = TokenTree(torch.randint(0, target.vocab_size, (n,), generator=gen), parents)
+    times: dict[tuple[int, int], list[float]] = {(n, c): [] for c in contexts for n in sizes}
+    for _ in range(repeats + 1):
+        for ctx in contexts:
+            for n in sizes:
                 t0 = time.perf_counter()
-                target.forward(cache, [seq], [tree])
-                times.append(time.perf_counter() - t0)
-            out.append((n, ctx, reduce(times[1:])))
+                target.forward(cache, [seqs[ctx]], [trees[n]])
+                times[(n, ctx)].append(time.perf_counter() - t0)
+    for seq in seqs.values():
         cache.release(seq)
-    return out
+    return [(n, ctx, reduce(times[(n, ctx)][1:])) for ctx in contexts for n in sizes]
 
 
 class TimedDrafter:
