@@ -70,12 +70,13 @@ class AutoBudgetDrafter:
         per_sequence: ``(prior_weight, forget)`` of each sequence's own tracker, a child of ``tracker`` (see
             :class:`AcceptanceTracker`), e.g. ``SEQUENCE_TRACKER``: a prompt that copies its context earns bigger
             trees than one that does not, where one pooled rate gives both the average. ``None`` (default): the
-            pooled tracker decides alone. :func:`wrap_auto_budget` sets ``SEQUENCE_TRACKER`` for drafters that
-            declare ``acceptance_by_sequence`` (n-gram). Replayed on the 24-prompt held-out trace (interleaved,
-            draft time levelled; ``docs/results/session8``), per-sequence against pooled: n-gram 1.470x vs 1.461x,
-            within 3 % of the best fixed budget on 20 vs 17 of 21 categories; shipped EAGLE 1.134x vs 1.179x (14 vs
-            17); shipped Medusa 1.122x vs 1.120x (19 vs 18). A model head's acceptance varies less between prompts
-            than its per-sequence estimate does between steps.
+            pooled tracker decides alone. :func:`auto_budget` (``--tree-budget auto``) sets ``SEQUENCE_TRACKER`` for
+            drafters that declare ``acceptance_by_sequence`` (n-gram). Replayed on the 24-prompt held-out trace
+            (interleaved, draft time levelled; ``docs/results/session8``), per-sequence against pooled: n-gram
+            1.418x vs 1.405x, worst category -6.3 % vs -8.6 % of the best fixed budget (with the session-7 cost
+            grid: 20 vs 17 of 21 categories within 3 %); shipped EAGLE 1.044x vs 1.053x / 1.076x for two pooled
+            copies; shipped Medusa 1.024x vs 1.036x. A model head's acceptance varies less between prompts than its
+            per-sequence estimate does between steps.
         confidence: value drafted nodes by the drafter's own calibrated confidence (``Draft.scores``) instead of
             their (depth, rank) rates where the draft has scores. Off by default: on the same replay the calibrated
             confidence was well calibrated at depth 1 and raised tau from 1.48 to 1.68, but predicted 1.137x
