@@ -37,7 +37,7 @@ from specdec.target import TargetModel, eos_token_ids
 from specdec.train.data import load_distillation_data
 from specdec.train.eagle import UNROLL_ATTENTION, UnrollKV
 from specdec.train.evaluation import EvalConfig, eval_prompt_ids
-from specdec.train.loop import LoopConfig, Trainee, batch_indices, resumed_total, split_rows, train_loop
+from specdec.train.loop import LoopConfig, Trainee, batch_indices, split_rows, train_loop
 
 STEP_DECAY = 0.8  # EAGLE-3's weight of training-time-test step s: 0.8 ** (s - 1)
 
@@ -195,8 +195,8 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                                     eos_ids)
     head = Eagle3Head.untrained(target, vocab_ids).float()
     fused_layers(target.num_layers)  # the target must have three distinct fused layers
-    seen = {"data": data, "train": train_ids,  # pairs seen: a resumed run counts on from its checkpoint
-            "tokens": int(resumed_total(config.loop.out_dir, "train/pairs_seen")) if config.loop.resume else 0}
+    seen = {"data": data, "train": train_ids}
+    counters = {"pairs_seen": 0}  # saved with each checkpoint: a resumed run counts on from there
 
     def loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         if config.follow and step % config.follow == 0:  # shards written since by a features job still running
@@ -208,8 +208,8 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         rows = [seen["data"][train[i]] for i in picks]
         batch = fused_batch(rows, config.seq_len, vocab_ids, vocab, target.device)
         total, metrics = eagle3_loss(head, batch, config.steps_ttt)
-        seen["tokens"] += int(batch.lengths.sum())
-        metrics.update({"train/examples_available": len(train), "train/pairs_seen": seen["tokens"]})
+        counters["pairs_seen"] += int(batch.lengths.sum())
+        metrics.update({"train/examples_available": len(train), "train/pairs_seen": counters["pairs_seen"]})
         return total, metrics
 
     def drafter(module: Eagle3Head) -> Eagle3Drafter:
@@ -222,8 +222,8 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     prompts = eval_prompt_ids(tokenizer, config.evaluation.prompts, held)
     run_config = {**asdict(config), "draft_vocab": 0 if vocab_ids is None else vocab_ids.numel(),
                   "train_examples": len(train_ids)}
-    return train_loop(Trainee(head, loss, drafter, load_trained_state), target_model, prompts, eos_ids, config.loop,
-                      run_config)
+    trainee = Trainee(head, loss, drafter, load_trained_state, counters)
+    return train_loop(trainee, target_model, prompts, eos_ids, config.loop, run_config)
 
 
 def _load_features(folders):

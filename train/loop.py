@@ -16,7 +16,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +91,15 @@ class Trainee:
         loss: ``loss(step) -> (scalar loss tensor, metrics)`` for 0-indexed optimizer step ``step``.
         drafter: ``drafter(module) -> Drafter`` for the verifier evaluation (``module`` unwrapped, in eval mode).
         load: ``load(module, path)`` restores the module's weights from a ``save_pretrained`` folder.
+        state: counters the trainer keeps across steps (e.g. training pairs seen); saved with every checkpoint and
+            restored on resume, so a resumed run counts on from its checkpoint.
     """
 
     module: torch.nn.Module
     loss: Callable[[int], tuple[torch.Tensor, dict[str, float]]]
     drafter: Callable[[torch.nn.Module], Drafter]
     load: Callable[[torch.nn.Module, Path], None] = load_module_state
+    state: dict[str, float] = field(default_factory=dict)
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
@@ -177,19 +180,24 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[5:]), default=None)
 
 
-def save_state(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """``module.save_pretrained(path)`` + ``trainer_state.pt`` (step, optimizer, RNG states)."""
+def save_state(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+               counters: dict[str, float] | None = None) -> None:
+    """``module.save_pretrained(path)`` + ``trainer_state.pt`` (step, optimizer, RNG states, the trainee's
+    counters)."""
     module.save_pretrained(path)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng}, path / "trainer_state.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "counters": dict(counters or {})},
+               path / "trainer_state.pt")
 
 
 def restore_state(path: Path, trainee: Trainee, optimizer: torch.optim.Optimizer) -> int:
-    """Load a :func:`save_state` checkpoint into the trainee's module, ``optimizer`` and the RNGs; returns its step."""
+    """Load a :func:`save_state` checkpoint into the trainee's module and counters, ``optimizer`` and the RNGs;
+    returns its step."""
     trainee.load(trainee.module, path)
     saved = torch.load(path / "trainer_state.pt", weights_only=False)
+    trainee.state.update(saved.get("counters", {}))
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"]["torch"])
     random.setstate(saved["rng"]["python"])
@@ -263,7 +271,7 @@ def train_loop(trainee: Trainee, model: PreTrainedModel, eval_prompts: Sequence[
                 metrics_file.write(json.dumps({"step": done, **metrics}) + "\n")
                 metrics_file.flush()
                 if (config.save_every and done % config.save_every == 0) or done == config.steps:
-                    save_state(out_dir / f"step_{done}", plain, optimizer, done)
+                    save_state(out_dir / f"step_{done}", plain, optimizer, done, trainee.state)
             if stats is not None:
                 tracking.log_acceptance_table(run, stats.acceptance_by_depth, stats.tau, step=config.steps)
         finally:
@@ -276,13 +284,3 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def resumed_total(out_dir: str | Path, key: str) -> float:
-    """The running total ``key`` (e.g. ``train/pairs_seen``) had reached at the latest checkpoint of ``out_dir``, so
-    that a resumed run keeps counting from there (0 without a checkpoint or a logged value)."""
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is None or not (Path(out_dir) / "metrics.jsonl").is_file():
-        return 0.0
-    last = int(checkpoint.name[5:])
-    values = [r[key] for r in read_metrics(out_dir) if key in r and r.get("step", 0) <= last]
-    return float(values[-1]) if values else 0.0
