@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from specdec.drafters import DrafterSpec, build_drafter
     from specdec.research.auto_budget import SEQUENCE_TRACKER, auto_budget
-    from specdec.research.cost_model import CostModel
+    from specdec.research.cost_model import CostModel, draft_levels
     from specdec.research.simulate import summarize_replay
     from specdec.research.simulate_cli import _load_target
     from specdec.research.trace import Trace
@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[_key(inner, variant)] = auto
                 autos[_key(inner, variant)] = f"{top}+auto" + ("" if variant == "default" else f"+{variant}")
         results, seconds = interleaved_replay(trace, runs, target.dtype)
-        probe = runs[next(iter(autos))]  # its level count for a budget (all autos of a family agree)
-        levels = {k: ([probe._levels(int(k[1:]))] * sum(len(r.steps) for r in results[k]) if k.startswith("b")
-                      else [probe._levels(n) for n in runs[k].planned]) for k in runs}
+        levels = {k: [draft_levels(runs[k].inner, n) for n in runs[k].planned] if k in autos
+                  else [draft_levels(runs[k], int(k[1:]))] * sum(len(r.steps) for r in results[k]) for k in runs}
         timings = {"measured": results, "levelled": levelled(results, levels)}
         report["families"][family] = {}
         for timing, res in timings.items():

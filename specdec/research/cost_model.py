@@ -97,14 +97,14 @@ class CostModel:
             t += self._fit_time(nodes, context) - self._fit_time(nodes, ctxs[-1])
         return t
 
-    def draft_time(self, depth: int, measured: float | None = None, drafter: str | None = None) -> float:
-        """``measured`` if given (the simulator times the real drafter), else the calibrated fit for ``drafter``,
-        else 0 (model-free drafters cost ~nothing next to a forward)."""
+    def draft_time(self, levels: int, measured: float | None = None, drafter: str | None = None) -> float:
+        """``measured`` if given (the simulator times the real drafter), else the calibrated fit for ``drafter`` at
+        ``levels`` expanded levels, else 0 (model-free drafters cost ~nothing next to a forward)."""
         if measured is not None:
             return measured
         if drafter is not None and drafter in self.draft_coef:
             d0, d1 = self.draft_coef[drafter]
-            return max(d0 + d1 * depth, 0.0)
+            return max(d0 + d1 * levels, 0.0)
         return 0.0
 
     def save(self, path: str | Path) -> None:
