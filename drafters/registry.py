@@ -128,8 +128,13 @@ def build_drafter(spec: DrafterSpec, target: Any) -> Any:
 
 def shipped_weights(name: str) -> Path:
     """Folder of the trained ``name`` (``eagle`` or ``medusa``) heads shipped for SmolLM2-135M-Instruct."""
+    return shipped_folder(name, "model.safetensors")
+
+
+def shipped_folder(name: str, marker: str) -> Path:
+    """Folder ``name`` shipped for SmolLM2-135M-Instruct (heads, the retrieval store), which must hold ``marker``."""
     path = Path(str(resources.files("specdec") / "weights" / "smollm2-135m-instruct" / name))
-    if not (path / "model.safetensors").is_file():
+    if not (path / marker).is_file():
         raise ValueError(f"no shipped {name} weights (looked in {path})")
     return path
 

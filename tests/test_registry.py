@@ -21,7 +21,7 @@ def test_an_unknown_option_lists_only_that_drafters_own_options():
     with pytest.raises(ValueError) as err:
         DrafterSpec.parse("ngram:layers=3")
     assert "'layers=3' for drafter 'ngram'" in str(err.value)
-    assert "['depth', 'budget', 'min_ngram', 'max_ngram']" in str(err.value) and "topk" not in str(err.value)
+    assert "['depth', 'budget', 'min_ngram', 'max_ngram', 'store'" in str(err.value) and "topk" not in str(err.value)
     with pytest.raises(ValueError, match="'none': it takes no options"):
         DrafterSpec.parse("none:depth=2")
     with pytest.raises(ValueError, match="unknown drafter 'medusa2'; choose one of"):

@@ -72,6 +72,30 @@ def test_shipped_drafters_are_trained_and_lossless(smollm2, spec, min_tau):
     assert cache.allocator.num_free == 128
 
 
+def test_the_shipped_store_is_lossless_and_raises_tau_where_the_history_has_no_match(smollm2):
+    """``ngram:store=shipped`` (the target's own answers to other prompts) matches the target's vocabulary, keeps
+    greedy output identical to HF and accepts store drafts on prompts that do not repeat themselves."""
+    from specdec.drafters import DrafterSpec, build_drafter
+
+    model, tokenizer = smollm2
+    target = TargetModel(model)
+    cache = target.new_cache(128, 16)
+    taus = {}
+    for spec in ("ngram", "ngram:store=shipped"):
+        drafter = build_drafter(DrafterSpec.parse(spec), target)
+        taus[spec] = []
+        for text in ("Give me three tips for staying focused while working from home.",
+                     "A baker makes 12 trays of 8 rolls and sells 70 rolls. How many rolls are left?"):
+            ids = encode_prompt(tokenizer, text)
+            with torch.inference_mode():
+                ref = model.generate(ids[None], max_new_tokens=48, do_sample=False)[0, ids.numel():].tolist()
+            result = SpeculativeEngine(target, cache, drafter, eos_token_ids(model, tokenizer)).generate(ids, 48)
+            assert result.tokens == ref, spec
+            taus[spec].append(result.stats.tau)
+    assert all(s > n + 0.1 for s, n in zip(taus["ngram:store=shipped"], taus["ngram"], strict=True)), taus
+    assert cache.allocator.num_free == 128
+
+
 def test_packed_linears_give_the_plain_targets_tree_logits_on_smollm2(smollm2):
     """The default (packed) target against ``packed=False`` on a 12-node tree over a real prompt: the same argmax
     at every node and logits equal to float32 rounding (the packed GEMM sums in another order)."""
