@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from specdec.drafters.common import PerSequence, row_budgets
-from specdec.drafters.registry import Option, register, shipped_folder
+from specdec.drafters.common import GrowingTree, PerSequence, row_budgets
+from specdec.drafters.registry import SHIPPED, Option, register, shipped_folder
 from specdec.drafters.store import TokenStore
 from specdec.interfaces import Draft, DraftInput
 from specdec.tree import TokenTree
@@ -107,15 +107,11 @@ class NgramDrafter:
         state = self._state.get(seq_id)
         if state is not None:
             state.drafted_depth = 0
-        paths = [] if self.store is None else self.store.tree_paths(
-            history, min(self.store_nodes, budget - 1), self.store_min_p, self.min_ngram, self.max_depth)
-        index = {(): 0}
-        tokens, parents = [root], [-1]
-        for path in paths:
-            index[path] = len(tokens)
-            tokens.append(path[-1])
-            parents.append(index[path[:-1]])
-        return Draft(TokenTree(torch.tensor(tokens), torch.tensor(parents)))
+        tree = GrowingTree(root)
+        if self.store is not None:
+            tree.add(self.store.tree_paths(history, min(self.store_nodes, budget - 1), self.store_min_p,
+                                           self.min_ngram, self.max_depth))
+        return Draft(tree.tree())
 
     def worthwhile_depth(self, alpha: float) -> int:
         """Deepest ``d <= max_depth`` with ``alpha ** d > node_cost`` (at least 1)."""
@@ -198,7 +194,7 @@ def _build(target, depth=None, budget=None, min_ngram=None, max_ngram=None, stor
 
 def load_store(path: str, target) -> TokenStore:
     """The store at ``path`` (``shipped``: the embedded SmolLM2's), checked against ``target``'s vocabulary."""
-    folder = shipped_folder("store", "tokens.safetensors") if path == "shipped" else path
+    folder = shipped_folder("store", "tokens.safetensors") if path == SHIPPED else path
     if not Path(folder).expanduser().exists():
         raise ValueError(f"ngram:store={path} does not exist")
     store = TokenStore.load(Path(folder).expanduser())

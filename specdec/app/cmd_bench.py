@@ -14,8 +14,9 @@ from specdec.app.args import add_model_args, add_prompt_args, auto_cost_model, c
 
 HELP = "HF generate vs specdec autoregressive vs drafters on a prompt set (table + JSON report)"
 DEFAULT_DRAFTER = "ngram"
-# Of the trained heads shipped for the embedded SmolLM2, the fastest measured settings (docs/results/exp_t0).
-SHIPPED_DRAFTERS = ("hybrid:path=shipped", "medusa:path=shipped,tree=dynamic,budget=4",
+# What is shipped for the embedded SmolLM2: the retrieval store of its own answers, and of the trained heads the
+# fastest measured settings (docs/results/exp_t0).
+SHIPPED_DRAFTERS = ("ngram:store=shipped", "hybrid:path=shipped", "medusa:path=shipped,tree=dynamic,budget=4",
                     "eagle:path=shipped,tree=dynamic,budget=8,depth=5",
                     "eagle3:path=shipped,tree=dynamic,budget=8,depth=5")
 INTERRUPTED = 130
@@ -24,8 +25,8 @@ INTERRUPTED = 130
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", nargs="+", default=None,
                    help="drafter specs NAME[:key=value,...] to run, NAME one of none, ngram, draft-model, self, "
-                        "medusa, eagle, eagle3, hybrid, published (default: ngram and, on the embedded model, the "
-                        "hybrid and the shipped Medusa, EAGLE and EAGLE-3 heads)")
+                        "medusa, eagle, eagle3, hybrid, published (default: ngram and, on the embedded model, ngram "
+                        "with the shipped store, the hybrid and the shipped Medusa, EAGLE and EAGLE-3 heads)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="requests run concurrently; B > 1 compares aggregate throughput with HF generate on "
                         "left-padded batches of B")
