@@ -15,8 +15,8 @@ A lookup tries ``n = width`` down to ``min_ngram`` and counts the continuations 
 positions spread evenly over the range (memoised: the store never changes).
 
 Files: ``tokens.safetensors`` (``tokens``: the sequences, concatenated; ``lengths``: one length per sequence;
-int32) and ``config.json`` (``vocab_size``, ``sources``, ``num_sequences``, ``num_tokens``). Built by
-``python -m specdec.train store`` from generated data folders.
+int32) and ``config.json`` (``kind``: ``"store"``, ``vocab_size``, ``sources``, ``num_sequences``,
+``num_tokens``). Built by ``python -m specdec.train store`` from generated data folders.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class TokenStore:
         tokens = (self.digits[self.digits != 0].astype(np.int64) - 1).astype(np.int32)
         save_file({"tokens": torch.from_numpy(tokens), "lengths": torch.from_numpy(self.lengths.astype(np.int32))},
                   str(folder / "tokens.safetensors"))
-        config = {"vocab_size": self.vocab_size, "sources": list(self.sources),
+        config = {"kind": "store", "vocab_size": self.vocab_size, "sources": list(self.sources),
                   "num_sequences": int(self.lengths.size), "num_tokens": self.num_tokens}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return folder
@@ -149,6 +149,8 @@ class TokenStore:
         if not (folder / "tokens.safetensors").is_file() or not (folder / "config.json").is_file():
             raise ValueError(f"{folder} is not a token store (needs tokens.safetensors and config.json)")
         config = json.loads((folder / "config.json").read_text())
+        if config.get("kind", "store") != "store":
+            raise ValueError(f"{folder} holds {config['kind']!r} weights, not a token store")
         arrays = load_file(str(folder / "tokens.safetensors"))
         tokens, lengths = arrays["tokens"].numpy().astype(np.int64), arrays["lengths"].numpy().astype(np.int64)
         if int(lengths.sum()) != tokens.size:

@@ -93,6 +93,11 @@ def test_bad_stores_are_refused_with_the_limit(tmp_path):
         TokenStore([[1]], 2**40)
     with pytest.raises(ValueError, match="is not a token store"):
         TokenStore.load(tmp_path)
+    TokenStore([[1, 2, 3]], 8).save(tmp_path / "other")
+    config = tmp_path / "other" / "config.json"
+    config.write_text(config.read_text().replace('"store"', '"eagle"'))
+    with pytest.raises(ValueError, match="holds 'eagle' weights, not a token store"):
+        TokenStore.load(tmp_path / "other")
     TokenStore([[1, 2, 3]], 8).save(tmp_path / "s")
     with pytest.raises(ValueError, match="vocabulary of 8 tokens, the target has 64"):
         load_store(str(tmp_path / "s"), TargetModel(tiny_llama(), split_gemv=False))
