@@ -146,14 +146,29 @@ class TokenStore:
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        if not (folder / "tokens.safetensors").is_file() or not (folder / "config.json").is_file():
-            raise ValueError(f"{folder} is not a token store (needs tokens.safetensors and config.json)")
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("kind", "store") != "store":
-            raise ValueError(f"{folder} holds {config['kind']!r} weights, not a token store")
+        config = check_store(folder)
         arrays = load_file(str(folder / "tokens.safetensors"))
         tokens, lengths = arrays["tokens"].numpy().astype(np.int64), arrays["lengths"].numpy().astype(np.int64)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"{folder}: lengths sum to {int(lengths.sum())} but there are {tokens.size} tokens")
         sequences = np.split(tokens, np.cumsum(lengths)[:-1]) if lengths.size else []
         return cls(sequences, int(config["vocab_size"]), config.get("sources", ()))
+
+
+def check_store(folder: str | Path) -> dict:
+    """The ``config.json`` of a store folder, checked without reading the tokens (fast enough to run before a
+    model loads); ``ValueError`` naming what is missing or wrong."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ValueError(f"store {folder} does not exist")
+    if not (folder / "tokens.safetensors").is_file() or not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a token store (needs tokens.safetensors and config.json)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as err:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
+    if config.get("kind", "store") != "store":
+        raise ValueError(f"{folder} holds {config['kind']!r} weights, not a token store")
+    if "vocab_size" not in config:
+        raise ValueError(f"{folder / 'config.json'} has no vocab_size")
+    return config

@@ -58,7 +58,10 @@ CASES = [
      "--attention triton on CPU needs the Triton interpreter: use --attention torch, or export TRITON_INTERPRET=1"),
     (["generate", "hi", "--drafter", "nope"], "unknown drafter 'nope'"),
     (["generate", "hi", "--drafter", "ngram:depth=abc"], "option 'depth' of drafter 'ngram' expects an integer"),
-    (["generate", "hi", "--drafter", "ngram:path=x"], "its options are ['depth', 'budget', 'min_ngram', 'max_ngram']"),
+    (["generate", "hi", "--drafter", "ngram:path=x"], "its options are ['depth', 'budget', 'min_ngram', 'max_ngram',"),
+    (["generate", "hi", "--drafter", "ngram:store=/nonexistent"], "ngram:store=/nonexistent: store /nonexistent does "
+                                                                  "not exist"),
+    (["generate", "hi", "--drafter", "ngram:store={medusa}"], "is not a token store (needs tokens.safetensors"),
     (["generate", "hi", "--drafter", "medusa:path=/nonexistent"], "drafter checkpoint /nonexistent does not exist"),
     (["generate", "hi", "--drafter", "eagle:path={medusa}"], "is a medusa checkpoint, not a eagle one"),
     (["generate", "hi", "--drafter", "medusa:path={corrupt}"], "is not a readable safetensors file"),

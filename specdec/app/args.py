@@ -215,4 +215,12 @@ def parse_spec(text: str, paths: dict[str, str], defaults: dict):
     spec = DrafterSpec.parse(text, path=paths.get(text.partition(":")[0]), **defaults)
     if spec.name in HEAD_CHECKPOINTS and spec.path not in (None, "shipped"):
         check_checkpoint(Path(spec.path).expanduser(), kind=spec.name)  # before any model loads
+    store = spec.options.get("store")
+    if spec.name == "ngram" and store not in (None, "shipped"):
+        from specdec.drafters.store import check_store
+
+        try:
+            check_store(Path(store).expanduser())
+        except ValueError as err:
+            raise ValueError(f"ngram:store={store}: {err}") from None
     return spec
