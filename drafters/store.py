@@ -9,7 +9,7 @@ model's own outputs).
 
 Index: a token ``t`` is the digit ``t + 1`` in base ``2**bits`` (``bits`` enough for ``vocab_size + 1`` values;
 the digit 0 ends a sequence), and every corpus position holds the packed ``width`` digits from there on
-(``width = 64 // bits``: 4 tokens for vocabularies under 65,535, 3 under 2**21) in one ``uint64``. Sorted once,
+(``width = 64 // bits``: 4 tokens for vocabularies of up to 65,535, 3 up to 2**21 - 1) in one ``uint64``. Sorted once,
 the positions whose next ``n <= width`` tokens equal a query form one range, found with two ``searchsorted``.
 A lookup tries ``n = width`` down to ``min_ngram`` and counts the continuations of at most ``max_matches``
 positions spread evenly over the range (memoised: the store never changes).
