@@ -197,9 +197,10 @@ def _build(target, depth=None, budget=None, min_ngram=None, max_ngram=None, stor
 def load_store(path: str, target) -> TokenStore:
     """The store at ``path`` (``shipped``: the embedded SmolLM2's), checked against ``target``'s vocabulary."""
     folder = shipped_folder("store", "tokens.safetensors") if path == SHIPPED else Path(path).expanduser()
-    if not Path(folder).exists():
-        raise ValueError(f"ngram:store={path} does not exist")
-    store = TokenStore.load(folder)
+    try:
+        store = TokenStore.load(folder)
+    except ValueError as err:
+        raise ValueError(f"ngram:store={path}: {err}") from None
     vocab = getattr(target, "vocab_size", None) if target is not None else None
     if vocab is not None and int(vocab) != store.vocab_size:
         raise ValueError(f"ngram:store={path} was built for a vocabulary of {store.vocab_size} tokens, the target "

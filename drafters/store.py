@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specdec.checkpoint import CONFIG_FILE, KIND_KEY, read_json_object
+
 
 class TokenStore:
     """An immutable corpus of token sequences, searchable by suffix (see the module docstring).
@@ -136,9 +138,9 @@ class TokenStore:
         tokens = (self.digits[self.digits != 0].astype(np.int64) - 1).astype(np.int32)
         save_file({"tokens": torch.from_numpy(tokens), "lengths": torch.from_numpy(self.lengths.astype(np.int32))},
                   str(folder / "tokens.safetensors"))
-        config = {"kind": "store", "vocab_size": self.vocab_size, "sources": list(self.sources),
+        config = {KIND_KEY: "store", "vocab_size": self.vocab_size, "sources": list(self.sources),
                   "num_sequences": int(self.lengths.size), "num_tokens": self.num_tokens}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return folder
 
     @classmethod
@@ -161,14 +163,11 @@ def check_store(folder: str | Path) -> dict:
     folder = Path(folder)
     if not folder.exists():
         raise ValueError(f"store {folder} does not exist")
-    if not (folder / "tokens.safetensors").is_file() or not (folder / "config.json").is_file():
+    if not (folder / "tokens.safetensors").is_file() or not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"{folder} is not a token store (needs tokens.safetensors and config.json)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except ValueError as err:
-        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
-    if config.get("kind", "store") != "store":
-        raise ValueError(f"{folder} holds {config['kind']!r} weights, not a token store")
+    config = read_json_object(folder / CONFIG_FILE)
+    if config.get(KIND_KEY, "store") != "store":
+        raise ValueError(f"{folder} holds {config[KIND_KEY]!r} weights, not a token store")
     if "vocab_size" not in config:
-        raise ValueError(f"{folder / 'config.json'} has no vocab_size")
+        raise ValueError(f"{folder / CONFIG_FILE} has no vocab_size")
     return config

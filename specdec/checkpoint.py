@@ -55,7 +55,7 @@ def read_config(path: str | Path, kind: str | None = None) -> dict[str, Any]:
         raise ValueError(f"drafter checkpoint {path} does not exist")
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ValueError(f"not a drafter checkpoint: {path} needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = _load_json(path / CONFIG_FILE)
+    config = read_json_object(path / CONFIG_FILE)
     stored = config.pop(KIND_KEY, None)
     if kind is not None and stored is not None and stored != kind:
         raise ValueError(f"{path} is a {stored} checkpoint, not a {kind} one: use {stored}:path={path}")
@@ -79,7 +79,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = tor
     """Copy a drafter checkpoint with its floating-point tensors cast to ``dtype`` (integer buffers such as a
     draft vocabulary stay as they are): the compact form the project ships. Returns ``dst``."""
     config, state = read_checkpoint(src)
-    kind = _load_json(Path(src) / CONFIG_FILE).get(KIND_KEY)
+    kind = read_json_object(Path(src) / CONFIG_FILE).get(KIND_KEY)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     _write_config(dst, {KIND_KEY: kind, **config} if kind is not None else config)
@@ -88,7 +88,8 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = tor
     return dst
 
 
-def _load_json(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file`` (a shipped or saved config); ``ValueError`` naming the file otherwise."""
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

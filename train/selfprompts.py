@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specdec.target import eos_token_ids
 from specdec.train.data import DataConfig, generate_batch, generate_distillation_data
 
 MIN_WORDS = 4
@@ -49,9 +50,10 @@ def _normal(text: str) -> str:
 def sample_instructions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int, seen: set[str],
                         seed: int, batch_size: int, question_tokens: int, max_tries: int = 20) -> list[str]:
     """``count`` new instructions (not in ``seen``, which is updated), sampled at temperature 1 from the
-    pre-query template with the seed ``seed``; raises if ``max_tries`` batches per wanted one keep none."""
+    pre-query template with the seed ``seed``; raises after ``max_tries`` times the batches ``count`` needs."""
     pre = pre_query_ids(tokenizer)
     config = DataConfig(max_new_tokens=question_tokens, batch_size=batch_size, temperature=1.0)
+    ends = set(eos_token_ids(model, tokenizer))  # the ids generate_batch stops on
     torch.manual_seed(seed)
     kept: list[str] = []
     batches = 0
@@ -61,7 +63,7 @@ def sample_instructions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                              f"write usable user turns from its pre-query template")
         batches += 1
         for out in generate_batch(model, tokenizer, [pre] * batch_size, config):
-            if not out or out[-1] not in _ends(model, tokenizer):
+            if not out or out[-1] not in ends:
                 continue  # ran out of tokens mid-instruction
             text = tokenizer.decode(out, skip_special_tokens=True).strip()
             key = _normal(text)
@@ -72,12 +74,6 @@ def sample_instructions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
             if len(kept) == count:
                 break
     return kept
-
-
-def _ends(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    from specdec.train.data import _eos_ids
-
-    return set(_eos_ids(model, tokenizer))
 
 
 def generate_selfprompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num: int, config: DataConfig,
