@@ -167,10 +167,16 @@ def _backend(args, dev):
     return select_backend(args.attention, dev)
 
 
+# installed name -> folder of the repository root (pyproject's package-dir; tests/test_bench_gpu.py checks they agree)
+PACKAGE_DIRS = {"specdec.drafters": "drafters", "specdec.kernels": "specdec_kernels", "specdec.train": "train"}
+
+
 def use_source_tree_if_not_installed():
-    """Import specdec from this checkout when it is not installed (the device image): ``specdec.kernels``,
-    ``.drafters`` and ``.train`` live at the repository root (pyproject's package-dir), so the root joins
-    ``specdec.__path__``."""
+    """Import specdec from this checkout when it is not installed (the device image): ``specdec.drafters``,
+    ``.kernels`` and ``.train`` live in other folders of the repository root (:data:`PACKAGE_DIRS`, as pyproject's
+    ``[tool.setuptools.package-dir]`` maps them); each is loaded from its folder under its installed name."""
+    import importlib.util
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         import specdec
@@ -179,8 +185,19 @@ def use_source_tree_if_not_installed():
         import specdec
     try:
         import specdec.kernels  # noqa: F401
+        return
     except ImportError:
-        specdec.__path__.append(root)
+        pass
+    class PackageDirFinder:  # what the editable install's finder does: an installed name -> its folder
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            if fullname not in PACKAGE_DIRS:
+                return None
+            folder = os.path.join(root, PACKAGE_DIRS[fullname])
+            return importlib.util.spec_from_file_location(fullname, os.path.join(folder, "__init__.py"),
+                                                          submodule_search_locations=[folder])
+
+    sys.meta_path.insert(0, PackageDirFinder())
 
 
 class Run:

@@ -81,3 +81,16 @@ def test_oracle_chain_drafter_proposes_the_known_continuation():
     drafts = oracle.propose([DraftInput(0, torch.tensor([5, 6])), DraftInput(1, torch.tensor([5, 6, 7, 8, 9]))])
     assert drafts[0].tree.tokens.tolist() == [6, 7, 8, 9] and drafts[0].tree.parents.tolist() == [-1, 0, 1, 2]
     assert drafts[1].tree.tokens.tolist() == [9, 10]  # the continuation ends: a shorter chain
+
+
+def test_the_scripts_source_tree_map_is_pyprojects_package_dir():
+    import importlib.util
+
+    import tomllib
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        package_dir = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    assert package_dir == {"specdec": "specdec", **module.PACKAGE_DIRS}
