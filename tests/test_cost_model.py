@@ -11,14 +11,13 @@ from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft, DraftInput
 from specdec.research.auto_budget import SEQUENCE_TRACKER, AcceptanceTracker, AutoBudgetDrafter, prune
+from specdec.research.cost_measure import measure_draft, measure_step, measure_verify
 from specdec.research.cost_model import (
     CostModel,
     choose_size,
     draft_levels,
     fit_draft,
     fit_verify,
-    measure_draft,
-    measure_verify,
 )
 from specdec.research.simulate import replay
 from specdec.research.trace import record_trace
@@ -124,6 +123,26 @@ def test_calibration_measures_a_grid_and_draft_timings_on_the_tiny_model(tiny_ta
     samples = measure_draft(tiny_target, ngram, [torch.tensor(PROMPT)], 12)
     assert len(samples) >= 6 and all(s >= 0 for _, s in samples)
     assert {lv for lv, _ in samples} == {1, 2, 3}  # budgets 2, 3, 4 in turn: every level count of depth 3 timed
+
+
+def test_the_step_grid_times_whole_engine_steps_that_each_verify_exactly_the_points_tree_size(tiny_target,
+                                                                                               monkeypatch):
+    forwards = []  # (query nodes, committed context) of every target forward
+    run = tiny_target.run
+
+    def spy(cache, batch, *args, **kwargs):
+        forwards.append((batch.cu_q_host[-1], batch.context_lens_host[0]))
+        return run(cache, batch, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_target, "run", spy)
+    grid = measure_step(tiny_target, sizes=(1, 3, 5), contexts=(8, 24), repeats=2)
+    assert [(n, c) for n, c, _ in grid] == [(n, c) for c in (8, 24) for n in (1, 3, 5)]
+    assert all(s > 0 for _, _, s in grid)
+    prefills, steps = forwards[:2], forwards[2:]
+    assert prefills == [(8, 0), (24, 0)]
+    # 3 rounds (a warm-up, then 2 timed) x 2 contexts x 3 sizes, in turns, each step one token further
+    assert [n for n, _ in steps] == [1, 3, 5] * 6
+    assert [c for _, c in steps] == [ctx + r * 3 + i for r in range(3) for ctx in (8, 24) for i in range(3)]
 
 
 def test_draft_levels_follow_the_budget_up_to_the_drafters_depth_and_own_budget():

@@ -245,3 +245,35 @@ def test_eagle3_replays_from_the_recorded_fused_layers_exactly_as_the_engine_run
     plain = Trace(trace.prompts, {**trace.meta, "feature_layers": None})
     with pytest.raises(ValueError, match="record with --feature-layers 2,3,4"):
         replay(plain, drafter)
+
+
+def test_replays_auto_budget_is_set_up_as_tree_budget_auto_sets_it(setup, tmp_path, monkeypatch):
+    """``replay --auto-budget`` must score what ``--tree-budget auto`` runs: n-gram (a copying drafter) with a
+    tracker per sequence (it once wrapped every drafter with the pooled tracker alone)."""
+    import argparse
+
+    from specdec.app.cmd_simulate import add_arguments
+    from specdec.research import auto_budget as auto_module
+    from specdec.research import simulate_cli
+    from specdec.research.cost_model import CostModel
+
+    target, trace, eos = setup
+    trace.save(tmp_path / "t.pt")
+    CostModel((1.0, 0.2, 0.0, 0.0)).save(tmp_path / "cost.json")
+    monkeypatch.setattr(simulate_cli, "_load_target", lambda model: (target, None, eos))
+    built = []
+    real_init = auto_module.AutoBudgetDrafter.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self.per_sequence)
+
+    monkeypatch.setattr(auto_module.AutoBudgetDrafter, "__init__", spy)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["replay", str(tmp_path / "t.pt"), "--drafter", "ngram", "--cost",
+                              str(tmp_path / "cost.json"), "--auto-budget", "--out", str(tmp_path / "r.json")])
+    assert simulate_cli.run_command(args) == 0
+    assert built == [auto_module.SEQUENCE_TRACKER]
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["ngram", "ngram+auto"]

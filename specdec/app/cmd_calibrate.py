@@ -12,6 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="tree sizes timed")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 768], help="cached contexts timed")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point")
+    parser.add_argument("--timing", choices=["step", "forward"], default="step",
+                        help="what a grid point times: a whole engine step with a rejected tree of that size (what a "
+                             "drafter pays per node), or the target's forward alone (cheaper by the step's "
+                             "acceptance and KV bookkeeping)")
     parser.add_argument("--statistic", choices=["median", "min"], default="median",
                         help="per point: median, or min (robust when other jobs load the machine)")
     parser.add_argument("--verify-model", choices=["fit", "grid"], default="grid",

@@ -4,9 +4,9 @@ A step costs ``draft(levels) + verify(nodes, context)`` seconds and yields ``1 +
 ``v_i`` being the probability that draft node ``i`` is accepted (its whole path accepted). Calibration measures,
 once per device and model (``python -m specdec.research.cost_model calibrate``, stored as JSON):
 
-* ``verify(n, ctx)``: the target's forward over an ``n``-node tree on top of ``ctx`` cached tokens, on a grid of
-  tree sizes and contexts (median of repeats), fitted by non-negative least squares as ``c0 + c1 n + c2 ctx +
-  c3 n ctx``;
+* ``verify(n, ctx)``: one engine step whose ``n``-node tree is rejected (default; ``--timing forward``: the target's
+  forward alone) on top of ``ctx`` cached tokens, on a grid of tree sizes and contexts (median of repeats; see
+  :mod:`specdec.research.cost_measure`), fitted by non-negative least squares as ``c0 + c1 n + c2 ctx + c3 n ctx``;
 * ``draft(levels)``: per drafter spec, the wall time of each ``propose`` during real engine runs (a timing wrapper
   on the protocol) whose steps ask for tree budgets 2 .. depth + 1 in turn, so that every number of expanded
   levels is timed; fitted as ``d0 + d1 levels`` through the median of each level count.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import dataclasses
 import json
 import statistics
 import sys
@@ -33,9 +32,8 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from specdec.interfaces import Draft, Drafter, DraftInput
+from specdec.interfaces import Drafter
 from specdec.target import TargetModel
-from specdec.tree import TokenTree
 
 
 @dataclass
@@ -189,91 +187,6 @@ def choose_size(values: Sequence[float], step_time: Callable[[int], float], max_
     return best
 
 
-@torch.inference_mode()
-def measure_verify(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
-                   contexts: Sequence[int] = (64, 256, 768), repeats: int = 5, seed: int = 0,
-                   statistic: str = "median") -> list[tuple[int, int, float]]:
-    """Median (or ``statistic="min"``: minimum, the robust choice on a machine other jobs load) seconds of ONE
-    verification forward (``target.forward`` on a bushy tree of ``n`` nodes: every node a child of the root or of
-    node 1, like a wide dynamic tree) over ``ctx`` cached random tokens. The points take turns (every repeat times
-    each point once), so the machine's drift over the measurement hits every point alike instead of tilting the
-    grid; the first round is a warm-up."""
-    reduce = {"median": statistics.median, "min": min}[statistic]
-    gen = torch.Generator().manual_seed(seed)
-    need = sum(contexts) + len(contexts) * max(sizes)
-    cache = target.new_cache(-(-need // 16) + 2 * len(contexts), 16)
-    seqs, trees = {}, {}
-    for ctx in contexts:
-        seq = seqs[ctx] = cache.add_sequence()
-        cache.reserve(seq, ctx + max(sizes))
-        prompt = torch.randint(0, target.vocab_size, (ctx,), generator=gen)
-        target.forward(cache, [seq], [TokenTree.chain(prompt)], last_only=True)
-        cache.advance(seq, ctx, keep_reserved=max(sizes))
-    for n in sizes:
-        parents = torch.tensor([-1] + [0 if i % 2 else min(1, i - 1) for i in range(1, n)])
-        trees[n] = TokenTree(torch.randint(0, target.vocab_size, (n,), generator=gen), parents)
-    times: dict[tuple[int, int], list[float]] = {(n, c): [] for c in contexts for n in sizes}
-    for _ in range(repeats + 1):
-        for ctx in contexts:
-            for n in sizes:
-                t0 = time.perf_counter()
-                target.forward(cache, [seqs[ctx]], [trees[n]])
-                times[(n, ctx)].append(time.perf_counter() - t0)
-    for seq in seqs.values():
-        cache.release(seq)
-    return [(n, ctx, reduce(times[(n, ctx)][1:])) for ctx in contexts for n in sizes]
-
-
-class TimedDrafter:
-    """Protocol wrapper that records ``(levels, seconds)`` of every proposed tree (batch time split evenly).
-
-    ``budgets``: every step asks the drafter for the next of these tree budgets in turn (``DraftInput.budget``)
-    and records the levels that budget makes it expand (:func:`draft_levels`), the quantity ``--tree-budget auto``
-    plans with; the output stays exact, any budget is. ``None``: the drafter's own budget, recording each tree's
-    depth."""
-
-    def __init__(self, inner: Drafter, budgets: Sequence[int] | None = None) -> None:
-        self.inner, self.vocab_size, self.needs_hidden = inner, inner.vocab_size, inner.needs_hidden
-        self.feature_layers = getattr(inner, "feature_layers", None)
-        self.budgets, self._calls = list(budgets or []), 0
-        self.samples: list[tuple[int, float]] = []
-
-    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
-        budget = self.budgets[self._calls % len(self.budgets)] if self.budgets else None
-        self._calls += 1
-        if budget is not None:
-            batch = [dataclasses.replace(item, budget=budget if item.budget is None else min(budget, item.budget))
-                     for item in batch]
-        t0 = time.perf_counter()
-        drafts = self.inner.propose(batch)
-        each = (time.perf_counter() - t0) / max(len(drafts), 1)
-        self.samples += [(d.tree.max_depth if budget is None else draft_levels(self.inner, item.budget), each)
-                         for item, d in zip(batch, drafts, strict=True)]
-        return drafts
-
-    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
-        self.inner.accept(seq_id, tokens, hidden)
-
-    def release(self, seq_id: int) -> None:
-        self.inner.release(seq_id)
-
-
-def measure_draft(target: TargetModel, drafter: Drafter, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                  eos_token_ids: Sequence[int] = (), sweep: bool = True) -> list[tuple[int, float]]:
-    """``(levels, seconds)`` of every ``propose`` while the real engine generates greedily from ``prompts``;
-    ``sweep``: the steps take budgets 2 .. depth + 1 in turn, so every level count is timed (:class:`TimedDrafter`);
-    else the drafter's own budget, keyed by tree depth."""
-    from specdec.engine import SpeculativeEngine
-
-    budgets = list(range(2, draft_levels(drafter, 1 << 30) + 2)) if sweep else None
-    timed = TimedDrafter(drafter, budgets)
-    longest = max(p.numel() for p in prompts) + max_new_tokens + 64
-    engine = SpeculativeEngine(target, target.new_cache(-(-longest // 16) + 1, 16), timed, eos_token_ids)
-    for p in prompts:
-        engine.generate(p, max_new_tokens)
-    return timed.samples
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from specdec.app.cmd_calibrate import HELP, add_arguments
 
@@ -288,17 +201,19 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.drafters import DrafterSpec, build_drafter
+    from specdec.research.cost_measure import measure_draft, measure_step, measure_verify
     from specdec.target import eos_token_ids
 
     model, tok = load_model_and_tokenizer(args.model, torch.float32)
     target = TargetModel(model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = measure_verify(target, args.sizes, args.contexts, args.repeats, statistic=args.statistic)
+    measure = measure_step if args.timing == "step" else measure_verify
+    grid = measure(target, args.sizes, args.contexts, args.repeats, statistic=args.statistic)
     cost = CostModel(fit_verify(grid), grid=grid, from_grid=args.verify_model == "grid", meta={
         "model": args.model or "embedded SmolLM2-135M-Instruct", "device": str(target.device),
         "threads": torch.get_num_threads(), "dtype": str(target.dtype), "packed_linears": target.packed_linears,
-        "measured_at": time.time(),
+        "measured_at": time.time(), "timing": args.timing,
         "statistic": args.statistic})
     prompts = [encode_prompt(tok, p.text) for p in load_prompts(args.prompts or builtin_prompts_path(), args.limit)]
     for spec in args.drafter:

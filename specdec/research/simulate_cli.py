@@ -95,12 +95,10 @@ def run_command(args: argparse.Namespace) -> int:
     batch = args.batch or (1 if cost is not None else 8)
     for name, spec in specs:
         drafter = build_drafter(spec, target)
-        if name.endswith("+auto"):
-            from specdec.research.auto_budget import AutoBudgetDrafter
+        if name.endswith("+auto"):  # set up exactly as --tree-budget auto sets it (per-sequence trackers included)
+            from specdec.research.auto_budget import auto_budget
 
-            base = name.removesuffix("+auto")
-            drafter = AutoBudgetDrafter(drafter, cost, drafter_name=base if base in cost.draft_coef else None,
-                                        max_nodes=args.max_tree_nodes)
+            drafter = auto_budget(drafter, cost, name.removesuffix("+auto"), args.max_tree_nodes)
         t0 = time.perf_counter()
         if sampling.greedy:
             results = replay(trace, drafter, args.max_new_tokens, args.max_tree_nodes, target.dtype, target.device,
