@@ -4,7 +4,8 @@ Commands: ``data`` (self-distillation data, :mod:`specdec.train.data`), ``teache
 :mod:`specdec.train.teacher`), ``followups`` (multi-turn: the target asks and answers its own follow-up question,
 :mod:`specdec.train.followups`), ``selfprompts`` (the target writes instructions and answers them,
 :mod:`specdec.train.selfprompts`), ``store`` (retrieval store for ``ngram:store=``,
-:mod:`specdec.train.build_store`), ``features`` (EAGLE-3 features of a data folder, :mod:`specdec.train.features`),
+:mod:`specdec.train.build_store`), ``corpus`` (pack data folders into a small committable corpus, or unpack
+one, :mod:`specdec.train.corpus`), ``features`` (EAGLE-3 features of a data folder, :mod:`specdec.train.features`),
 ``eagle3`` (EAGLE-3 head, :mod:`specdec.train.eagle3`), ``medusa`` (Medusa heads,
 :mod:`specdec.train.medusa`), ``eagle`` (EAGLE-style head, :mod:`specdec.train.eagle`), ``draft`` (small draft
 LM, :mod:`specdec.train.draft_lm`), ``export`` (a checkpoint in float16/bfloat16, as shipped). Bad input is
@@ -129,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_parser(sub)
-    from specdec.train import build_store, eagle3, features, followups, selfprompts, teacher
+    from specdec.train import build_store, corpus, eagle3, features, followups, selfprompts, teacher
 
     build_store.add_store_parser(sub)
+    corpus.add_corpus_parser(sub)
     teacher.add_teacher_parser(sub)
     followups.add_followups_parser(sub)
     selfprompts.add_selfprompts_parser(sub)
@@ -224,12 +226,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from specdec.train import build_store, eagle3, features, followups, selfprompts, teacher
+        from specdec.train import build_store, corpus, eagle3, features, followups, selfprompts, teacher
 
         commands = {"data": cmd_data, "medusa": cmd_medusa, "eagle": cmd_eagle, "draft": cmd_draft,
                     "export": cmd_export, "teacher": teacher.cmd_teacher, "features": features.cmd_features,
                     "followups": followups.cmd_followups, "selfprompts": selfprompts.cmd_selfprompts,
-                    "store": build_store.cmd_store, "eagle3": eagle3.cmd_eagle3}
+                    "store": build_store.cmd_store, "corpus": corpus.cmd_corpus, "eagle3": eagle3.cmd_eagle3}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"specdec.train: error: {err}", file=sys.stderr)
