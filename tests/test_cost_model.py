@@ -140,9 +140,12 @@ def test_the_step_grid_times_whole_engine_steps_that_each_verify_exactly_the_poi
     assert all(s > 0 for _, _, s in grid)
     prefills, steps = forwards[:2], forwards[2:]
     assert prefills == [(8, 0), (24, 0)]
-    # 3 rounds (a warm-up, then 2 timed) x 2 contexts x 3 sizes, in turns, each step one token further
+    # 3 rounds (a warm-up, then 2 timed) x 2 contexts x 3 sizes, in turns; each step at least one token further
     assert [n for n, _ in steps] == [1, 3, 5] * 6
-    assert [c for _, c in steps] == [ctx + r * 3 + i for r in range(3) for ctx in (8, 24) for i in range(3)]
+    for k, ctx in enumerate((8, 24)):
+        contexts = [c for r in range(3) for _, c in steps[(2 * r + k) * 3: (2 * r + k + 1) * 3]]
+        assert contexts[0] == ctx and all(b > a for a, b in zip(contexts, contexts[1:], strict=False))
+        assert contexts[-1] <= ctx + 8 + 4  # 8 steps; a random draft token is rarely the target's choice
 
 
 def test_draft_levels_follow_the_budget_up_to_the_drafters_depth_and_own_budget():

@@ -100,7 +100,9 @@ def measure_step(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32
     """Like :func:`measure_verify`, but each point times one whole ``engine.step()`` of a request at ``ctx`` tokens
     whose tree has ``n`` nodes, none of which is accepted (see the module docstring). One engine per context, each
     running one greedy request from ``ctx`` random prompt tokens; a point's context grows by one token per timed
-    step (``repeats + 1`` per point), which the grid ignores."""
+    step (``repeats + 1`` per point; more where a random draft token happens to be the target's choice, about
+    ``n / vocabulary`` of the steps), which the grid ignores. The request and its cache are sized for the worst
+    case, every node accepted, so no step ever finds the request finished or the cache full."""
     from specdec.engine import SpeculativeEngine
     from specdec.sampling import SamplingParams
 
@@ -110,11 +112,12 @@ def measure_step(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32
     drafter = _RejectedTrees(target.vocab_size, seed)
     engines = {}
     for ctx in contexts:
-        cache = target.new_cache(-(-(ctx + steps + max(sizes)) // 16) + 2, 16)
+        most = steps * max(sizes) + 1  # tokens the request could generate if every draft node were accepted
+        cache = target.new_cache(-(-(ctx + most + max(sizes)) // 16) + 2, 16)
         engine = SpeculativeEngine(target, cache, drafter, (), max_tree_nodes=max(sizes), max_batch=1,
                                    max_step_tokens=max(ctx, max(sizes)))
         rid = engine.add_request(torch.randint(0, target.vocab_size, (ctx,), generator=gen),
-                                 SamplingParams(max_new_tokens=steps + 1))
+                                 SamplingParams(max_new_tokens=most))
         engine.step()  # the prefill (its first token comes from it)
         engines[ctx] = engine, rid
     times: dict[tuple[int, int], list[float]] = {(n, c): [] for c in contexts for n in sizes}
