@@ -11,8 +11,7 @@ keeps a running estimate of ``alpha`` and drafts only as deep as ``alpha ** d > 
 so the estimate can recover); with no match the tree is the root alone, a plain decoding step, unless a retrieval
 store is given (:mod:`specdec.drafters.store`, ``ngram:store=shipped``): then a step with no match in the history
 proposes the store's most frequent continuations of the history's suffix (at most ``store_nodes`` nodes, each
-continuing at least ``store_min_p`` of the store's matches), and a step with a match adds them as further branches
-while the budget has room. The defaults, two nodes and 0.3, were chosen by
+continuing at least ``store_min_p`` of the store's matches). The defaults, two nodes and 0.3, were chosen by
 replaying 32 instructions the target wrote itself against a store without their answers (docs/results/session9):
 on this 2-core CPU a real engine step with 1 / 2 / 3 draft nodes costs about 7-12 / 10-21 / 31-36 % more than plain
 decoding, and a store proposal continuing under 30 % of the matches is accepted 0-17 % of the time.
@@ -91,29 +90,17 @@ class NgramDrafter:
         for item, budget in zip(batch, row_budgets(batch, self.max_nodes), strict=True):
             found = self.continuations(item.history, self.max_matches)
             root = int(item.history[-1])
-            drafts.append(self.draft_from(item.seq_id, root, found, budget, item.history) if found or self.store is None
+            drafts.append(self.draft_from(item.seq_id, root, found, budget) if found or self.store is None
                           else self.draft_from_store(item.seq_id, root, item.history, budget))
         return drafts
 
-    def draft_from(self, seq_id: int, root: int, continuations: list[list[int]], budget: int,
-                   history: torch.Tensor | None = None) -> Draft:
+    def draft_from(self, seq_id: int, root: int, continuations: list[list[int]], budget: int) -> Draft:
         """This sequence's tree from already found ``continuations`` (:meth:`continuations`), cut to the depth its
-        running acceptance makes worthwhile and to ``budget`` nodes (the hybrid reuses the matches it found). With
-        a store and the ``history``, the store's proposals (as in :meth:`draft_from_store`) follow as further
-        branches while nodes remain: replayed with the step costs of ``specdec calibrate`` this predicted +1.5 %
-        (32 self-written instructions) and +2.3 % (24 held-out prompts) at the default budget; the engine measured
-        +0.6 % on the held-out prompts, within noise (docs/results/session10). The running ``alpha`` is still
-        updated from the accepted length against the history branches' depth."""
+        running acceptance makes worthwhile and to ``budget`` nodes (the hybrid reuses the matches it found)."""
         state = self._state[seq_id]
         depth = self.worthwhile_depth(state.alpha)
-        paths = [c[:depth] for c in continuations]
-        tree = merge_continuations(root, paths, budget)
+        tree = merge_continuations(root, [c[:depth] for c in continuations], budget)
         state.drafted_depth = tree.max_depth
-        if self.store is not None and history is not None and tree.num_nodes < budget:
-            extra = self.store.tree_paths(history, min(self.store_nodes, budget - tree.num_nodes), self.store_min_p,
-                                          self.min_ngram, self.max_depth)
-            if extra:
-                tree = merge_continuations(root, [*paths, *extra], budget)
         return Draft(tree)
 
     def draft_from_store(self, seq_id: int, root: int, history: torch.Tensor, budget: int) -> Draft:
@@ -194,9 +181,8 @@ def merge_continuations(root: int, continuations: Sequence[Sequence[int]], max_n
     Option("budget", int, None, "tree nodes, root included (default 16)"),
     Option("min_ngram", int, None, "shortest suffix matched (default 2)"),
     Option("max_ngram", int, None, "longest suffix matched (default 4)"),
-    Option("store", str, None, "retrieval store: the whole draft where the history has no match, extra branches "
-                               "where it has one (a folder from 'python -m specdec.train store'; 'shipped' = the "
-                               "embedded SmolLM2's own answers); default none"),
+    Option("store", str, None, "retrieval store for steps with no match (a folder from 'python -m specdec.train "
+                               "store'; 'shipped' = the embedded SmolLM2's own answers); default none"),
     Option("store_nodes", int, None, "most nodes proposed from the store (default 2)"),
     Option("store_min_p", float, None, "least share of the store's matches a proposal needs (default 0.3)"),
 ))
