@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,10 +91,7 @@ def load_corpus(folder: str | Path) -> tuple[list[str], list[list[int]], list[li
 def unpack_corpus(corpus: str | Path, out: str | Path, shard_size: int = 512) -> Path:
     """Write the corpus as a data folder (shards + ``manifest.json``) that ``features``, the trainers and ``store``
     read. ``out`` must not hold data already (no silent mixing)."""
-    from datasets import Dataset, Features, Value
-    from datasets import Sequence as DSequence
-
-    from specdec.train.data import _dir_bytes
+    from specdec.train.data import ID_COLUMNS, save_shard
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -104,20 +100,15 @@ def unpack_corpus(corpus: str | Path, out: str | Path, shard_size: int = 512) ->
     if (out / "manifest.json").exists():
         raise ValueError(f"{out} already holds data (manifest.json): use a fresh --out")
     out.mkdir(parents=True, exist_ok=True)
-    columns = Features({"index": Value("int64"), "prompt": Value("string"), "prompt_ids": DSequence(Value("int32")),
-                        "response_ids": DSequence(Value("int32"))})
     shards = []
     for start in range(0, len(prompts), shard_size):
         stop = min(start + shard_size, len(prompts))
         name = f"shard_{len(shards):05d}"
-        tmp = out / f".tmp_{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        Dataset.from_dict({"index": list(range(start, stop)), "prompt": prompts[start:stop],
-                           "prompt_ids": prompt_ids[start:stop], "response_ids": response_ids[start:stop]},
-                          features=columns).save_to_disk(str(tmp))
-        tmp.rename(out / name)
+        rows = {"index": list(range(start, stop)), "prompt": prompts[start:stop], "prompt_ids": prompt_ids[start:stop],
+                "response_ids": response_ids[start:stop]}
         shards.append({"name": name, "start": start, "rows": stop - start, "examples": stop - start,
-                       "bytes": _dir_bytes(out / name), "response_tokens": sum(map(len, response_ids[start:stop]))})
+                       "bytes": save_shard(out, name, rows, ID_COLUMNS),
+                       "response_tokens": sum(map(len, response_ids[start:stop]))})
     manifest = {"config": {"mode": "corpus", "corpus": str(corpus), "sources": config.get("sources", [])},
                 "num_examples": len(prompts), "num_shards": len(shards),
                 "response_tokens": sum(s["response_tokens"] for s in shards), "shards": shards}

@@ -187,9 +187,13 @@ def target_features(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]],
     return feats
 
 
+# the columns every data folder has (teacher-forced and unpacked corpus folders have only these)
+ID_COLUMNS = Features({"index": Value("int64"), "prompt": Value("string"), "prompt_ids": DSequence(Value("int32")),
+                       "response_ids": DSequence(Value("int32"))})
+
+
 def _features(config: DataConfig, hidden_size: int) -> Features:
-    cols = {"index": Value("int64"), "prompt": Value("string"), "prompt_ids": DSequence(Value("int32")),
-            "response_ids": DSequence(Value("int32"))}
+    cols = dict(ID_COLUMNS)
     if config.store_hidden:
         cols["hidden"] = Array2D(shape=(None, hidden_size), dtype="float16")
     if config.topk_logits:
@@ -200,6 +204,17 @@ def _features(config: DataConfig, hidden_size: int) -> Features:
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def save_shard(out_dir: Path, name: str, columns: dict[str, list], features: Features) -> int:
+    """Write ``columns`` as the shard ``out_dir/name`` (``Dataset.save_to_disk`` into a temporary folder, then
+    renamed over any half-written earlier attempt, so a shard on disk is always complete); returns its bytes."""
+    tmp = out_dir / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
+    shutil.rmtree(out_dir / name, ignore_errors=True)
+    tmp.rename(out_dir / name)
+    return _dir_bytes(out_dir / name)
 
 
 def _shard_dirs(out_dir: Path) -> list[Path]:
@@ -283,11 +298,8 @@ def generate_distillation_data(model: PreTrainedModel, tokenizer: PreTrainedToke
                     columns[name].append(row[name])
             bar.update(len(texts))
         name = f"shard_{len(shards):05d}"
-        tmp = out_dir / f".tmp_{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
-        tmp.rename(out_dir / name)
-        shards.append({"name": name, "start": start, "rows": len(chunk), "bytes": _dir_bytes(out_dir / name),
+        shards.append({"name": name, "start": start, "rows": len(chunk),
+                       "bytes": save_shard(out_dir, name, columns, features),
                        "response_tokens": sum(len(r) for r in columns["response_ids"])})
         _write_manifest(out_dir, config, shards, hidden_size)
         start += len(chunk)

@@ -26,23 +26,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Array2D, Dataset, Features, Value, load_from_disk
-from datasets import Sequence as DSequence
+from datasets import Array2D, Features, load_from_disk
 from transformers import PreTrainedModel
 
 from specdec.drafters.eagle3 import fused_layers
-from specdec.train.data import _dir_bytes, _left_pad
+from specdec.train.data import ID_COLUMNS, _left_pad, save_shard
 
 
 def feature_columns(hidden_size: int, topk: int) -> Features:
-    return Features({"index": Value("int64"), "prompt": Value("string"), "prompt_ids": DSequence(Value("int32")),
-                     "response_ids": DSequence(Value("int32")),
+    return Features({**ID_COLUMNS,
                      "fused": Array2D(shape=(None, 3 * hidden_size), dtype="float16"),
                      "topk_values": Array2D(shape=(None, topk), dtype="float16"),
                      "topk_indices": Array2D(shape=(None, topk), dtype="int32")})
@@ -117,13 +114,9 @@ def compute_features(model: PreTrainedModel, in_dir: str | Path, out_dir: str | 
                        **f}
                 for key in columns:
                     data[key].append(row[key])
-        tmp = out / f".tmp_{shard['name']}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        Dataset.from_dict(data, features=columns).save_to_disk(str(tmp))
-        shutil.rmtree(out / shard["name"], ignore_errors=True)  # a half-written earlier attempt (not in manifest)
-        tmp.rename(out / shard["name"])
+        size = save_shard(out, shard["name"], data, columns)  # replaces a half-written earlier attempt
         seconds = time.perf_counter() - t0
-        shards.append({"name": shard["name"], "rows": len(data["index"]), "bytes": _dir_bytes(out / shard["name"]),
+        shards.append({"name": shard["name"], "rows": len(data["index"]), "bytes": size,
                        "response_tokens": sum(map(len, data["response_ids"])), "forward_tokens": forwarded,
                        "seconds": round(seconds, 2)})
         _write_manifest(manifest_path, settings, shards)

@@ -19,21 +19,16 @@ import argparse
 import json
 import random
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from datasets import Dataset, Features, Value
-from datasets import Sequence as DSequence
 from transformers import PreTrainedTokenizerBase
 
 from specdec.app.prompts import encode_prompt
-from specdec.train.data import _dir_bytes, trim_response
+from specdec.train.data import ID_COLUMNS, save_shard, trim_response
 from specdec.train.prompt_sources import read_records, resolve_data_dir
 
 TEACHER_SOURCES = {"gsm8k": "gsm8k/train.jsonl", "self-instruct": "self-instruct/seed_tasks.jsonl"}
-_COLUMNS = Features({"index": Value("int64"), "prompt": Value("string"), "prompt_ids": DSequence(Value("int32")),
-                     "response_ids": DSequence(Value("int32"))})
 
 
 def clean_gsm8k_answer(answer: str) -> str:
@@ -92,21 +87,18 @@ def write_teacher_forced(tokenizer: PreTrainedTokenizerBase, sources: Sequence[s
         shards = old["shards"]
     start = sum(s["rows"] for s in shards)
     while start < len(pairs):
-        rows: dict[str, list] = {k: [] for k in _COLUMNS}
+        rows: dict[str, list] = {k: [] for k in ID_COLUMNS}
         for i, (question, answer) in enumerate(pairs[start: start + shard_size]):
             prompt_ids, response_ids = encode_answer(tokenizer, question, answer)
             if len(prompt_ids) + len(response_ids) > max_tokens:
                 continue
-            for key, value in zip(_COLUMNS, (start + i, question, prompt_ids, response_ids), strict=True):
+            for key, value in zip(ID_COLUMNS, (start + i, question, prompt_ids, response_ids), strict=True):
                 rows[key].append(value)
         name = f"shard_{len(shards):05d}"
-        tmp = out / f".tmp_{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        Dataset.from_dict(rows, features=_COLUMNS).save_to_disk(str(tmp))
-        tmp.rename(out / name)
+        size = save_shard(out, name, rows, ID_COLUMNS)
         taken = min(shard_size, len(pairs) - start)
         shards.append({"name": name, "start": start, "rows": taken, "examples": len(rows["index"]),
-                       "bytes": _dir_bytes(out / name), "response_tokens": sum(map(len, rows["response_ids"]))})
+                       "bytes": size, "response_tokens": sum(map(len, rows["response_ids"]))})
         start += taken
         _write(manifest_path, settings, shards)
     _write(manifest_path, settings, shards)
