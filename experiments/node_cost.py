@@ -1,7 +1,9 @@
-"""What a draft node costs in the real engine: time per step with always-rejected chain drafts of k nodes against
-plain decoding, interleaved prompt by prompt (the whole step: forward, acceptance, KV bookkeeping).
+"""What a draft node costs in the real engine: time per step with rejected chain drafts of k nodes
+(:class:`specdec.research.cost_measure.RejectedTrees`) against plain decoding, interleaved prompt by prompt, on
+real prompts (the whole step: forward, acceptance, KV bookkeeping).
 
-``specdec calibrate`` times the verification forward alone; this times what a drafter actually pays per node.
+``specdec calibrate`` times the same kind of step on a grid of bushy trees and contexts for the cost model; this
+times chains on a prompt set.
 Prints a table and writes JSON (median ms per step and the ratio to plain decoding, per k).
 
     python experiments/node_cost.py --prompts P.jsonl --limit 6 --rounds 3 --nodes 1 2 3 --out node_cost.json
@@ -17,31 +19,6 @@ from collections.abc import Sequence
 
 import torch
 
-from specdec.interfaces import Draft
-from specdec.tree import TokenTree
-
-
-class RejectedChain:
-    """Drafts a chain of ``k`` token ids ``1..k`` below the root (special tokens the target never emits greedily),
-    so every step verifies ``k + 1`` nodes and accepts none of them."""
-
-    vocab_size = None
-    needs_hidden = False
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def propose(self, batch):
-        parents = torch.arange(-1, self.k)
-        return [Draft(TokenTree(torch.tensor([int(item.history[-1]), *range(1, self.k + 1)]), parents))
-                for item in batch]
-
-    def accept(self, seq_id, tokens, hidden=None):
-        pass
-
-    def release(self, seq_id):
-        pass
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="experiments/node_cost.py", description=__doc__.splitlines()[0])
@@ -56,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.engine import SpeculativeEngine
+    from specdec.research.cost_measure import RejectedTrees
     from specdec.target import TargetModel
 
     model, tokenizer = load_model_and_tokenizer(args.model, torch.float32)
@@ -64,11 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                for p in load_prompts(args.prompts or builtin_prompts_path())[: args.limit]]
     cache = target.new_cache(64 + sum(len(p) for p in prompts) // 16 + 16 * len(prompts), 16)
     ks = [0, *sorted(set(args.nodes))]
+    drafters = {k: RejectedTrees(target.vocab_size, nodes=k + 1, chain=True) if k else None for k in ks}
     per_step: dict[int, list[float]] = {k: [] for k in ks}
     for _ in range(args.rounds):
         for ids in prompts:
             for k in ks:
-                engine = SpeculativeEngine(target, cache, RejectedChain(k) if k else None, max_tree_nodes=k + 1)
+                engine = SpeculativeEngine(target, cache, drafters[k], max_tree_nodes=k + 1)
                 t0 = time.perf_counter()
                 out = engine.generate(ids, args.max_new_tokens)
                 per_step[k].append((time.perf_counter() - t0) / out.stats.steps)

@@ -68,22 +68,23 @@ def measure_verify(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 
     return [(n, ctx, reduce(times[(n, ctx)][1:])) for ctx in contexts for n in sizes]
 
 
-class _RejectedTrees:
-    """Drafts a bushy tree of ``nodes`` nodes whose draft tokens are random (accepted with probability ~1/vocab),
-    so that every step verifies that many nodes and advances by one token."""
+class RejectedTrees:
+    """Drafts a tree of ``nodes`` nodes (settable between steps; :func:`bushy_tree`, or a chain with ``chain``) whose
+    draft tokens are random (accepted with probability about 1/vocabulary), so that every step verifies that many
+    nodes and advances by about one token: what a drafter pays for ``nodes`` nodes."""
 
     vocab_size = None
     needs_hidden = False
 
-    def __init__(self, vocab_size: int, seed: int) -> None:
-        self.nodes, self.vocab = 1, vocab_size
+    def __init__(self, vocab_size: int, seed: int = 0, nodes: int = 1, chain: bool = False) -> None:
+        self.nodes, self.vocab, self.chain = nodes, vocab_size, chain
         self.gen = torch.Generator().manual_seed(seed)
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         drafts = []
         for item in batch:
-            below = torch.randint(0, self.vocab, (self.nodes - 1,), generator=self.gen)
-            drafts.append(Draft(bushy_tree(torch.cat([item.history[-1:], below]))))
+            tokens = torch.cat([item.history[-1:], torch.randint(0, self.vocab, (self.nodes - 1,), generator=self.gen)])
+            drafts.append(Draft(TokenTree.chain(tokens) if self.chain else bushy_tree(tokens)))
         return drafts
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
@@ -109,7 +110,7 @@ def measure_step(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32
     reduce = {"median": statistics.median, "min": min}[statistic]
     gen = torch.Generator().manual_seed(seed)
     steps = (repeats + 1) * len(sizes) + 1
-    drafter = _RejectedTrees(target.vocab_size, seed)
+    drafter = RejectedTrees(target.vocab_size, seed)
     engines = {}
     for ctx in contexts:
         most = steps * max(sizes) + 1  # tokens the request could generate if every draft node were accepted
