@@ -1,4 +1,6 @@
-"""Packed-weight linears for float32 models on CPU: MKL's packed GEMM, whose cost grows gently with the row count.
+"""Packed-weight linears for float32 models on CPU: each product runs the kernel this machine measured fastest for
+its shape and row count (:mod:`specdec.linear_kernels`: plain ``F.linear``, MKL's packed GEMM or oneDNN's inner
+product on a copy of the weight reordered once).
 
 On CPU a float32 ``F.linear`` with a handful of rows (a decode step, a small draft tree) runs MKL ``sgemm`` on the
 ``[out, in]`` weight as stored, and its cost jumps with the row count in ways a tree verifier pays for. Measured on
@@ -13,93 +15,72 @@ rows  ``F.linear``  packed (``_mkl_linear``)
 16    13.2 ms      9.18 ms
 ====  ===========  ======================
 
-So a 16-node tree costs about 2x one row instead of 2.3-4x, and one row is 1.3x cheaper. The weights are reordered
-once into MKL's packed layout (``torch.ops.mkl._mkl_reorder_linear_weight``, the op inductor's CPU weight
-pre-packing uses) and every call runs ``cblas_sgemm_compute`` on it (``torch.ops.mkl._mkl_linear``). The packed
-layout does not depend on the row count (outputs are bitwise equal whichever count it was packed for; checked by
-:func:`packing_works` before anything is packed), so one copy serves every step. Results are the same dot products
-in another summation order (float32 rounding, like any change of GEMM kernel).
+and on a 2-core AMD EPYC (session 11) oneDNN's kernel ran SmolLM2's LM head in 3.8 / 4.2 / 5.4 / 6.3 ms for
+1 / 2 / 4 / 8 rows where ``F.linear`` took 8.1 / 19.6 / 19.2 / 18.2 ms (table in :mod:`specdec.linear_kernels`).
+Results are the same dot products in another summation order (float32 rounding, like any change of GEMM kernel).
 
 Applied by :class:`specdec.target.TargetModel` to its own *view* of the HF model (new module objects sharing the
-parameters): the caller's model keeps its ``nn.Linear`` modules and HF ``generate`` is untouched. Costs one extra
-copy of the linear weights in memory. A weight changed in place after packing (its ``_version`` moved) is
-repacked at the next call.
+parameters): the caller's model keeps its ``nn.Linear`` modules and HF ``generate`` is untouched. Costs up to one
+extra copy of the linear weights in memory per kernel in use. A weight changed in place after packing (its
+``_version`` moved) is repacked at the next call.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 import torch.nn.functional as F
 
-PACK_ROWS = 16  # row count the weights are packed for (any count then runs on the same copy)
-MIN_ROWS = 4  # fewer rows run plain ``F.linear``: measured equal or faster there (table in the module docstring)
+from specdec.linear_kernels import available_kernels, kernel_for, pack, run
+
 AUTO_LIMIT_BYTES = 4 << 30  # ``pack_linears(..., limit)``: bigger models are left alone unless asked (memory x2)
 
 
-def _ops_present() -> bool:
-    mkl = getattr(torch.ops, "mkl", None)
-    return (torch.backends.mkl.is_available() and mkl is not None
-            and hasattr(mkl, "_mkl_reorder_linear_weight") and hasattr(mkl, "_mkl_linear"))
-
-
-@functools.cache
 def packing_works() -> bool:
-    """Whether this torch build packs float32 weights, and packed products match ``F.linear`` (to float32
-    rounding) for 1, 3 and 16 rows on a weight packed once."""
-    if not _ops_present():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
-    try:
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS)
-        for rows in (1, 3, PACK_ROWS):
-            x = torch.randn(rows, 24, generator=gen)
-            got = torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
-            if not torch.allclose(got, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4):
-                return False
-    except RuntimeError:
-        return False
-    return True
+    """Whether this torch build has a packed kernel whose products match ``F.linear``
+    (:func:`specdec.linear_kernels.available_kernels`)."""
+    return len(available_kernels()) > 1
 
 
 class PackedWeight:
-    """``F.linear(x, weight, bias)`` on an MKL-packed copy of ``weight`` (float32, CPU; inference only), packed at the
-    first call with at least ``MIN_ROWS`` rows and again whenever ``weight`` changes in place.
+    """``F.linear(x, weight, bias)`` (float32, CPU; inference only) by the kernel this machine runs fastest for the
+    weight's shape and ``x``'s row count (:func:`specdec.linear_kernels.kernel_for`), on a copy of ``weight``
+    reordered for that kernel at its first use and again whenever ``weight`` changes in place.
 
-    Other inputs (fewer rows, another dtype or device, or needing a gradient) run ``F.linear`` on ``weight``.
+    Other inputs (another dtype or device, or needing a gradient) run ``F.linear`` on ``weight``.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight, self.bias = weight, bias
-        self._packed: torch.Tensor | None = None
-        self._key: tuple[int, int] = (-1, -1)
+        self._packed: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}  # kernel -> (weight key, its copy)
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:  # a copy packs its own weight (packed tensors don't copy)
         return PackedWeight(copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_packed": None, "_key": (-1, -1)}
+        return {**self.__dict__, "_packed": {}}
 
-    def _pack(self) -> torch.Tensor:
+    def _pack(self, kernel: str) -> torch.Tensor | None:
+        if kernel == "plain":
+            return None
         key = (self.weight._version, self.weight.data_ptr())  # in-place updates and ``.data =`` both move it
-        if self._packed is None or key != self._key:
-            with torch.no_grad():
-                self._packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_ROWS)
-            self._key = key
-        return self._packed
+        held = self._packed.get(kernel)
+        if held is None or held[0] != key:
+            held = self._packed[kernel] = (key, pack(kernel, self.weight))
+        return held[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        rows = x.reshape(-1, weight.shape[1])
-        if (rows.shape[0] < MIN_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
-                or x.device.type != "cpu" or weight.device.type != "cpu" or not packing_works()
+        if (x.dtype != torch.float32 or weight.dtype != torch.float32
+                or x.device.type != "cpu" or weight.device.type != "cpu"
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return F.linear(x, weight, self.bias)
-        rows = rows.contiguous()
-        out = torch.ops.mkl._mkl_linear(rows, self._pack(), weight, self.bias, rows.shape[0])
+        rows = x.reshape(-1, weight.shape[1])
+        kernel = kernel_for(weight.shape[0], weight.shape[1], rows.shape[0])
+        if kernel == "plain":
+            return F.linear(x, weight, self.bias)
+        out = run(kernel, rows.contiguous(), self._pack(kernel), weight, self.bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -114,8 +95,6 @@ class PackedLinear(torch.nn.Module):
         self._run = PackedWeight(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < MIN_ROWS * self.in_features:  # decode steps: exactly nn.Linear's cost
-            return F.linear(x, self.weight, self.bias)
         if self._run.weight is not self.weight or self._run.bias is not self.bias:  # parameters swapped (load, .to)
             self._run = PackedWeight(self.weight, self.bias)
         return self._run(x)
@@ -148,5 +127,6 @@ def pack_linears(module: torch.nn.Module, limit: int | None = AUTO_LIMIT_BYTES) 
         for name, child in list(parent._modules.items()):
             if child is not None and _packable(child):
                 parent._modules[name] = PackedLinear(child)
+                kernel_for(child.out_features, child.in_features, 1)  # measured now (once a shape), not mid-run
                 count += 1
     return count

@@ -94,10 +94,12 @@ class TargetModel:
             :class:`specdec.compiled_step.CompiledVerifier`).
         graphs: how ``compile`` captures CUDA graphs: ``"manual"`` (default on CUDA), ``"trees"`` or ``"none"``
             (see :mod:`specdec.compiled_step`).
-        packed: run the view's float32 CPU linears on MKL-packed weights (:mod:`specdec.packed_linear`: a 16-node
-            SmolLM2 tree verifies in 0.8x the time, a 1-node step is unchanged; one extra copy of the linear
-            weights). ``None`` (default): on for float32 CPU models with up to 4 GiB of linear weights when neither
-            ``compile`` nor ``split_gemv`` is asked; ``True``: whatever their size; ``False``: off.
+        packed: run the view's float32 CPU linears by the kernel this machine measured fastest per shape and row
+            count, on weights reordered once (:mod:`specdec.packed_linear`, :mod:`specdec.linear_kernels`: on a
+            2-core AMD EPYC a SmolLM2 step of 1 / 2 / 4 / 16 nodes took 53 / 54 / 62 / 82 ms against 72 / 89 / 96 /
+            122 ms with ``F.linear``; up to one extra copy of the linear weights per kernel in use). ``None``
+            (default): on for float32 CPU models with up to 4 GiB of linear weights when neither ``compile`` nor
+            ``split_gemv`` is asked; ``True``: whatever their size; ``False``: off.
     """
 
     def __init__(
@@ -122,8 +124,8 @@ class TargetModel:
         self.packed_linears = pack_linears(self.verifier, None if packed else AUTO_PACK_LIMIT) if wanted else 0
         if packed and not self.packed_linears:
             mkl = torch.backends.mkl.is_available()
-            raise ValueError(f"packed linears need a float32 model on the CPU and a torch build with MKL; this model "
-                             f"is {self.dtype} on {self.device.type} (mkl available: {mkl})")
+            raise ValueError(f"packed linears need a float32 model on the CPU and a torch build with MKL or oneDNN; "
+                             f"this model is {self.dtype} on {self.device.type} (mkl available: {mkl})")
         backend = compile if isinstance(compile, str) else "inductor"
         self.compiled = (CompiledVerifier(self.verifier, *(buckets or ()), graphs=graphs, backend=backend)
                          if compile else None)

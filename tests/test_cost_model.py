@@ -11,7 +11,7 @@ from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft, DraftInput
 from specdec.research.auto_budget import SEQUENCE_TRACKER, AcceptanceTracker, AutoBudgetDrafter, prune
-from specdec.research.cost_measure import measure_draft, measure_step, measure_verify
+from specdec.research.cost_measure import fit_accept, measure_accept, measure_draft, measure_step, measure_verify
 from specdec.research.cost_model import (
     CostModel,
     choose_size,
@@ -146,6 +146,29 @@ def test_the_step_grid_times_whole_engine_steps_that_each_verify_exactly_the_poi
         contexts = [c for r in range(3) for _, c in steps[(2 * r + k) * 3: (2 * r + k + 1) * 3]]
         assert contexts[0] == ctx and all(b > a for a, b in zip(contexts, contexts[1:], strict=False))
         assert contexts[-1] <= ctx + 8 + 4  # 8 steps; a random draft token is rarely the target's choice
+
+
+def test_accepted_token_steps_verify_one_fixed_chain_and_accept_exactly_the_asked_count(tiny_target, monkeypatch):
+    forwards = []
+    run = tiny_target.run
+
+    def spy(cache, batch, *args, **kwargs):
+        forwards.append(batch.cu_q_host[-1])
+        return run(cache, batch, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_target, "run", spy)
+    samples = measure_accept(tiny_target, contexts=(8, 20), accepted=(0, 1, 3), repeats=2)
+    # 2 timed rounds x 3 counts per context, each accepting exactly its count (float64: no near-ties)
+    assert [(a, c) for a, c, _ in samples] == [(a, c) for c in (8, 20) for _ in range(2) for a in (0, 1, 3)]
+    assert all(s > 0 for _, _, s in samples)
+    assert set(forwards) >= {5}  # every timed step verified the same 5-node chain (root + 3 right + 1 wrong)
+
+
+def test_the_accepted_token_cost_is_the_median_slope_over_contexts_and_never_negative():
+    rows = [(a, c, 0.05 + 0.002 * a + 0.001 * c / 64) for c in (64, 256) for a in (0, 2, 4) for _ in range(3)]
+    assert fit_accept(rows) == pytest.approx(0.002)
+    assert fit_accept([(a, 64, 0.05 - 0.001 * a) for a in (0, 2)]) == 0.0
+    assert fit_accept([(0, 64, 0.05)]) == 0.0
 
 
 def test_draft_levels_follow_the_budget_up_to_the_drafters_depth_and_own_budget():

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specdec import linear_kernels, packed_linear
 from specdec.engine import SpeculativeEngine
-from specdec.packed_linear import MIN_ROWS, PackedLinear, PackedWeight, linear_bytes, pack_linears, packing_works
+from specdec.linear_kernels import ROW_POINTS, available_kernels, choose, kernel_for, kernel_table
+from specdec.packed_linear import PackedLinear, PackedWeight, linear_bytes, pack_linears, packing_works
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
 from tests.conftest import tiny_llama
@@ -23,8 +25,18 @@ def _tiny(dtype=torch.float32) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-@pytest.mark.parametrize("rows", [1, MIN_ROWS - 1, MIN_ROWS, 7, 16, 33])
-def test_packed_weight_computes_the_same_products_as_f_linear_for_any_row_count(rows):
+PACKED = [k for k in available_kernels() if k != "plain"]
+
+
+@pytest.fixture(params=PACKED)
+def always_packed(request, monkeypatch):
+    """Every product runs this packed kernel, whatever this machine measured."""
+    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, rows: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 16, 33])
+def test_packed_weight_computes_the_same_products_as_f_linear_for_any_row_count(rows, always_packed):
     gen = torch.Generator().manual_seed(rows)
     weight, bias = torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
     x = torch.randn(2, rows, 40, generator=gen)
@@ -33,7 +45,51 @@ def test_packed_weight_computes_the_same_products_as_f_linear_for_any_row_count(
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_a_weight_changed_in_place_is_repacked_at_the_next_call():
+def test_the_kernel_is_measured_once_per_shape_and_remembered_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    measured = []
+    real = linear_kernels.measure_kernels
+    monkeypatch.setattr(linear_kernels, "measure_kernels", lambda *a, **k: measured.append(a[:2]) or real(*a, **k))
+    kernel_table.cache_clear()
+    table = kernel_table(70, 41, 1)
+    assert len(table) == len(ROW_POINTS) and set(table) <= set(available_kernels()) and measured == [(70, 41)]
+    assert (tmp_path / linear_kernels.FILE_NAME).is_file()
+    kernel_table.cache_clear()  # a new process: the file answers
+    assert kernel_table(70, 41, 1) == table and measured == [(70, 41)]
+    kernel_table.cache_clear()
+
+
+def test_a_row_count_between_measured_points_takes_the_next_point_up(monkeypatch):
+    monkeypatch.setattr(linear_kernels, "kernel_table", lambda *a: ("plain", "mkl", "onednn", "onednn", "mkl", "plain"))
+    monkeypatch.delenv("SPECDEC_LINEAR_KERNEL", raising=False)
+    assert [kernel_for(9, 9, r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 100)] == [
+        "plain", "mkl", "onednn", "onednn", "mkl", "mkl", "plain", "plain", "plain"]
+
+
+def test_a_packed_kernel_replaces_plain_only_when_clearly_faster():
+    assert choose({"plain": 1.0, "mkl": 0.95, "onednn": 0.93}) == "plain"
+    assert choose({"plain": 1.0, "mkl": 0.5, "onednn": 0.6}) == "mkl"
+    assert choose({"plain": 1.0}) == "plain"
+
+
+def test_a_forced_kernel_runs_everywhere_and_an_unknown_one_is_named(monkeypatch):
+    monkeypatch.setenv("SPECDEC_LINEAR_KERNEL", "plain")
+    assert kernel_for(49152, 576, 3) == "plain"
+    monkeypatch.setenv("SPECDEC_LINEAR_KERNEL", "cublas")
+    with pytest.raises(ValueError, match=r"SPECDEC_LINEAR_KERNEL='cublas': this torch build has \['plain'"):
+        kernel_for(9, 9, 1)
+
+
+def test_a_row_count_that_f_linear_runs_faster_gives_f_linears_exact_output(monkeypatch):
+    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, rows: "plain")
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(70, 40, generator=gen), torch.randn(3, 40, generator=gen)
+    packed = PackedWeight(weight)
+    assert torch.equal(packed(x), F.linear(x, weight))
+    assert not packed._packed  # nothing packed: no call ran a packed kernel
+
+
+def test_a_weight_changed_in_place_is_repacked_at_the_next_call(always_packed):
     weight = torch.randn(30, 20)
     packed, x = PackedWeight(weight), torch.randn(8, 20)
     packed(x)
@@ -69,7 +125,7 @@ def test_the_size_limit_leaves_large_models_alone():
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def test_tree_logits_with_packed_linears_match_plain_linears():
+def test_tree_logits_with_packed_linears_match_plain_linears(always_packed):
     model = _tiny()
     plain, packed = TargetModel(model, packed=False), TargetModel(model)
     gen = torch.Generator().manual_seed(1)
@@ -87,8 +143,8 @@ def test_tree_logits_with_packed_linears_match_plain_linears():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
 
 
-def test_greedy_decoding_with_packed_linears_matches_hf_generate():
-    """Trees of up to 7 nodes (the packed path runs from 4 rows) keep greedy decoding identical to HF's."""
+def test_greedy_decoding_with_packed_linears_matches_hf_generate(always_packed):
+    """Trees of up to 7 nodes, every row count on the packed kernel, keep greedy decoding identical to HF's."""
     model = tiny_llama(dtype=torch.float32, seed=5)
     prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(3))
     reference = model.generate(prompt[None], max_new_tokens=40, do_sample=False, min_new_tokens=40,
@@ -98,10 +154,10 @@ def test_greedy_decoding_with_packed_linears_matches_hf_generate():
     drafter = KnownDepthDrafter(reference, seed=0)
     engine = SpeculativeEngine(target, target.new_cache(num_blocks=8), drafter, eos_token_ids=[])
     assert engine.generate(prompt.tolist(), max_new_tokens=40).tokens == reference[12:]
-    assert max(length for length, _ in drafter.log) >= MIN_ROWS  # the packed path ran
+    assert max(length for length, _ in drafter.log) >= 4  # multi-row trees ran
 
 
-def test_a_copied_or_pickled_packed_weight_packs_its_own_weight():
+def test_a_copied_or_pickled_packed_weight_packs_its_own_weight(always_packed):
     import copy
     import pickle
 
@@ -113,7 +169,7 @@ def test_a_copied_or_pickled_packed_weight_packs_its_own_weight():
         torch.testing.assert_close(clone(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
-def test_a_packed_linear_follows_a_swapped_parameter():
+def test_a_packed_linear_follows_a_swapped_parameter(always_packed):
     linear = PackedLinear(torch.nn.Linear(20, 30, bias=False))
     x = torch.randn(8, 20)
     linear(x)  # packed now

@@ -183,3 +183,29 @@ def test_an_interrupted_eagle3_run_resumes_with_the_same_losses_and_pairs_count(
     assert len(resumed) == 6 + 1 and losses[:3] + losses[4:] == pytest.approx([m["train/loss"] for m in whole],
                                                                               rel=1e-5)
     assert resumed[-1]["train/pairs_seen"] == whole[-1]["train/pairs_seen"]  # the count goes on from the checkpoint
+
+
+def test_a_run_started_from_a_checkpoint_takes_its_weights_and_draft_vocabulary(setup, tmp_path):
+    tokenizer, _, teacher = setup
+    model = tiny_llama(vocab=len(tokenizer), layers=7, dtype=torch.float32)
+    feats = compute_features(model, teacher, tmp_path / "feat", topk=4)
+
+    def config(out, steps, **kw):
+        loop = LoopConfig(out_dir=str(out), steps=steps, lr=3e-3, eval_every=0, wandb=False)
+        return Eagle3TrainConfig(data_dir=str(feats), loop=loop, steps_ttt=2, batch_size=2,
+                                 evaluation=replace(EVAL, holdout=1), **kw)
+
+    first = export_eagle3(train_eagle3(model, tokenizer, config(tmp_path / "a", 20, draft_vocab_size=12)),
+                          tmp_path / "fp16")
+    target = TargetModel(model)
+    start = load_eagle3_head(first, target)
+    # a fine-tune on another vocabulary size keeps the checkpoint's vocabulary; 1 step at lr 1e-9 keeps its weights
+    loop = replace(config(tmp_path / "b", 1).loop, lr=1e-9)
+    tuned = train_eagle3(model, tokenizer, replace(config(tmp_path / "b", 1, draft_vocab_size=25, init=str(first)),
+                                                   loop=loop))
+    again = load_eagle3_head(tuned, target)
+    assert torch.equal(again.vocab_ids, start.vocab_ids) and again.vocab_ids.numel() <= 13
+    for (name, a), (_, b) in zip(start.state_dict().items(), again.state_dict().items(), strict=True):
+        torch.testing.assert_close(b.float(), a.float(), msg=name, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="no model.safetensors there"):
+        train_eagle3(model, tokenizer, config(tmp_path / "c", 1, init=str(tmp_path)))

@@ -60,6 +60,8 @@ class Eagle3TrainConfig:
             training data at the start).
         follow: every ``follow`` steps, re-read ``data_dir`` and train on the shards a still-running ``features`` job
             wrote since (0 = the data at the start only). With it, ``--resume`` no longer repeats the same batches.
+        init: start from this checkpoint's weights and draft vocabulary (fine-tuning, e.g. the shipped head on new
+            data; ``draft_vocab_size`` and ``vocab_data`` are then unused) instead of a fresh head.
     """
 
     data_dir: str | tuple[str, ...]
@@ -71,6 +73,7 @@ class Eagle3TrainConfig:
     evaluation: EvalConfig = EVAL
     vocab_data: tuple[str, ...] = ()
     follow: int = 0
+    init: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps_ttt", "batch_size", "seq_len"):
@@ -152,6 +155,16 @@ def eagle3_loss(head: Eagle3Head, batch: FusedBatch, steps: int) -> tuple[torch.
     return total, metrics
 
 
+def checkpoint_vocab(path: str | Path, vocab_size: int) -> torch.Tensor | None:
+    """The draft vocabulary (target ids, ascending) of an EAGLE-3 checkpoint folder (its ``d2t`` map); ``None``
+    where it scores the whole vocabulary."""
+    path = Path(path) / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"--init {path.parent}: no model.safetensors there (an EAGLE-3 checkpoint folder)")
+    d2t = load_file(str(path))["d2t"]
+    return None if d2t.numel() == vocab_size and not d2t.any() else torch.arange(d2t.numel()) + d2t
+
+
 def load_trained_state(head: Eagle3Head, path: Path) -> None:
     """Resume: the weights of a checkpoint written by :meth:`Eagle3Head.save_pretrained` (draft vocabulary checked)."""
     state = load_file(str(Path(path) / "model.safetensors"))
@@ -187,13 +200,17 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     target = TargetModel(target_model)
     vocab, eos_ids = target.vocab_size, eos_token_ids(target_model, tokenizer)
     vocab_ids = None
-    if config.draft_vocab_size:
+    if config.init:
+        vocab_ids = checkpoint_vocab(config.init, vocab)
+    elif config.draft_vocab_size:
         source = load_distillation_data(config.vocab_data) if config.vocab_data else data
         responses = source.select_columns(["response_ids"])
         picks = range(len(source)) if config.vocab_data else train_ids
         vocab_ids = frequent_tokens((responses[i]["response_ids"] for i in picks), config.draft_vocab_size, vocab,
                                     eos_ids)
     head = Eagle3Head.untrained(target, vocab_ids).float()
+    if config.init:
+        load_trained_state(head, Path(config.init))
     fused_layers(target.num_layers)  # the target must have three distinct fused layers
     seen = {"data": data, "train": train_ids}
     counters = {"pairs_seen": 0}  # saved with each checkpoint: a resumed run counts on from there
@@ -245,6 +262,10 @@ def add_eagle3_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--vocab-data", action="append", default=None,
                    help="data folder(s) whose responses pick the draft vocabulary (default: the training data)")
+    p.add_argument("--init", default=None,
+                   help="start from this EAGLE-3 checkpoint folder (weights and draft vocabulary), e.g. "
+                        "specdec/weights/smollm2-135m-instruct/eagle3 to fine-tune the shipped head "
+                        "(default: a new head)")
     p.add_argument("--follow", type=int, default=0,
                    help="re-read --data every N steps, training on shards written since (default: 0 = off)")
 
@@ -262,7 +283,7 @@ def cmd_eagle3(args: argparse.Namespace) -> None:
         data_dir=tuple(args.data), loop=loop_config(args, "specdec-eagle3"), draft_vocab_size=args.draft_vocab,
         steps_ttt=args.ttt, batch_size=args.batch_size, seq_len=args.seq_len,
         evaluation=replace(EVAL, prompts=prompts, holdout=args.eval_holdout), vocab_data=tuple(args.vocab_data or ()),
-        follow=args.follow,
+        follow=args.follow, init=args.init,
     )
     model, tokenizer = load_model_and_tokenizer(args.model, device=check_device(args.device))
     print(f"trained EAGLE-3 head: {train_eagle3(model, tokenizer, config)}")

@@ -43,9 +43,10 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
                         "on an H200, a minute for SmolLM2 on CPU); default: on for CUDA (1.09x HF static+compile "
                         "decoding on an H200, 0.24x eager), off on CPU (GEMM-bound: 0.95-0.98x eager)")
     p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the target's float32 CPU linears on MKL-packed weights (a 16-node SmolLM2 tree verifies "
-                        "in 0.8x the time; one extra copy of the linear weights); default: on for float32 CPU "
-                        "models up to 4 GiB of linear weights, unless --compile")
+                   help="run the target's float32 CPU linears by the kernel (F.linear, MKL packed, oneDNN) this "
+                        "machine measured fastest per shape and row count, measured once and cached (env "
+                        "SPECDEC_LINEAR_KERNEL forces one); default: on for float32 CPU models up to 4 GiB of linear "
+                        "weights, unless --compile")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per request")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the model's chat template")

@@ -135,6 +135,97 @@ def measure_step(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32
     return [(n, ctx, reduce(times[(n, ctx)][1:])) for ctx in contexts for n in sizes]
 
 
+class OracleChains:
+    """Drafts a chain of ``nodes`` nodes whose first ``accepted`` draft tokens are the target's own greedy tokens (from
+    ``trajectories``: full greedy sequences, prompt included, the one a request's history begins) and whose
+    next one differs from the target's, so that every step verifies the same tree and accepts ``accepted`` tokens
+    (settable between steps): what an accepted draft token costs the engine on top of a rejected tree."""
+
+    vocab_size = None
+    needs_hidden = False
+
+    def __init__(self, trajectories: Sequence[torch.Tensor], vocab_size: int, nodes: int, accepted: int = 0) -> None:
+        self.trajectories = list(trajectories)
+        self.vocab, self.nodes, self.accepted = vocab_size, nodes, accepted
+
+    def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
+        drafts = []
+        for item in batch:
+            at = item.history.numel()
+            full = next((t for t in self.trajectories if torch.equal(t[:at], item.history)), None)
+            if full is None:
+                raise ValueError("OracleChains: no trajectory continues this history")
+            good = full[at : at + min(self.accepted, self.nodes - 1)]
+            if at + good.numel() >= full.numel():
+                raise ValueError(f"OracleChains: trajectory of {full.numel()} tokens exhausted at {at}")
+            bad = (full[at + good.numel()] + 1) % self.vocab  # the first wrong token; the rest repeat it
+            tokens = torch.cat([item.history[-1:], good, bad.repeat(self.nodes - 1 - good.numel())])
+            drafts.append(Draft(TokenTree.chain(tokens)))
+        return drafts
+
+    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        pass
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+
+@torch.inference_mode()
+def measure_accept(target: TargetModel, contexts: Sequence[int] = (64, 256, 768), accepted: Sequence[int] = (0, 2, 4),
+                   repeats: int = 6, seed: int = 0) -> list[tuple[int, int, float]]:
+    """``(accepted, ctx, seconds)`` of engine steps over one fixed chain of ``max(accepted) + 2`` nodes of which the
+    target accepts ``accepted`` draft tokens (:class:`OracleChains`), at ``ctx`` cached tokens (from a random
+    prompt whose greedy continuation is decoded first), the counts taking turns; the first round is a warm-up.
+    ``accepted`` is the count the engine reported for the step (a near-tie can cut a chain short). The slope over
+    ``accepted`` is the engine's cost per accepted token (:func:`fit_accept`), which a rejected-tree grid lacks."""
+    from specdec.engine import SpeculativeEngine
+    from specdec.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    nodes = max(accepted) + 2
+    need = (repeats + 1) * sum(a + 1 for a in accepted) + nodes + 2
+    results = []
+    for ctx in contexts:
+        cache = target.new_cache(-(-(ctx + need + 2 * nodes) // 16) + 2, 16)
+        prompt = torch.randint(0, target.vocab_size, (ctx,), generator=gen)
+        plain = SpeculativeEngine(target, cache, None, (), max_tree_nodes=nodes, max_step_tokens=max(ctx, nodes))
+        full = torch.cat([prompt, torch.tensor(plain.generate(prompt, need + nodes).tokens)])
+        drafter = OracleChains([full], target.vocab_size, nodes)
+        engine = SpeculativeEngine(target, cache, drafter, (), max_tree_nodes=nodes, max_batch=1,
+                                   max_step_tokens=max(ctx, nodes))
+        rid = engine.add_request(prompt, SamplingParams(max_new_tokens=need))
+        engine.step()  # the prefill
+        for r in range(repeats + 1):
+            for a in accepted:
+                drafter.accepted = a
+                t0 = time.perf_counter()
+                [out] = engine.step()
+                if r:
+                    results.append((int(out.accepted or 0), ctx, time.perf_counter() - t0))
+        engine.cancel(rid)
+        engine.step()
+    return results
+
+
+def fit_accept(samples: Sequence[tuple[int, int, float]]) -> float:
+    """Seconds per accepted draft token: the median over contexts of the least-squares slope of each context's
+    per-count median step time against the accepted count (0 where a context saw one count only; never
+    negative)."""
+    slopes = []
+    for ctx in sorted({c for _, c, _ in samples}):
+        by_a: dict[int, list[float]] = {}
+        for a, c, s in samples:
+            if c == ctx:
+                by_a.setdefault(a, []).append(s)
+        if len(by_a) < 2:
+            continue
+        xs = list(by_a)
+        ys = [statistics.median(by_a[a]) for a in xs]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slopes.append(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs))
+    return max(statistics.median(slopes), 0.0) if slopes else 0.0
+
+
 class TimedDrafter:
     """Protocol wrapper that records ``(levels, seconds)`` of every proposed tree (batch time split evenly).
 

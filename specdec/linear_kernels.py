@@ -1,0 +1,193 @@
+"""Which CPU kernel runs a float32 linear of a given shape and row count: measured once per machine, then remembered.
+
+Three kernels compute ``F.linear(x, weight, bias)`` on the CPU:
+
+* ``plain``: ``F.linear`` itself (MKL ``sgemm`` on the weight as stored);
+* ``mkl``: MKL's packed GEMM on a copy of the weight reordered once (``torch.ops.mkl._mkl_reorder_linear_weight``
+  / ``_mkl_linear``, the ops inductor's CPU weight pre-packing uses);
+* ``onednn``: oneDNN's inner product on a copy reordered once (``torch.ops.mkldnn._reorder_linear_weight`` /
+  ``_linear_pointwise``).
+
+Which is fastest depends on the processor and the row count, and by a lot. SmolLM2-135M's LM head
+(``[49152, 576]``), milliseconds per call, best of 4, 2 threads (torch 2.13):
+
+=========================  ====  ====  ====  ====  ====  ====
+kernel                     1     2     3     4     8     16
+=========================  ====  ====  ====  ====  ====  ====
+2-core AMD EPYC: plain     8.1   19.6  28.8  19.2  18.2  21.7
+2-core AMD EPYC: mkl       4.0   8.6   15.8  14.2  15.0  22.4
+2-core AMD EPYC: onednn    3.8   4.2   4.3   5.4   6.3   9.1
+=========================  ====  ====  ====  ====  ====  ====
+
+(On the 2-core Xeon of earlier sessions the MKL packed kernel was the better one from 4 rows up.) So a tree
+verifier that pays 2.4x a decode step's LM head for a 2-node tree on one machine pays 1.1x on another. Results are
+the same dot products summed in another order (float32 rounding, like any change of GEMM kernel).
+
+:func:`kernel_for` picks, for a weight shape and row count, the kernel :func:`measure_kernels` found fastest at the
+next measured row count up (``ROW_POINTS``; ``plain`` unless another takes under ``MARGIN`` of its time). Weights
+are timed cold, as a model's are (each call reads another copy, the copies together larger than the caches). The
+choice is measured once per shape, thread count, processor and torch version (about 0.1-0.5 s a shape) and kept in
+``<cache>/linear-kernels.json`` (the model cache's folder: ``$SPECDEC_CACHE``, ``$XDG_CACHE_HOME/specdec`` or
+``~/.cache/specdec``). ``SPECDEC_LINEAR_KERNEL=plain|mkl|onednn`` forces one kernel everywhere (A/B runs).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("plain", "mkl", "onednn")
+ROW_POINTS = (1, 2, 3, 4, 8, 16)  # row counts measured; another count takes the next point up (beyond: the last)
+MKL_ROWS = 16  # row count the MKL copy is packed for (its layout serves any count: outputs equal whichever)
+ONEDNN_ROWS = 4  # row-count hint the oneDNN copy is reordered for (any count runs on it)
+MARGIN = 0.9  # a packed kernel must take under 90 % of plain's time to replace it
+COLD_BYTES = 96 << 20  # the timed copies of a weight add up to at least this (up to MAX_COPIES): caches miss
+MAX_COPIES = 256
+FILE_NAME = "linear-kernels.json"
+
+
+def pack(kernel: str, weight: torch.Tensor) -> torch.Tensor | None:
+    """The copy of ``weight`` (``[out, in]`` float32, CPU) that ``kernel`` runs on (``None`` for plain)."""
+    with torch.no_grad():
+        if kernel == "mkl":
+            return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MKL_ROWS)
+        if kernel == "onednn":
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ONEDNN_ROWS)
+    return None
+
+
+def run(kernel: str, x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor,
+        bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a contiguous ``[rows, in]`` ``x`` by ``kernel`` on its ``packed`` copy."""
+    if kernel == "mkl":
+        return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
+    if kernel == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def available_kernels() -> tuple[str, ...]:
+    """The kernels this torch build has whose products match ``F.linear`` (to float32 rounding) for 1, 3 and 16
+    rows on a weight packed once; ``plain`` always."""
+    have = ["plain"]
+    ops = {"mkl": (torch.backends.mkl.is_available(), getattr(torch.ops, "mkl", None),
+                   ("_mkl_reorder_linear_weight", "_mkl_linear")),
+           "onednn": (torch.backends.mkldnn.is_available(), getattr(torch.ops, "mkldnn", None),
+                      ("_reorder_linear_weight", "_linear_pointwise"))}
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+    for kernel, (built, namespace, names) in ops.items():
+        try:
+            if not built or namespace is None or not all(hasattr(namespace, n) for n in names):
+                continue
+            packed = pack(kernel, weight)
+            if all(torch.allclose(run(kernel, x, packed, weight, bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+                   for x in (torch.randn(rows, 24, generator=gen) for rows in (1, 3, 16))):
+                have.append(kernel)
+        except (RuntimeError, AttributeError):
+            continue
+    return tuple(have)
+
+
+def measure_kernels(out_features: int, in_features: int, kernels: Sequence[str] | None = None,
+                    rows: Sequence[int] = ROW_POINTS, repeats: int = 2) -> dict[int, dict[str, float]]:
+    """Seconds per call of each kernel at each row count on cold random weights of this shape: every timed pass
+    runs each of ``copies`` weights once (``copies`` large enough that they miss the caches together), the kernels
+    taking turns; best of ``repeats`` passes after a warm-up pass."""
+    kernels = list(kernels or available_kernels())
+    copies = max(1, min(MAX_COPIES, -(-COLD_BYTES // (out_features * in_features * 4))))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        weights = [torch.randn(out_features, in_features, generator=gen) for _ in range(copies)]
+        packed = {k: [pack(k, w) for w in weights] for k in kernels}
+        times: dict[int, dict[str, float]] = {}
+        for n in rows:
+            x = torch.randn(n, in_features, generator=gen)
+            best = dict.fromkeys(kernels, float("inf"))
+            for r in range(repeats + 1):
+                for k in kernels:
+                    t0 = time.perf_counter()
+                    for w, p in zip(weights, packed[k], strict=True):
+                        run(k, x, p, w, None)
+                    if r:
+                        best[k] = min(best[k], (time.perf_counter() - t0) / copies)
+            times[n] = best
+    return times
+
+
+def choose(times: dict[str, float]) -> str:
+    """``plain`` unless the fastest other kernel takes under ``MARGIN`` of its time."""
+    other = min((k for k in times if k != "plain"), key=times.__getitem__, default=None)
+    return other if other is not None and times[other] < MARGIN * times["plain"] else "plain"
+
+
+def kernel_for(out_features: int, in_features: int, rows: int) -> str:
+    """The kernel a ``rows``-row product with an ``[out_features, in_features]`` float32 weight runs."""
+    forced = os.environ.get("SPECDEC_LINEAR_KERNEL")
+    if forced:
+        if forced not in available_kernels():
+            raise ValueError(f"SPECDEC_LINEAR_KERNEL={forced!r}: this torch build has {list(available_kernels())}")
+        return forced
+    table = kernel_table(out_features, in_features, torch.get_num_threads())
+    return table[min(bisect.bisect_left(ROW_POINTS, rows), len(ROW_POINTS) - 1)]
+
+
+@functools.cache
+def kernel_table(out_features: int, in_features: int, threads: int) -> tuple[str, ...]:
+    """The kernel for each of ``ROW_POINTS`` on this machine: from the file of earlier measurements, else measured
+    now (and written there; an unwritable cache is skipped)."""
+    kernels = available_kernels()
+    key = f"torch {torch.__version__} | {processor()} | {threads} threads | {out_features}x{in_features}"
+    path = _cache_file()
+    saved = _read(path).get(key)
+    if saved and len(saved.get("kernels", ())) == len(ROW_POINTS) and set(saved["kernels"]) <= set(kernels):
+        return tuple(saved["kernels"])
+    times = measure_kernels(out_features, in_features, kernels)
+    table = tuple(choose(times[n]) for n in ROW_POINTS)
+    entry = {"kernels": list(table), "rows": list(ROW_POINTS),
+             "ms": {str(n): {k: round(1e3 * t, 4) for k, t in times[n].items()} for n in ROW_POINTS}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {**_read(path), key: entry}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
+    return table
+
+
+@functools.cache
+def processor() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else :func:`platform.processor`."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_file() -> Path:
+    from specdec.app.model_cache import cache_root
+
+    return cache_root() / FILE_NAME
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
