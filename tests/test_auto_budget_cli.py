@@ -57,6 +57,7 @@ BAD = [
     (["generate", "hi", "--cost-model", "{free}"], "--cost-model is only used with --tree-budget auto"),
     (["calibrate", "--out", "x.json", "--sizes", "4"], "needs at least two --sizes and two --contexts"),
     (["calibrate", "--out", "x.json", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["calibrate", "--out", "x.json", "--prefill", "64"], r"--prefill needs at least two prompt lengths >= 1"),
 ]
 
 

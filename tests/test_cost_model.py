@@ -11,12 +11,20 @@ from specdec.drafters import DrafterSpec, build_drafter
 from specdec.engine import SpeculativeEngine
 from specdec.interfaces import Draft, DraftInput
 from specdec.research.auto_budget import SEQUENCE_TRACKER, AcceptanceTracker, AutoBudgetDrafter, prune
-from specdec.research.cost_measure import fit_accept, measure_accept, measure_draft, measure_step, measure_verify
+from specdec.research.cost_measure import (
+    fit_accept,
+    measure_accept,
+    measure_draft,
+    measure_prefill,
+    measure_step,
+    measure_verify,
+)
 from specdec.research.cost_model import (
     CostModel,
     choose_size,
     draft_levels,
     fit_draft,
+    fit_prefill,
     fit_verify,
 )
 from specdec.research.simulate import replay
@@ -70,6 +78,13 @@ def test_fits_recover_the_generating_coefficients_and_the_model_round_trips(tmp_
     assert again.draft_time(3, drafter="eagle") == pytest.approx(0.031) and again.draft_time(3, measured=0.5) == 0.5
     with pytest.raises(ValueError, match="needs >= 2 tree sizes"):
         fit_verify(grid[:1])
+    assert fit_prefill([(32, 0.012), (128, 0.036), (512, 0.132)]) == pytest.approx((0.004, 2.5e-4))
+    with pytest.raises(ValueError, match="needs >= 2 prompt lengths"):
+        fit_prefill([(32, 0.01), (32, 0.02)])
+    cost.prefill_coef = (0.004, 2.5e-4)
+    cost.save(tmp_path / "c.json")
+    assert CostModel.load(tmp_path / "c.json").prefill_time(100) == pytest.approx(0.029)
+    assert again.prefill_time(100) == 0.0  # calibrated without prefill timings
     with pytest.raises(ValueError, match="cost-model file not found"):
         CostModel.load(tmp_path / "missing.json")
 
@@ -162,6 +177,24 @@ def test_accepted_token_steps_verify_one_fixed_chain_and_accept_exactly_the_aske
     assert [(a, c) for a, c, _ in samples] == [(a, c) for c in (8, 20) for _ in range(2) for a in (0, 1, 3)]
     assert all(s > 0 for _, _, s in samples)
     assert set(forwards) >= {5}  # every timed step verified the same 5-node chain (root + 3 right + 1 wrong)
+
+
+def test_prefill_timings_cover_each_length_and_free_every_block(tiny_target):
+    samples = measure_prefill(tiny_target, lengths=(4, 12, 30), repeats=2)
+    assert [p for p, _ in samples] == [4, 12, 30] and all(s > 0 for _, s in samples)
+
+
+def test_a_predicted_speedup_charges_the_prompts_prefill_to_both_sides():
+    from specdec.research.simulate import ReplayResult, StepRecord, predicted_speedup
+    from specdec.stats import RequestStats
+
+    cost = CostModel((0.01, 0.001, 0.0, 0.0))  # verify(n) = 10 ms + 1 ms per node; drafting free
+    steps = [StepRecord(context=20 + 3 * i, nodes=4, depth=3, accepted=2, draft_s=0.0) for i in range(10)]
+    result = ReplayResult(RequestStats(prompt_tokens=20), [], "length", "c", steps)
+    spec, ar = 10 * 0.014, 30 * 0.011
+    assert predicted_speedup(result, cost) == pytest.approx(ar / spec)
+    cost.prefill_coef = (0.05, 0.0)
+    assert predicted_speedup(result, cost) == pytest.approx((0.05 + ar) / (0.05 + spec))
 
 
 def test_the_accepted_token_cost_is_the_median_slope_over_contexts_and_never_negative():

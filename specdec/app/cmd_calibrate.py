@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="tree sizes timed")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 768], help="cached contexts timed")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point")
+    parser.add_argument("--prefill", type=int, nargs="*", default=[32, 128, 512],
+                        help="prompt lengths whose prefill is timed (the replay adds each prompt's prefill to both "
+                             "sides of a predicted speedup, as the bench's per-prompt tok/s do; none: skip)")
     parser.add_argument("--timing", choices=["step", "forward"], default="step",
                         help="what a grid point times: a whole engine step with a rejected tree of that size (what a "
                              "drafter pays per node), or the target's forward alone (cheaper by the step's "
@@ -42,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, got {min(values)}")
     if len(set(args.sizes)) < 2 or len(set(args.contexts)) < 2:
         raise ValueError("the verify fit needs at least two --sizes and two --contexts")
+    if args.prefill and (len(set(args.prefill)) < 2 or min(args.prefill) < 1):
+        raise ValueError(f"--prefill needs at least two prompt lengths >= 1 (or none to skip), got {args.prefill}")
     from specdec.research.cost_model import run_calibrate
 
     return run_calibrate(args)

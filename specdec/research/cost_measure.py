@@ -68,6 +68,27 @@ def measure_verify(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 
     return [(n, ctx, reduce(times[(n, ctx)][1:])) for ctx in contexts for n in sizes]
 
 
+@torch.inference_mode()
+def measure_prefill(target: TargetModel, lengths: Sequence[int] = (32, 128, 512), repeats: int = 5, seed: int = 0,
+                    statistic: str = "median") -> list[tuple[int, float]]:
+    """``(P, seconds)`` of prefilling a random ``P``-token prompt (one forward over its chain into a fresh sequence,
+    the last row's logits kept, as the engine's prefill), the lengths taking turns; the first round is a warm-up."""
+    reduce = {"median": statistics.median, "min": min}[statistic]
+    gen = torch.Generator().manual_seed(seed)
+    cache = target.new_cache(-(-max(lengths) // 16) + 2, 16)
+    prompts = {p: TokenTree.chain(torch.randint(0, target.vocab_size, (p,), generator=gen)) for p in lengths}
+    times: dict[int, list[float]] = {p: [] for p in lengths}
+    for _ in range(repeats + 1):
+        for p, chain in prompts.items():
+            seq = cache.add_sequence()
+            cache.reserve(seq, p)
+            t0 = time.perf_counter()
+            target.forward(cache, [seq], [chain], last_only=True)
+            times[p].append(time.perf_counter() - t0)
+            cache.release(seq)
+    return [(p, reduce(times[p][1:])) for p in lengths]
+
+
 class RejectedTrees:
     """Drafts a tree of ``nodes`` nodes (settable between steps; :func:`bushy_tree`, or a chain with ``chain``) whose
     draft tokens are random (accepted with probability about 1/vocabulary), so that every step verifies that many

@@ -40,13 +40,20 @@ from specdec.target import TargetModel
 class CostModel:
     """``verify_coef`` = ``(c0, c1, c2, c3)`` seconds; ``draft_coef[spec]`` = ``(d0, d1)`` seconds; ``grid``: the
     measured points ``(n, ctx, seconds)``; ``meta``: device, model, threads. ``from_grid``: verify times
-    interpolated from the grid (see :meth:`verify_time`) instead of the linear fit."""
+    interpolated from the grid (see :meth:`verify_time`) instead of the linear fit. ``prefill_coef`` = ``(p0, p1)``:
+    a prompt of ``P`` tokens prefills in ``p0 + p1 P`` seconds (``(0, 0)``: not measured)."""
 
     verify_coef: tuple[float, float, float, float]
     draft_coef: dict[str, tuple[float, float]] = field(default_factory=dict)
     grid: list[tuple[int, int, float]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     from_grid: bool = False
+    prefill_coef: tuple[float, float] = (0.0, 0.0)
+
+    def prefill_time(self, prompt_tokens: int) -> float:
+        """Seconds to prefill a ``prompt_tokens``-token prompt (0 when the model has no prefill measurement)."""
+        p0, p1 = self.prefill_coef
+        return max(p0 + p1 * prompt_tokens, 0.0)
 
     def verify_time(self, nodes: int, context: int) -> float:
         """Seconds of one verification forward. The linear fit by default; with ``from_grid`` the measured grid,
@@ -119,7 +126,8 @@ class CostModel:
         if "verify_coef" not in raw or len(raw["verify_coef"]) != 4:
             raise ValueError(f"{path} is not a cost model: it needs verify_coef with 4 numbers")
         return cls(tuple(raw["verify_coef"]), {k: tuple(v) for k, v in raw.get("draft_coef", {}).items()},
-                   [tuple(g) for g in raw.get("grid", [])], raw.get("meta", {}), bool(raw.get("from_grid", False)))
+                   [tuple(g) for g in raw.get("grid", [])], raw.get("meta", {}), bool(raw.get("from_grid", False)),
+                   tuple(raw.get("prefill_coef", (0.0, 0.0))))
 
 
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -141,6 +149,15 @@ def fit_verify(grid: Sequence[tuple[int, int, float]]) -> tuple[float, float, fl
     a = np.array([[1.0, n, c, n * c] for n, c, _ in grid])
     y = np.array([s for _, _, s in grid])
     return tuple(float(x) for x in nnls(a, y)[0])
+
+
+def fit_prefill(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Non-negative least-squares ``(p0, p1)`` of ``seconds ~ p0 + p1 P`` over ``(P, seconds)`` prefill timings (at
+    least two prompt lengths)."""
+    if len({p for p, _ in samples}) < 2:
+        raise ValueError(f"the prefill fit needs >= 2 prompt lengths, got {sorted({p for p, _ in samples})}")
+    a = np.array([[1.0, p] for p, _ in samples])
+    return tuple(float(x) for x in nnls(a, np.array([s for _, s in samples]))[0])
 
 
 def fit_draft(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
@@ -201,7 +218,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.drafters import DrafterSpec, build_drafter
-    from specdec.research.cost_measure import measure_draft, measure_step, measure_verify
+    from specdec.research.cost_measure import measure_draft, measure_prefill, measure_step, measure_verify
     from specdec.target import eos_token_ids
 
     model, tok = load_model_and_tokenizer(args.model, torch.float32)
@@ -215,6 +232,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(), "dtype": str(target.dtype), "packed_linears": target.packed_linears,
         "measured_at": time.time(), "timing": args.timing,
         "statistic": args.statistic})
+    if args.prefill:
+        cost.prefill_coef = fit_prefill(measure_prefill(target, args.prefill, args.repeats, statistic=args.statistic))
     prompts = [encode_prompt(tok, p.text) for p in load_prompts(args.prompts or builtin_prompts_path(), args.limit)]
     for spec in args.drafter:
         samples = measure_draft(target, build_drafter(DrafterSpec.parse(spec), target), prompts,
@@ -224,6 +243,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     for n, ctx, s in grid:
         print(f"verify n={n:>3} ctx={ctx:>5}: {1e3 * s:7.2f} ms (fit {1e3 * cost.verify_time(n, ctx):7.2f})",
               file=sys.stderr)
+    if args.prefill:
+        p0, p1 = cost.prefill_coef
+        print(f"prefill: {1e3 * p0:.2f} ms + {1e3 * p1:.3f} ms/token", file=sys.stderr)
     for spec, (d0, d1) in cost.draft_coef.items():
         print(f"draft {spec}: {1e3 * d0:.2f} ms + {1e3 * d1:.2f} ms/level", file=sys.stderr)
     return 0

@@ -223,11 +223,14 @@ def summarize_replay(name: str, results: Sequence[ReplayResult], cost=None, esti
 
 def predicted_speedup(result: ReplayResult, cost) -> float:
     """Cost-model speedup of one replayed request over specdec's autoregressive decoding of the same tokens:
-    ``sum_steps verify(1, ctx) * tokens / sum_steps (draft + verify(nodes, ctx))``, the draft time being the
-    drafter's measured ``propose`` time in this replay (it runs the real drafter)."""
-    spec = sum(cost.draft_time(s.depth, measured=s.draft_s) + cost.verify_time(s.nodes, s.context)
-               for s in result.steps)
-    ar = sum(cost.verify_time(1, s.context + k) for s in result.steps for k in range(s.accepted + 1))
+    ``(prefill + sum_steps verify(1, ctx) * tokens) / (prefill + sum_steps (draft + verify(nodes, ctx)))``, the draft
+    time being the drafter's measured ``propose`` time in this replay (it runs the real drafter) and ``prefill`` the
+    model's time for the request's prompt (both sides pay it, as in the bench's per-request tokens per second; 0
+    for a model calibrated without it)."""
+    prefill = cost.prefill_time(result.stats.prompt_tokens)
+    spec = prefill + sum(cost.draft_time(s.depth, measured=s.draft_s) + cost.verify_time(s.nodes, s.context)
+                         for s in result.steps)
+    ar = prefill + sum(cost.verify_time(1, s.context + k) for s in result.steps for k in range(s.accepted + 1))
     return ar / spec if spec > 0 else 0.0
 
 
