@@ -277,3 +277,25 @@ def test_replays_auto_budget_is_set_up_as_tree_budget_auto_sets_it(setup, tmp_pa
     assert built == [auto_module.SEQUENCE_TRACKER]
     runs = json.loads((tmp_path / "r.json").read_text())["runs"]
     assert [r["name"] for r in runs] == ["ngram", "ngram+auto"]
+
+
+def test_auto_against_the_best_fixed_budget_is_compared_category_by_category():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "auto_vs_fixed_by_category.py"
+    spec = importlib.util.spec_from_file_location("auto_vs_fixed_by_category", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(a, b, overall):
+        return {"predicted_speedup": overall, "per_category": {"a": {"predicted_speedup": a},
+                                                               "b": {"predicted_speedup": b}}}
+
+    runs = {"ngram": run(1.0, 2.0, 1.5), "ngram:budget=3": run(1.2, 1.8, 1.4), "ngram+auto": run(1.19, 1.9, 1.45)}
+    got = module.compare(runs, "ngram")
+    assert got["fixed"] == ["ngram", "ngram:budget=3"] and got["within"] == 1 and got["categories"] == 2
+    assert got["worst"]["category"] == "b" and got["worst"]["relative"] == pytest.approx(-0.05)
+    assert got["best_fixed_overall"] == 1.5 and got["default"] == 1.5 and got["auto"] == 1.45
+    with pytest.raises(ValueError, match=r"ngram:store=x: need 'ngram:store=x\+auto'"):
+        module.compare(runs, "ngram:store=x")
