@@ -38,6 +38,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,6 +153,9 @@ def kernel_table(out_features: int, in_features: int, threads: int) -> tuple[str
     saved = _read(path).get(key)
     if saved and len(saved.get("kernels", ())) == len(ROW_POINTS) and set(saved["kernels"]) <= set(kernels):
         return tuple(saved["kernels"])
+    if out_features * in_features >= 1 << 20:  # a visible pause otherwise unexplained (small shapes: milliseconds)
+        print(f"specdec: timing CPU linear kernels for a [{out_features}, {in_features}] weight, once on this machine "
+              f"(kept in {path})", file=sys.stderr, flush=True)
     times = measure_kernels(out_features, in_features, kernels)
     table = tuple(choose(times[n]) for n in ROW_POINTS)
     entry = {"kernels": list(table), "rows": list(ROW_POINTS),
