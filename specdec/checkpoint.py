@@ -77,8 +77,11 @@ def check_checkpoint(path: str | Path, kind: str | None = None) -> None:
 
 def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Copy a drafter checkpoint with its floating-point tensors cast to ``dtype`` (integer buffers such as a
-    draft vocabulary stay as they are): the compact form the project ships. Returns ``dst``."""
+    draft vocabulary stay as they are; a ``torch_dtype`` in the config follows the cast): the compact form the
+    project ships. Returns ``dst``."""
     config, state = read_checkpoint(src)
+    if "torch_dtype" in config:
+        config = {**config, "torch_dtype": str(dtype).removeprefix("torch.")}
     kind = read_json_object(Path(src) / CONFIG_FILE).get(KIND_KEY)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,7 @@ def test_a_short_eagle3_run_lowers_the_loss_and_its_fp16_export_drafts_losslessl
     losses = [m["train/loss"] for m in read_metrics(tmp_path / "run")]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     shipped = export_eagle3(final, tmp_path / "fp16")
+    assert json.loads((shipped / "config.json").read_text())["torch_dtype"] == "float16"  # follows the cast
     target = TargetModel(model)
     head = load_eagle3_head(shipped, target)
     assert head.vocab_ids is not None and head.vocab_ids.numel() <= 31 < len(tokenizer)  # 30 + EOS at most

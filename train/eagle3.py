@@ -21,14 +21,13 @@ Checkpoints (``step_N``) and the fp16 export are in EAGLE-3's published layout (
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.draft_vocab import draft_index, frequent_tokens
@@ -178,16 +177,11 @@ def load_trained_state(head: Eagle3Head, path: Path) -> None:
 
 
 def export_eagle3(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Copy an EAGLE-3 checkpoint with its floating-point weights cast to ``dtype`` (``d2t``/``t2d`` unchanged)."""
-    src, dst = Path(src), Path(dst)
-    state = load_file(str(src / "model.safetensors"))
-    config = json.loads((src / "config.json").read_text())
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()},
-              str(dst / "model.safetensors"))
-    return dst
+    """Copy an EAGLE-3 checkpoint with its weights cast to ``dtype`` (``d2t``/``t2d`` unchanged;
+    :func:`specdec.checkpoint.export_checkpoint`, what ``python -m specdec.train export`` runs)."""
+    from specdec.checkpoint import export_checkpoint
+
+    return export_checkpoint(src, dst, dtype)
 
 
 def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: Eagle3TrainConfig
