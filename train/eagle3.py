@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.draft_vocab import draft_index, frequent_tokens
-from specdec.drafters.eagle3 import Eagle3Drafter, Eagle3Head, fused_layers
+from specdec.drafters.eagle3 import Eagle3Drafter, Eagle3Head, fused_layers, load_eagle3_head
 from specdec.target import TargetModel, eos_token_ids
 from specdec.train.data import load_distillation_data
 from specdec.train.eagle import UNROLL_ATTENTION, UnrollKV
@@ -59,8 +59,9 @@ class Eagle3TrainConfig:
             training data at the start).
         follow: every ``follow`` steps, re-read ``data_dir`` and train on the shards a still-running ``features`` job
             wrote since (0 = the data at the start only). With it, ``--resume`` no longer repeats the same batches.
-        init: start from this checkpoint's weights and draft vocabulary (fine-tuning, e.g. the shipped head on new
-            data; ``draft_vocab_size`` and ``vocab_data`` are then unused) instead of a fresh head.
+        init: start from this checkpoint's weights and draft vocabulary (read by :func:`load_eagle3_head`;
+            fine-tuning, e.g. the shipped head on new data; ``draft_vocab_size`` and ``vocab_data`` are then unused)
+            instead of a fresh head.
     """
 
     data_dir: str | tuple[str, ...]
@@ -154,16 +155,6 @@ def eagle3_loss(head: Eagle3Head, batch: FusedBatch, steps: int) -> tuple[torch.
     return total, metrics
 
 
-def checkpoint_vocab(path: str | Path, vocab_size: int) -> torch.Tensor | None:
-    """The draft vocabulary (target ids, ascending) of an EAGLE-3 checkpoint folder (its ``d2t`` map); ``None``
-    where it scores the whole vocabulary."""
-    path = Path(path) / "model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"--init {path.parent}: no model.safetensors there (an EAGLE-3 checkpoint folder)")
-    d2t = load_file(str(path))["d2t"]
-    return None if d2t.numel() == vocab_size and not d2t.any() else torch.arange(d2t.numel()) + d2t
-
-
 def load_trained_state(head: Eagle3Head, path: Path) -> None:
     """Resume: the weights of a checkpoint written by :meth:`Eagle3Head.save_pretrained` (draft vocabulary checked)."""
     state = load_file(str(Path(path) / "model.safetensors"))
@@ -193,18 +184,18 @@ def train_eagle3(target_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     train_ids, held_ids = split_rows(range(len(data)), config.evaluation.holdout, config.data_dir)
     target = TargetModel(target_model)
     vocab, eos_ids = target.vocab_size, eos_token_ids(target_model, tokenizer)
-    vocab_ids = None
-    if config.init:
-        vocab_ids = checkpoint_vocab(config.init, vocab)
-    elif config.draft_vocab_size:
-        source = load_distillation_data(config.vocab_data) if config.vocab_data else data
-        responses = source.select_columns(["response_ids"])
-        picks = range(len(source)) if config.vocab_data else train_ids
-        vocab_ids = frequent_tokens((responses[i]["response_ids"] for i in picks), config.draft_vocab_size, vocab,
-                                    eos_ids)
-    head = Eagle3Head.untrained(target, vocab_ids).float()
-    if config.init:
-        load_trained_state(head, Path(config.init))
+    if config.init:  # the checkpoint's weights and draft vocabulary, read and checked as the drafter reads them
+        head = load_eagle3_head(config.init, target).float()
+        vocab_ids = None if head.vocab_ids is None else head.vocab_ids.cpu()
+    else:
+        vocab_ids = None
+        if config.draft_vocab_size:
+            source = load_distillation_data(config.vocab_data) if config.vocab_data else data
+            responses = source.select_columns(["response_ids"])
+            picks = range(len(source)) if config.vocab_data else train_ids
+            vocab_ids = frequent_tokens((responses[i]["response_ids"] for i in picks), config.draft_vocab_size,
+                                        vocab, eos_ids)
+        head = Eagle3Head.untrained(target, vocab_ids).float()
     fused_layers(target.num_layers)  # the target must have three distinct fused layers
     seen = {"data": data, "train": train_ids}
     counters = {"pairs_seen": 0}  # saved with each checkpoint: a resumed run counts on from there
