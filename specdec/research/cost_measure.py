@@ -89,13 +89,23 @@ def measure_prefill(target: TargetModel, lengths: Sequence[int] = (32, 128, 512)
     return [(p, reduce(times[p][1:])) for p in lengths]
 
 
-class RejectedTrees:
-    """Drafts a tree of ``nodes`` nodes (settable between steps; :func:`bushy_tree`, or a chain with ``chain``) whose
-    draft tokens are random (accepted with probability about 1/vocabulary), so that every step verifies that many
-    nodes and advances by about one token: what a drafter pays for ``nodes`` nodes."""
+class _TimingDrafter:
+    """What the timing drafters below share: no vocabulary of their own, no hidden states, no per-sequence state."""
 
     vocab_size = None
     needs_hidden = False
+
+    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        pass
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+
+class RejectedTrees(_TimingDrafter):
+    """Drafts a tree of ``nodes`` nodes (settable between steps; :func:`bushy_tree`, or a chain with ``chain``) whose
+    draft tokens are random (accepted with probability about 1/vocabulary), so that every step verifies that many
+    nodes and advances by about one token: what a drafter pays for ``nodes`` nodes."""
 
     def __init__(self, vocab_size: int, seed: int = 0, nodes: int = 1, chain: bool = False) -> None:
         self.nodes, self.vocab, self.chain = nodes, vocab_size, chain
@@ -107,12 +117,6 @@ class RejectedTrees:
             tokens = torch.cat([item.history[-1:], torch.randint(0, self.vocab, (self.nodes - 1,), generator=self.gen)])
             drafts.append(Draft(TokenTree.chain(tokens) if self.chain else bushy_tree(tokens)))
         return drafts
-
-    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
-        pass
-
-    def release(self, seq_id: int) -> None:
-        pass
 
 
 @torch.inference_mode()
@@ -156,14 +160,11 @@ def measure_step(target: TargetModel, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32
     return [(n, ctx, reduce(times[(n, ctx)][1:])) for ctx in contexts for n in sizes]
 
 
-class OracleChains:
+class OracleChains(_TimingDrafter):
     """Drafts a chain of ``nodes`` nodes whose first ``accepted`` draft tokens are the target's own greedy tokens (from
     ``trajectories``: full greedy sequences, prompt included, the one a request's history begins) and whose
     next one differs from the target's, so that every step verifies the same tree and accepts ``accepted`` tokens
     (settable between steps): what an accepted draft token costs the engine on top of a rejected tree."""
-
-    vocab_size = None
-    needs_hidden = False
 
     def __init__(self, trajectories: Sequence[torch.Tensor], vocab_size: int, nodes: int, accepted: int = 0) -> None:
         self.trajectories = list(trajectories)
@@ -183,12 +184,6 @@ class OracleChains:
             tokens = torch.cat([item.history[-1:], good, bad.repeat(self.nodes - 1 - good.numel())])
             drafts.append(Draft(TokenTree.chain(tokens)))
         return drafts
-
-    def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
-        pass
-
-    def release(self, seq_id: int) -> None:
-        pass
 
 
 @torch.inference_mode()
@@ -241,9 +236,7 @@ def fit_accept(samples: Sequence[tuple[int, int, float]]) -> float:
         if len(by_a) < 2:
             continue
         xs = list(by_a)
-        ys = [statistics.median(by_a[a]) for a in xs]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        slopes.append(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs))
+        slopes.append(statistics.linear_regression(xs, [statistics.median(by_a[a]) for a in xs]).slope)
     return max(statistics.median(slopes), 0.0) if slopes else 0.0
 
 
