@@ -30,6 +30,7 @@ from specdec.drafters.eagle_head import EagleConfig, EagleHead
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
 from specdec.kv_cache import PagedKVCache
+from specdec.packed_linear import pack_linears
 from specdec.sampling import process_logits, sample
 from specdec.tree import TokenTree
 
@@ -62,6 +63,9 @@ class EagleDrafter:
         if depth < 1 or budget < 1 or topk < 1:
             raise ValueError(f"depth, budget and topk must be positive, got {depth}, {budget}, {topk}")
         self.head = head.eval()
+        # float32 CPU: the head's linears run this machine's fastest kernel, bfloat16 where it pays (a draft's
+        # precision never touches what is accepted; SPECDEC_DRAFT_PRECISION=float32 keeps it exact); same Parameters
+        pack_linears(head, approximate=True)
         w = head.fc.weight
         self.backend = backend or select_backend(device=w.device)
         cfg = head.layer_config

@@ -88,7 +88,7 @@ class EagleHead(nn.Module):
         object.__setattr__(self, "embed_tokens", embed)
         weight = lm_head.weight.detach()
         object.__setattr__(self, "proj_weight", weight if vocab_ids is None else weight[vocab_ids])
-        object.__setattr__(self, "_proj", PackedWeight(self.proj_weight))  # packed kernel on a float32 CPU
+        object.__setattr__(self, "_proj", PackedWeight(self.proj_weight, approximate=True))  # float32 CPU
 
     @contextlib.contextmanager
     def _attention(self, name: str) -> Iterator[None]:

@@ -8,7 +8,9 @@ recency for n-gram matches; ranks past ``RANKS - 1`` share the last) was the acc
 updated after every step, so siblings split their parent's probability instead of each claiming all of it, and the
 sum of a tree's values is its expected accepted length. The n-gram source is split by the length of the matched
 suffix (``ngram2``, ``ngram3``, ``ngram4``, ...): a long match is usually a copy of earlier text and earns its own,
-higher rates, so it gets the budget when it has been right. A node both sources propose takes the larger estimate.
+higher rates, so it gets the budget when it has been right. With a retrieval store (``store=``), a history with no
+match of its own takes the store's continuations instead (source ``store``, its own rates), and steps without the
+model draft exactly as ``ngram:store=...`` does. A node both sources propose takes the larger estimate.
 The ``budget - 1`` best nodes are kept (ties: shallower first, then the source's own order), and nodes worth less
 than ``min_value`` times the sequence's running speed (tokens per step over step cost) are dropped: a node costs
 about ``node_cost`` of a forward, so it pays only if it adds that share of what a step already yields. Rates
@@ -52,7 +54,7 @@ from specdec.drafters.draft_paths import (
     tree_paths,
 )
 from specdec.drafters.hybrid_cost import CostRule, running
-from specdec.drafters.ngram import NgramDrafter
+from specdec.drafters.ngram import NgramDrafter, load_store
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.tree_builders import union_tree
@@ -80,7 +82,8 @@ class HybridDrafter(CostRule):
     Args:
         model: any drafter (EAGLE, Medusa, draft model ...); its ``vocab_size`` and ``needs_hidden`` are the hybrid's.
         ngram: the n-gram matcher (its ``continuations`` and ``max_matches`` / ``max_depth`` are used); default
-            :class:`NgramDrafter` ``(max_depth=max_depth)``.
+            :class:`NgramDrafter` ``(max_depth=max_depth)``. Where it has a retrieval store, a history with no match
+            of its own takes the store's continuations as its n-gram candidates (source ``store``, own rates).
         budget: tree nodes, root included (``>= 1``).
         max_depth: deepest draft node kept.
         prior: initial per-depth rate of each source, ``{"ngram": ..., "model": ...}`` or one float for both.
@@ -125,7 +128,8 @@ class HybridDrafter(CostRule):
         self.budget, self.max_depth, self.weight = budget, max_depth, weight
         self.min_value = self.ngram.node_cost if min_value is None else min_value
         self.skip_model_above, self.model_cost = skip_model_above, model_cost
-        self.sources = ("model", *(f"ngram{n}" for n in range(self.ngram.min_ngram, self.ngram.max_ngram + 1)))
+        self.sources = ("model", *(f"ngram{n}" for n in range(self.ngram.min_ngram, self.ngram.max_ngram + 1)),
+                        *(("store",) if self.ngram.store is not None else ()))
         self.probe, self.step_cost, self.ngram_alone = probe, step_cost, ngram_alone
         self.measure_cost = measure_cost
         self._last_end: float | None = None  # when the last propose returned
@@ -155,12 +159,18 @@ class HybridDrafter(CostRule):
             self.model_s = running(self.model_s, time.perf_counter() - t0, self.weight)
         self.model_calls += len(ask)
         alone = [i for i in range(len(batch)) if i not in model_drafts] if self.ngram_alone else []
-        plain = {i: self.ngram.draft_from(batch[i].seq_id, int(batch[i].history[-1]), ngram[i][2], budgets[i])
-                 for i in alone}
+        plain = {i: self._ngram_alone(batch[i], ngram[i][2], budgets[i]) for i in alone}
         out = [self._alone(item, *ngram[i][:2], plain[i]) if i in plain else
                self._merge(item, *ngram[i][:2], model_drafts.get(i), budgets[i]) for i, item in enumerate(batch)]
         self._last_end = time.perf_counter()
         return out
+
+    def _ngram_alone(self, item: DraftInput, continuations: list[list[int]], budget: int) -> Draft:
+        """The n-gram drafter's own tree: from the history's matches, else from its store (if it has one)."""
+        root = int(item.history[-1])
+        if continuations or self.ngram.store is None:
+            return self.ngram.draft_from(item.seq_id, root, continuations, budget)
+        return self.ngram.draft_from_store(item.seq_id, root, item.history, budget)
 
     def _alone(self, item: DraftInput, ngram_paths: list[Path], ngram_source: str, draft: Draft) -> Draft:
         """A step without the model: the n-gram drafter's own tree (so such steps equal plain n-gram drafting);
@@ -201,6 +211,10 @@ class HybridDrafter(CostRule):
         continuations themselves (the n-gram drafter's own tree is built from them on steps without the model)."""
         paths: dict[Path, None] = {}
         conts = self.ngram.continuations(history, self.ngram.max_matches)
+        store = self.ngram.store
+        if not conts and store is not None:  # no match of its own: the store's continuations (source "store")
+            ng = self.ngram
+            return store.tree_paths(history, ng.store_nodes, ng.store_min_p, ng.min_ngram, self.max_depth), "store", []
         for cont in conts:
             cont = tuple(cont[: self.max_depth])
             paths.update((cont[:d], None) for d in range(1, len(cont) + 1))
@@ -250,7 +264,7 @@ class HybridDrafter(CostRule):
         return Draft(union_tree(root, list(kept))[0])
 
 
-MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
+MODEL_DRAFTERS = ("eagle", "eagle3", "medusa", "draft-model", "self")
 
 
 @register("hybrid", help="n-gram where the text repeats, a model drafter's tree elsewhere, under one node budget",
@@ -261,6 +275,10 @@ MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
     Option("budget", int, None, "merged tree nodes, root included (default 16; also the model's budget)"),
     Option("depth", int, None, "deepest draft node (default 8; also the model's depth)"),
     Option("topk", int, None, "children per expanded node of the model's dynamic tree"),
+    Option("model_budget", int, None, "the model's own tree nodes, root included (default: budget)"),
+    Option("model_depth", int, None, "the model's own draft depth (default: depth)"),
+    Option("store", str, None, "retrieval store for histories with no match (as ngram's store option; 'shipped' for "
+                               "the embedded SmolLM2); default none"),
     Option("skip", float, None, "depth-1 n-gram rate above which a matched sequence skips the model (default: no "
                                 "such override)"),
     Option("cost", str, None, f"a model draft's cost as a fraction of a verification step: the model runs only "
@@ -269,9 +287,10 @@ MODEL_DRAFTERS = ("eagle", "medusa", "draft-model", "self")
     Option("steps", str, None, "a cost-model JSON (specdec calibrate): tree sizes by the measured verification cost "
                                "instead of a linear per-node cost"),
 ))
-def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=None, topk=None,
-           skip=None, cost=None, steps=None) -> HybridDrafter:
-    given = {"path": path, "tree": tree, "budget": budget, "depth": depth, "topk": topk}
+def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=None, topk=None, model_budget=None,
+           model_depth=None, store=None, skip=None, cost=None, steps=None) -> HybridDrafter:
+    given = {"path": path, "tree": tree, "budget": budget if model_budget is None else model_budget,
+             "depth": depth if model_depth is None else model_depth, "topk": topk}
     sub = DrafterSpec.parse(model)
     sub = sub.with_options(**{k: v for k, v in given.items() if v is not None and k in sub.options})
     kwargs = {k: v for k, v in {"budget": budget, "max_depth": depth}.items() if v is not None}
@@ -289,5 +308,6 @@ def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=
         except ValueError:
             raise ValueError(f"option 'cost' of drafter 'hybrid' expects a number or 'auto', got {cost!r}") from None
         model_cost = None if value < 0 else value
-    return HybridDrafter(build_drafter(sub, target), skip_model_above=skip, step_cost=step_cost,
+    ngram = None if store is None else NgramDrafter(max_depth=depth or 8, store=load_store(store, target))
+    return HybridDrafter(build_drafter(sub, target), ngram=ngram, skip_model_above=skip, step_cost=step_cost,
                          model_cost=model_cost, measure_cost=measure, **kwargs)

@@ -21,6 +21,7 @@ from specdec.drafters.common import row_budgets
 from specdec.drafters.medusa_heads import MedusaConfig, MedusaHeads, ResBlock, medusa_choices
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
+from specdec.packed_linear import pack_linears
 from specdec.tree_builders import BestFirstBatch, level_topk, static_tree
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class MedusaDrafter:
         if budget is not None and (budget < 1 or topk < 1 or not 1 <= (depth or k) <= k):
             raise ValueError(f"need budget >= 1, topk >= 1, 1 <= depth <= {k} heads; got {budget}, {topk}, {depth}")
         self.heads = heads.eval()
+        pack_linears(heads, approximate=True)  # float32 CPU: the fastest kernel, bfloat16 where it pays (as EAGLE)
         self.vocab_size: int | None = heads.config.vocab_size
         self.budget, self.depth, self.topk = budget, depth or k, topk
         if budget is None:

@@ -1,20 +1,30 @@
 """Draft time per step: the drafter's ``propose`` timed on its own (separately from verification) on real prompts.
 
 For each drafter spec two variants run the same prompts, interleaved prompt by prompt and repetition by
-repetition (the machine may be loaded; medians over many steps): ``new`` is the shipped code, ``per-node`` the
-previous code path kept here as the baseline (EAGLE / Medusa best-first trees built with Python per node through
-:func:`~specdec.tree_builders.best_first_steps`, logits expanded to the full vocabulary before ``log_softmax`` /
-top-k, Medusa's shared LM head applied head by head). Both must propose the same trees, so their outputs and
-step counts agree (checked and reported). Prints a table and writes JSON.
+repetition (the machine may be loaded; medians over many steps): ``new`` is the shipped code, the other an earlier
+code path kept here as the baseline (``--baseline``):
+
+* ``per-node`` (default): EAGLE / Medusa best-first trees built with Python per node through
+  :func:`~specdec.tree_builders.best_first_steps`, logits expanded to the full vocabulary before ``log_softmax`` /
+  top-k, Medusa's shared LM head applied head by head. Both must propose the same trees.
+* ``unpacked``: the heads' linears as plain ``nn.Linear`` (``F.linear``) and exact, as before session 12 (only
+  EAGLE-3's LM head and the shared LM-head rows packed, in float32).
+* ``float32``: the shipped packing, but exact kernels only (``SPECDEC_DRAFT_PRECISION=float32``): what the
+  bfloat16 draft kernel saves. Its trees may differ a little; outputs must not.
+
+Outputs must agree (checked and reported). Prints a table and writes JSON.
 
     python experiments/draft_cost.py --drafter eagle:path=shipped,tree=dynamic medusa:path=shipped,tree=dynamic \\
         --limit 6 --max-new-tokens 64 --reps 3 --out out/draft_cost.json
+    python experiments/draft_cost.py --baseline unpacked --threads 2 --drafter eagle3:path=shipped,budget=4
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +37,8 @@ from specdec.drafters.common import GrowingTree
 from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.interfaces import Draft
+from specdec.linear_kernels import DRAFT_PRECISION_ENV
+from specdec.packed_linear import PackedLinear
 from specdec.sampling import process_logits, sample
 from specdec.tree import TokenTree
 from specdec.tree_builders import best_first_steps, best_first_tree, drive_batch, static_tree
@@ -105,16 +117,49 @@ def per_node(drafter):
     raise TypeError(f"no per-node baseline for {type(drafter).__name__}")
 
 
-class Timed:
-    """Wraps a drafter's ``propose``: wall time per call (one call = one engine step) and the proposed trees."""
+def unpacked(drafter):
+    """The same drafter with its head's linears back to ``nn.Linear`` (EAGLE-3's LM head stays packed, as before)."""
+    module = getattr(drafter, "head", None) or drafter.heads
+    for parent in module.modules():
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, PackedLinear) and not (name == "lm_head" and parent is module):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device="meta")
+                linear.weight, linear.bias = child.weight, child.bias
+                parent._modules[name] = linear
+    return drafter
 
-    def __init__(self, drafter) -> None:
+
+@contextlib.contextmanager
+def draft_precision(value: str | None):
+    """``SPECDEC_DRAFT_PRECISION`` set to ``value`` (read at every product) for the duration; ``None``: unchanged."""
+    old = os.environ.get(DRAFT_PRECISION_ENV)
+    if value is not None:
+        os.environ[DRAFT_PRECISION_ENV] = value
+    try:
+        yield
+    finally:
+        if value is not None and old is None:
+            os.environ.pop(DRAFT_PRECISION_ENV, None)
+        elif value is not None:
+            os.environ[DRAFT_PRECISION_ENV] = old
+
+
+BASELINES = {"per-node": (per_node, None), "unpacked": (unpacked, "float32"), "float32": (lambda d: d, "float32")}
+
+
+class Timed:
+    """Wraps a drafter's ``propose``: wall time per call (one call = one engine step) and the proposed trees;
+    ``precision``: the draft precision its calls run under."""
+
+    def __init__(self, drafter, precision: str | None = None) -> None:
         self.drafter, self.times, self.trees = drafter, [], []
         inner = drafter.propose
 
         def propose(batch):
             t0 = time.perf_counter()
-            drafts = inner(batch)
+            with draft_precision(precision):
+                drafts = inner(batch)
             self.times.append(time.perf_counter() - t0)
             self.trees += [(d.tree.tokens.tolist(), d.tree.parents.tolist()) for d in drafts]
             return drafts
@@ -122,15 +167,17 @@ class Timed:
         drafter.propose = propose
 
 
-def run(target, tokenizer, spec: str, prompts: list[str], max_new_tokens: int, reps: int) -> dict:
+def run(target, tokenizer, spec: str, prompts: list[str], max_new_tokens: int, reps: int,
+        baseline: str = "per-node") -> dict:
     from specdec.app.prompts import encode_prompt
     from specdec.drafters import DrafterSpec, build_drafter
     from specdec.engine import SpeculativeEngine
     from specdec.target import eos_token_ids
 
     eos = eos_token_ids(target.model, tokenizer)
+    make, precision = BASELINES[baseline]
     variants = {"new": Timed(build_drafter(DrafterSpec.parse(spec), target)),
-                "per-node": Timed(per_node(build_drafter(DrafterSpec.parse(spec), target)))}
+                baseline: Timed(make(build_drafter(DrafterSpec.parse(spec), target)), precision)}
     engines = {k: SpeculativeEngine(target, target.new_cache(512, 16), v.drafter, eos) for k, v in variants.items()}
     encoded = [encode_prompt(tokenizer, p, True) for p in prompts]
     for e in engines.values():
@@ -150,16 +197,16 @@ def run(target, tokenizer, spec: str, prompts: list[str], max_new_tokens: int, r
                 stats[k]["steps"] += result.stats.steps
                 stats[k]["tokens"] += len(result.tokens)
                 stats[k]["verify_s"] += result.stats.verify_s
-            same_text &= texts["new"] == texts["per-node"]
-    row = {"drafter": spec, "same_outputs": same_text,
-           "same_trees": variants["new"].trees == variants["per-node"].trees}
+            same_text &= texts["new"] == texts[baseline]
+    row = {"drafter": spec, "baseline": baseline, "same_outputs": same_text,
+           "same_trees": variants["new"].trees == variants[baseline].trees}
     for k, v in variants.items():
         ms = sorted(1000 * t for t in v.times)
         row[k] = {"draft_ms_median": statistics.median(ms), "draft_ms_p25": ms[len(ms) // 4],
                   "draft_ms_p75": ms[3 * len(ms) // 4], "calls": len(ms),
                   "verify_ms_per_step": 1000 * stats[k]["verify_s"] / max(stats[k]["steps"], 1),
                   "tau": stats[k]["tokens"] / max(stats[k]["steps"], 1)}
-    row["saved_ms"] = row["per-node"]["draft_ms_median"] - row["new"]["draft_ms_median"]
+    row["saved_ms"] = row[baseline]["draft_ms_median"] - row["new"]["draft_ms_median"]
     return row
 
 
@@ -216,8 +263,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--micro", type=int, default=0,
                    help="instead: this many propose calls per variant and prompt on a fixed state (see micro)")
+    p.add_argument("--baseline", choices=sorted(BASELINES), default="per-node",
+                   help="the earlier code path compared (module docstring; --micro needs per-node)")
     p.add_argument("--out", default="out/draft_cost.json")
     args = p.parse_args()
+    if args.micro and args.baseline != "per-node":
+        p.error("--micro compares against the per-node path only")
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import builtin_prompts_path, load_prompts
     from specdec.target import TargetModel
@@ -234,12 +285,13 @@ def main() -> None:
             r["new"].update(verify_ms_per_step=float("nan"), tau=float("nan"))
             r["same_outputs"] = True
         else:
-            r = run(target, tokenizer, spec, prompts, args.max_new_tokens, args.reps)
+            r = run(target, tokenizer, spec, prompts, args.max_new_tokens, args.reps, args.baseline)
         rows.append(r)
-        print(f"{spec:<36} {r['per-node']['draft_ms_median']:>7.2f} {r['new']['draft_ms_median']:>7.2f} "
+        print(f"{spec:<36} {r[args.baseline]['draft_ms_median']:>7.2f} {r['new']['draft_ms_median']:>7.2f} "
               f"{r['saved_ms']:>6.2f} {r['new']['verify_ms_per_step']:>9.2f} {r['new']['tau']:>5.2f} "
               f"{r['new']['calls']:>5} {r['same_outputs'] and r['same_trees']}", flush=True)
     meta = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "reps": args.reps, "micro": args.micro,
+            "baseline": args.baseline,
             "threads": args.threads, "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")

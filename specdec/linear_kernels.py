@@ -29,6 +29,15 @@ are timed cold, as a model's are (each call reads another copy, the copies toget
 choice is measured once per shape, thread count, processor and torch version (about 0.1-0.5 s a shape) and kept in
 ``<cache>/linear-kernels.json`` (the model cache's folder: ``$SPECDEC_CACHE``, ``$XDG_CACHE_HOME/specdec`` or
 ``~/.cache/specdec``). ``SPECDEC_LINEAR_KERNEL=plain|mkl|onednn`` forces one kernel everywhere (A/B runs).
+
+Drafters may also run an APPROXIMATE kernel, ``onednn-bf16`` (oneDNN's inner product on a bfloat16 copy of the
+weight, the input rounded to bfloat16, float32 output): a draft's precision changes which tokens are proposed,
+never what is accepted (the target verifies in float32), and a head's few-row products are memory-bound, so half
+the bytes is about half the time where the processor has bfloat16 dot products. The shipped EAGLE-3 head's linears
+on the 2-core AMD EPYC (``avx512_bf16``), ms per call, 1 / 4 rows: ``[1536, 576]`` 0.21 / 0.33 float32 oneDNN,
+0.12 / 0.13 bfloat16; ``[8192, 576]`` (its LM head) 0.87 / 1.39 against 0.41 / 0.45. ``kernel_for(...,
+approximate=True)`` measures it beside the exact kernels (cached under its own key) and takes it when fastest;
+``SPECDEC_DRAFT_PRECISION=float32`` keeps drafters exact too (A/B runs).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("plain", "mkl", "onednn")
+APPROXIMATE_KERNELS = ("onednn-bf16",)  # for drafters only (module docstring)
+DRAFT_PRECISION_ENV = "SPECDEC_DRAFT_PRECISION"  # "float32": drafters use the exact kernels only
 ROW_POINTS = (1, 2, 3, 4, 8, 16)  # row counts measured; another count takes the next point up (beyond: the last)
 MKL_ROWS = 16  # row count the MKL copy is packed for (its layout serves any count: outputs equal whichever)
 ONEDNN_ROWS = 4  # row-count hint the oneDNN copy is reordered for (any count runs on it)
@@ -63,6 +74,8 @@ def pack(kernel: str, weight: torch.Tensor) -> torch.Tensor | None:
             return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), MKL_ROWS)
         if kernel == "onednn":
             return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ONEDNN_ROWS)
+        if kernel == "onednn-bf16":
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), ONEDNN_ROWS)
     return None
 
 
@@ -73,6 +86,9 @@ def run(kernel: str, x: torch.Tensor, packed: torch.Tensor | None, weight: torch
         return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
     if kernel == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if kernel == "onednn-bf16":
+        out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").float()
+        return out if bias is None else out + bias
     return F.linear(x, weight, bias)
 
 
@@ -100,9 +116,37 @@ def available_kernels() -> tuple[str, ...]:
     return tuple(have)
 
 
+@functools.cache
+def approximate_kernels() -> tuple[str, ...]:
+    """The approximate kernels (``APPROXIMATE_KERNELS``) this torch build and processor run natively, each checked
+    against ``F.linear`` to bfloat16 rounding (relative error under 2 %)."""
+    have = []
+    try:
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            gen = torch.Generator().manual_seed(0)
+            weight, bias = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+            packed = pack("onednn-bf16", weight)
+            if all(float((run("onednn-bf16", x, packed, weight, bias) - F.linear(x, weight, bias)).norm())
+                   < 0.02 * float(F.linear(x, weight, bias).norm())
+                   for x in (torch.randn(rows, 24, generator=gen) for rows in (1, 3, 16))):
+                have.append("onednn-bf16")
+    except (RuntimeError, AttributeError):
+        pass
+    return tuple(have)
+
+
+def drafts_approximate() -> bool:
+    """Whether drafters may run approximate kernels (not when ``SPECDEC_DRAFT_PRECISION=float32``)."""
+    value = os.environ.get(DRAFT_PRECISION_ENV, "bfloat16")
+    if value not in ("bfloat16", "float32"):
+        raise ValueError(f"{DRAFT_PRECISION_ENV}={value!r}: use 'bfloat16' (default) or 'float32'")
+    return value == "bfloat16"
+
+
 def measure_kernels(out_features: int, in_features: int, kernels: Sequence[str] | None = None,
                     rows: Sequence[int] = ROW_POINTS, repeats: int = 2) -> dict[int, dict[str, float]]:
-    """Seconds per call of each kernel at each row count on cold random weights of this shape: every timed pass
+    """Seconds per call of each kernel (exact or approximate) at each row count on cold random weights of this shape:
+    every timed pass
     runs each of ``copies`` weights once (``copies`` large enough that they miss the caches together), the kernels
     taking turns; best of ``repeats`` passes after a warm-up pass."""
     kernels = list(kernels or available_kernels())
@@ -132,23 +176,27 @@ def choose(times: dict[str, float]) -> str:
     return other if other is not None and times[other] < MARGIN * times["plain"] else "plain"
 
 
-def kernel_for(out_features: int, in_features: int, rows: int) -> str:
-    """The kernel a ``rows``-row product with an ``[out_features, in_features]`` float32 weight runs."""
+def kernel_for(out_features: int, in_features: int, rows: int, approximate: bool = False) -> str:
+    """The kernel a ``rows``-row product with an ``[out_features, in_features]`` float32 weight runs; with
+    ``approximate`` (drafters) an approximate kernel may be chosen (module docstring)."""
     forced = os.environ.get("SPECDEC_LINEAR_KERNEL")
     if forced:
         if forced not in available_kernels():
             raise ValueError(f"SPECDEC_LINEAR_KERNEL={forced!r}: this torch build has {list(available_kernels())}")
         return forced
-    table = kernel_table(out_features, in_features, torch.get_num_threads())
+    approximate = approximate and drafts_approximate() and bool(approximate_kernels())
+    table = kernel_table(out_features, in_features, torch.get_num_threads(), approximate)
     return table[min(bisect.bisect_left(ROW_POINTS, rows), len(ROW_POINTS) - 1)]
 
 
 @functools.cache
-def kernel_table(out_features: int, in_features: int, threads: int) -> tuple[str, ...]:
-    """The kernel for each of ``ROW_POINTS`` on this machine: from the file of earlier measurements, else measured
-    now (and written there; an unwritable cache is skipped)."""
-    kernels = available_kernels()
+def kernel_table(out_features: int, in_features: int, threads: int, approximate: bool = False) -> tuple[str, ...]:
+    """The kernel for each of ``ROW_POINTS`` on this machine (among the approximate ones too with ``approximate``):
+    from the file of earlier measurements, else measured now (and written there; an unwritable cache is
+    skipped)."""
+    kernels = available_kernels() + (approximate_kernels() if approximate else ())
     key = f"torch {torch.__version__} | {processor()} | {threads} threads | {out_features}x{in_features}"
+    key += " | approximate" if approximate else ""
     path = _cache_file()
     saved = _read(path).get(key)
     if saved and len(saved.get("kernels", ())) == len(ROW_POINTS) and set(saved["kernels"]) <= set(kernels):

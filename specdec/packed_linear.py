@@ -48,15 +48,16 @@ class PackedWeight:
     weight's shape and ``x``'s row count (:func:`specdec.linear_kernels.kernel_for`), on a copy of ``weight``
     reordered for that kernel at its first use and again whenever ``weight`` changes in place.
 
-    Other inputs (another dtype or device, or needing a gradient) run ``F.linear`` on ``weight``.
+    Other inputs (another dtype or device, or needing a gradient) run ``F.linear`` on ``weight``. ``approximate``
+    (drafters only) lets it run an approximate kernel (bfloat16, :mod:`specdec.linear_kernels`) where faster.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight, self.bias = weight, bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, approximate: bool = False) -> None:
+        self.weight, self.bias, self.approximate = weight, bias, approximate
         self._packed: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}  # kernel -> (weight key, its copy)
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:  # a copy packs its own weight (packed tensors don't copy)
-        return PackedWeight(copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo))
+        return PackedWeight(copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo), self.approximate)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_packed": {}}
@@ -77,7 +78,7 @@ class PackedWeight:
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return F.linear(x, weight, self.bias)
         rows = x.reshape(-1, weight.shape[1])
-        kernel = kernel_for(weight.shape[0], weight.shape[1], rows.shape[0])
+        kernel = kernel_for(weight.shape[0], weight.shape[1], rows.shape[0], self.approximate)
         if kernel == "plain":
             return F.linear(x, weight, self.bias)
         out = run(kernel, rows.contiguous(), self._pack(kernel), weight, self.bias)
@@ -86,17 +87,17 @@ class PackedWeight:
 
 class PackedLinear(torch.nn.Module):
     """Drop-in ``nn.Linear`` (same weight and bias Parameters, nothing copied but the packed form) running
-    :class:`PackedWeight`."""
+    :class:`PackedWeight` (``approximate``: drafters only)."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, approximate: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self._run = PackedWeight(self.weight, self.bias)
+        self._run = PackedWeight(self.weight, self.bias, approximate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._run.weight is not self.weight or self._run.bias is not self.bias:  # parameters swapped (load, .to)
-            self._run = PackedWeight(self.weight, self.bias)
+            self._run = PackedWeight(self.weight, self.bias, self._run.approximate)
         return self._run(x)
 
     def extra_repr(self) -> str:
@@ -114,8 +115,9 @@ def _packable(module: torch.nn.Module) -> bool:
             and module.weight.device.type == "cpu")
 
 
-def pack_linears(module: torch.nn.Module, limit: int | None = AUTO_LIMIT_BYTES) -> int:
-    """Replace, inside ``module``, every float32 CPU ``nn.Linear`` by a :class:`PackedLinear` sharing its weight.
+def pack_linears(module: torch.nn.Module, limit: int | None = AUTO_LIMIT_BYTES, approximate: bool = False) -> int:
+    """Replace, inside ``module``, every float32 CPU ``nn.Linear`` by a :class:`PackedLinear` sharing its weight
+    (``approximate``: drafters' modules only, see :class:`PackedWeight`).
 
     Only for module trees the caller owns (``TargetModel`` passes its view). Does nothing, returning 0, when this
     torch build cannot pack (:func:`packing_works`) or the weights exceed ``limit`` bytes (``None``: no limit; the
@@ -126,7 +128,7 @@ def pack_linears(module: torch.nn.Module, limit: int | None = AUTO_LIMIT_BYTES) 
     for parent in module.modules():
         for name, child in list(parent._modules.items()):
             if child is not None and _packable(child):
-                parent._modules[name] = PackedLinear(child)
-                kernel_for(child.out_features, child.in_features, 1)  # measured now (once a shape), not mid-run
+                parent._modules[name] = PackedLinear(child, approximate)
+                kernel_for(child.out_features, child.in_features, 1, approximate)  # measured now, not mid-run
                 count += 1
     return count

@@ -125,3 +125,22 @@ def test_a_per_call_budget_caps_the_tree_to_the_best_nodes_of_the_full_one_and_s
         assert capped.tree.num_nodes <= cap and _paths(capped.tree) <= _paths(full.tree)
         if kind != "ngram":
             assert capped.tree.num_nodes == min(cap, full.tree.num_nodes)
+
+
+def test_the_unpacked_baseline_restores_plain_linears_on_the_same_parameters():
+    """``experiments/draft_cost.py --baseline unpacked``: the pre-session-12 head (plain ``nn.Linear``s, EAGLE-3's
+    LM head still packed) on the very same Parameters, drafting under exact kernels."""
+    from specdec.drafters.eagle3 import Eagle3Drafter, Eagle3Head
+    from specdec.packed_linear import PackedLinear, packing_works
+
+    float32 = TargetModel(tiny_llama(seed=7, dtype=torch.float32, layers=8))
+    drafter = Eagle3Drafter(Eagle3Head.untrained(float32).eval(), budget=4, backend=float32.backend)
+    params = {id(p) for p in drafter.head.parameters()}
+    packed = [m for m in drafter.head.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 9 or not packing_works()  # fc, q, k, v, o, gate, up, down, lm_head
+    old = draft_cost.unpacked(drafter)
+    kinds = {name: type(m) for name, m in old.head.named_modules() if name.endswith(("proj", "fc", "lm_head"))}
+    assert kinds.pop("lm_head") is PackedLinear and set(kinds.values()) == {torch.nn.Linear}
+    assert {id(p) for p in old.head.parameters()} == params
+    with draft_cost.draft_precision("float32"):
+        assert draft_cost.os.environ["SPECDEC_DRAFT_PRECISION"] == "float32"

@@ -396,3 +396,49 @@ def test_the_cost_option_takes_a_number_or_auto(target):
     assert build_drafter(DrafterSpec.parse("hybrid:cost=0.5"), target).model_cost == 0.5
     with pytest.raises(ValueError, match="option 'cost' of drafter 'hybrid' expects a number or 'auto', got 'x'"):
         build_drafter(DrafterSpec.parse("hybrid:cost=x"), target)
+
+
+def test_with_a_store_a_history_with_no_match_drafts_the_stores_continuation_as_its_own_source(target):
+    """No match in the history: a step without the model proposes exactly the n-gram+store drafter's tree, and a
+    step with the model merges the store's continuation (source ``store``, its own rates) with the model's."""
+    from specdec.drafters.store import TokenStore
+
+    store = TokenStore([[8, 2, 6, 1, 4, 4]] * 3, 64)
+    history = torch.tensor([7, 3, 8, 2, 6])  # no repeat of its own; "8 2 6" continues "1 4" in the store
+    skip = HybridDrafter(FixedDrafter([(9,)]), ngram=NgramDrafter(store=store), budget=8, model_cost=1e9)
+    skip.pooled_value = 0.0  # a model that never paid: not asked (until a probe)
+    [alone] = skip.propose(inputs([0], [history]))
+    [want] = NgramDrafter(store=store).propose(inputs([0], [history]))
+    assert tree_paths(alone.tree) == tree_paths(want.tree) == [(1,), (1, 4)] and skip.model_calls == 0
+    model = FixedDrafter([(9,)])
+    hybrid = HybridDrafter(model, ngram=NgramDrafter(store=store), budget=8, model_cost=None)
+    assert "store" in hybrid.sources
+    [merged] = hybrid.propose(inputs([0], [history]))
+    assert set(tree_paths(merged.tree)) == {(1,), (1, 4), (9,)} and model.proposed == [0]
+    before = hybrid._state[0].rates["store"][0][0]
+    hybrid.accept(0, torch.tensor([1, 4, 5]))  # the store was right twice
+    assert hybrid._state[0].rates["store"][0][0] > before
+
+
+def test_a_hybrid_with_a_store_stays_lossless(target):
+    from specdec.drafters.store import TokenStore
+
+    cache = target.new_cache(64, 4)
+    start = [3, 1, 4, 1, 5, 9]
+    text = start + SpeculativeEngine(target, cache).generate(start, 30).tokens
+    store = TokenStore([text[4:20], text[10:30]], 64)  # the target's own continuations: the store is often right
+    sub = EagleDrafter.untrained(target, tree="dynamic", **EAGLE)
+    hybrid = HybridDrafter(sub, ngram=NgramDrafter(store=store), budget=10, model_cost=None)
+    ar = SpeculativeEngine(target, cache).generate(start, 24)
+    spec = SpeculativeEngine(target, cache, hybrid, max_tree_nodes=10).generate(start, 24)
+    assert spec.tokens == ar.tokens and spec.stats.tau > 1.5
+    assert cache.allocator.num_free == 64 and sub.cache.allocator.num_free == EAGLE["num_blocks"]
+
+
+def test_the_model_can_draft_a_smaller_tree_than_the_merged_budget(target):
+    from specdec.drafters.registry import DrafterSpec, build_drafter
+
+    hybrid = build_drafter(DrafterSpec.parse("hybrid:model=medusa,budget=12,depth=3,model_budget=4,model_depth=2"),
+                           target)
+    assert (hybrid.budget, hybrid.max_depth, hybrid.model.budget, hybrid.model.depth) == (12, 3, 4, 2)
+    assert hybrid.ngram.store is None

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec import linear_kernels, packed_linear
 from specdec.engine import SpeculativeEngine
-from specdec.linear_kernels import ROW_POINTS, available_kernels, choose, kernel_for, kernel_table
+from specdec.linear_kernels import ROW_POINTS, approximate_kernels, available_kernels, choose, kernel_for, kernel_table
 from specdec.packed_linear import PackedLinear, PackedWeight, linear_bytes, pack_linears, packing_works
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
@@ -31,7 +31,8 @@ PACKED = [k for k in available_kernels() if k != "plain"]
 @pytest.fixture(params=PACKED)
 def always_packed(request, monkeypatch):
     """Every product runs this packed kernel, whatever this machine measured."""
-    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, rows: request.param)
+    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, rows, approximate=False:
+                        request.param)
     return request.param
 
 
@@ -81,7 +82,7 @@ def test_a_forced_kernel_runs_everywhere_and_an_unknown_one_is_named(monkeypatch
 
 
 def test_a_row_count_that_f_linear_runs_faster_gives_f_linears_exact_output(monkeypatch):
-    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, rows: "plain")
+    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, rows, approximate=False: "plain")
     gen = torch.Generator().manual_seed(0)
     weight, x = torch.randn(70, 40, generator=gen), torch.randn(3, 40, generator=gen)
     packed = PackedWeight(weight)
@@ -175,3 +176,69 @@ def test_a_packed_linear_follows_a_swapped_parameter(always_packed):
     linear(x)  # packed now
     linear.weight = torch.nn.Parameter(torch.randn(30, 20))  # as a load or .to() that swaps parameters does
     torch.testing.assert_close(linear(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+
+
+APPROXIMATE = list(approximate_kernels())
+
+
+@pytest.mark.skipif(not APPROXIMATE, reason="this processor has no native bfloat16 linear kernel")
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 33])
+def test_the_approximate_kernel_computes_the_products_to_bfloat16_rounding(rows, monkeypatch):
+    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, n, approximate=False:
+                        APPROXIMATE[0] if approximate else "plain")
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
+    x = torch.randn(2, rows, 40, generator=gen)
+    exact, approx = PackedWeight(weight, bias)(x), PackedWeight(weight, bias, approximate=True)(x)
+    assert torch.equal(exact, F.linear(x, weight, bias))  # not approximate: never the bfloat16 kernel
+    assert approx.dtype == torch.float32 and not torch.equal(approx, exact)
+    assert float((approx - exact).norm()) < 0.02 * float(exact.norm())
+
+
+def test_only_drafters_may_get_an_approximate_kernel_and_float32_precision_turns_it_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.delenv("SPECDEC_LINEAR_KERNEL", raising=False)
+    tables = []
+    monkeypatch.setattr(linear_kernels, "kernel_table", lambda o, i, t, approximate=False: tables.append(
+        approximate) or ("plain",) * len(ROW_POINTS))
+    kernel_for(70, 41, 1)
+    monkeypatch.setenv("SPECDEC_DRAFT_PRECISION", "float32")
+    kernel_for(70, 41, 1, approximate=True)
+    assert tables == [False, False]
+    monkeypatch.setenv("SPECDEC_DRAFT_PRECISION", "bfloat16")
+    kernel_for(70, 41, 1, approximate=True)
+    assert tables[-1] == bool(APPROXIMATE)
+    monkeypatch.setenv("SPECDEC_DRAFT_PRECISION", "float16")
+    with pytest.raises(ValueError, match=r"SPECDEC_DRAFT_PRECISION='float16': use 'bfloat16' \(default\) or 'float32'"):
+        kernel_for(70, 41, 1, approximate=True)
+
+
+@pytest.mark.skipif(not APPROXIMATE, reason="this processor has no native bfloat16 linear kernel")
+def test_an_approximate_table_is_measured_beside_the_exact_one_under_its_own_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    kernel_table.cache_clear()
+    try:
+        exact, approx = kernel_table(70, 41, 1), kernel_table(70, 41, 1, True)
+        assert set(exact) <= set(available_kernels()) and set(approx) <= set(available_kernels()) | set(APPROXIMATE)
+        keys = list(linear_kernels._read(tmp_path / linear_kernels.FILE_NAME))
+        assert len(keys) == 2 and sum(k.endswith(" | approximate") for k in keys) == 1
+    finally:
+        kernel_table.cache_clear()
+
+
+@pytest.mark.skipif(not APPROXIMATE, reason="this processor has no native bfloat16 linear kernel")
+def test_an_eagle_head_drafting_in_bfloat16_keeps_greedy_decoding_identical(monkeypatch):
+    """The head's linears run the bfloat16 kernel (proposals change a little), the target stays exact."""
+    from specdec.drafters.eagle import EagleDrafter
+
+    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, n, approximate=False:
+                        APPROXIMATE[0] if approximate else "plain")
+    model = tiny_llama(dtype=torch.float32, seed=5)
+    prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(3))
+    reference = model.generate(prompt[None], max_new_tokens=40, do_sample=False, min_new_tokens=40,
+                               attention_mask=torch.ones(1, 12, dtype=torch.long))[0].tolist()
+    target = TargetModel(model)
+    drafter = EagleDrafter.untrained(target, tree="dynamic", budget=8)
+    assert sum(isinstance(m, PackedLinear) and m._run.approximate for m in drafter.head.modules()) > 0
+    engine = SpeculativeEngine(target, target.new_cache(num_blocks=8), drafter, eos_token_ids=[])
+    assert engine.generate(prompt.tolist(), max_new_tokens=40).tokens == reference[12:]

@@ -53,7 +53,9 @@ def test_chat_template_is_applied(smollm2):
 
 @pytest.mark.parametrize(("spec", "min_tau"), [("eagle:path=shipped,tree=dynamic,budget=8,depth=5", 1.5),
                                              ("medusa:path=shipped,tree=dynamic,budget=8", 1.3),
-                                             ("eagle3:path=shipped,tree=dynamic,budget=8,depth=5", 1.3)])
+                                             ("eagle3:path=shipped,tree=dynamic,budget=8,depth=5", 1.3),
+                                             ("hybrid:model=eagle3,path=shipped,store=shipped,model_budget=6,"
+                                              "model_depth=3,cost=auto", 1.3)])
 def test_shipped_drafters_are_trained_and_lossless(smollm2, spec, min_tau):
     """The weights shipped for SmolLM2 load, keep greedy output identical to HF, and accept drafts (untrained
     heads give tau of about 1.0-1.2)."""
