@@ -110,8 +110,7 @@ class MedusaHeads(nn.Module):
         # The shared projection (the target's LM head, or its draft-vocabulary rows) is not a submodule: the target
         # owns it, so it is never saved, moved or cast here.
         object.__setattr__(self, "shared_weight", rows if config.share_lm_head else None)
-        shared = None if self.shared_weight is None else PackedWeight(rows, approximate=True)  # float32 CPU: packed
-        object.__setattr__(self, "_shared", shared)
+        object.__setattr__(self, "_shared", None if self.shared_weight is None else PackedWeight(rows))  # float32 CPU
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every head's logits.
