@@ -106,7 +106,8 @@ class Eagle3Head(nn.Module):
         self.fc = nn.Linear(3 * ht, h, bias=False, **factory)
         self.midlayer = _MidLayer(self.layer_config).to(**factory)
         self.norm = LlamaRMSNorm(h, eps=self.layer_config.rms_norm_eps).to(**factory)
-        # packed for float32 CPU inference; the same ``lm_head.weight`` parameter, trained and saved as a Linear's
+        # packed for float32 CPU drafting (bfloat16 where faster); the same ``lm_head.weight`` parameter, trained and
+        # saved as a Linear's
         self.lm_head = PackedLinear(nn.Linear(h, config.draft_vocab_size, bias=False, **factory), approximate=True)
         self.rotary = LlamaRotaryEmbedding(config=self.layer_config).to(target.device)
         ids = check_vocab_ids(vocab_ids.to(target.device), config.vocab_size)

@@ -146,9 +146,8 @@ def drafts_approximate() -> bool:
 def measure_kernels(out_features: int, in_features: int, kernels: Sequence[str] | None = None,
                     rows: Sequence[int] = ROW_POINTS, repeats: int = 2) -> dict[int, dict[str, float]]:
     """Seconds per call of each kernel (exact or approximate) at each row count on cold random weights of this shape:
-    every timed pass
-    runs each of ``copies`` weights once (``copies`` large enough that they miss the caches together), the kernels
-    taking turns; best of ``repeats`` passes after a warm-up pass."""
+    every timed pass runs each of ``copies`` weights once (``copies`` large enough that they miss the caches
+    together), the kernels taking turns; best of ``repeats`` passes after a warm-up pass."""
     kernels = list(kernels or available_kernels())
     copies = max(1, min(MAX_COPIES, -(-COLD_BYTES // (out_features * in_features * 4))))
     gen = torch.Generator().manual_seed(0)
