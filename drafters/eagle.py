@@ -27,7 +27,7 @@ import torch
 from specdec.attention import AttentionBackend, ForwardContext, build_tree_batch, select_backend
 from specdec.drafters.common import GrowingTree, LevelTrees, PerSequence, best_first_drafts, level_batch, row_budgets
 from specdec.drafters.eagle_head import EagleConfig, EagleHead
-from specdec.drafters.registry import Option, register, resolve_path
+from specdec.drafters.registry import SHIPPED, Option, register, resolve_path
 from specdec.interfaces import Draft, DraftInput
 from specdec.kv_cache import PagedKVCache
 from specdec.packed_linear import pack_linears
@@ -216,16 +216,27 @@ class EagleDrafter:
                 for g, r, item in zip(grown, rows, batch, strict=True)]
 
 
+# The shipped heads' fastest dynamic tree on the 2-core CPU, measured on tuning prompts (docs/results/session12):
+# ``eagle:path=shipped,tree=dynamic`` and ``eagle3:path=shipped`` take it where no size is given.
+SHIPPED_TREE = {"budget": 6, "depth": 3}
+
+
+def tree_shape(path: str | None, tree: str, depth: int | None, budget: int | None, topk: int | None) -> dict:
+    """Constructor keywords of a registry spec: the sizes given (0 too: it reaches the constructor's check), and for
+    a shipped head's dynamic tree ``SHIPPED_TREE`` where a size is not given."""
+    given = {k: v for k, v in {"depth": depth, "budget": budget, "topk": topk}.items() if v is not None}
+    return {"tree": tree, **(SHIPPED_TREE if path == SHIPPED and tree == "dynamic" else {}), **given}
+
+
 @register("eagle", help="EAGLE-style feature head (one decoder layer over the target's features)", options=(
     Option("path", str, None, "a trained head (a folder; 'shipped' = trained for the embedded SmolLM2)"),
     Option("tree", str, "chain", "draft tree shape", ("chain", "dynamic")),
-    Option("depth", int, None, "draft depth"),
-    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("depth", int, None, "draft depth (default 4; a dynamic tree with path=shipped: 3)"),
+    Option("budget", int, None, "dynamic tree nodes, root included (default 16; 6 with path=shipped)"),
     Option("topk", int, None, "children per expanded node (dynamic tree)"),
 ))
 def _build(target, path=None, tree="chain", depth=None, budget=None, topk=None) -> EagleDrafter:
-    sizes = {"depth": depth, "budget": budget, "topk": topk}
-    shape = {"tree": tree, **{k: v for k, v in sizes.items() if v is not None}}
+    shape = tree_shape(path, tree, depth, budget, topk)
     path = resolve_path("eagle", path)
     if path is not None:
         return EagleDrafter.from_pretrained(path, target, backend=target.backend, **shape)

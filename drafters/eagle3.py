@@ -30,7 +30,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 from specdec.attention import ATTENTION_NAME, ForwardContext
 from specdec.draft_vocab import check_vocab_ids, expand_logits
 from specdec.drafters import formats
-from specdec.drafters.eagle import EagleDrafter
+from specdec.drafters.eagle import EagleDrafter, tree_shape
 from specdec.drafters.registry import Option, register, resolve_path
 from specdec.packed_linear import PackedLinear
 
@@ -252,13 +252,12 @@ def _draft_vocabulary(folder: Path, d2t: torch.Tensor | None, t2d: torch.Tensor 
 @register("eagle3", help="EAGLE-3 head (fused low/mid/high target features, draft vocabulary)", options=(
     Option("path", str, None, "a head in EAGLE-3's layout (a folder; 'shipped' = trained for the embedded SmolLM2)"),
     Option("tree", str, "dynamic", "draft tree shape", ("chain", "dynamic")),
-    Option("depth", int, None, "draft depth"),
-    Option("budget", int, None, "dynamic tree nodes, root included"),
+    Option("depth", int, None, "draft depth (default 4; a dynamic tree with path=shipped: 3)"),
+    Option("budget", int, None, "dynamic tree nodes, root included (default 16; 6 with path=shipped)"),
     Option("topk", int, None, "children per expanded node (dynamic tree)"),
 ))
 def _build(target, path=None, tree="dynamic", depth=None, budget=None, topk=None) -> Eagle3Drafter:
-    sizes = {"depth": depth, "budget": budget, "topk": topk}
-    shape = {"tree": tree, **{k: v for k, v in sizes.items() if v is not None}}  # as eagle: 0 reaches the check
+    shape = tree_shape(path, tree, depth, budget, topk)
     path = resolve_path("eagle3", path)
     head = Eagle3Head.untrained(target).eval() if path is None else load_eagle3_head(path, target)
     drafter = Eagle3Drafter(head, backend=target.backend, **shape)

@@ -119,3 +119,17 @@ def test_packed_linears_give_the_plain_targets_tree_logits_on_smollm2(smollm2):
         logits.append(target.forward(cache, [seq], [tree]).logits)
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=2e-3)
+
+
+def test_the_shipped_eagle_heads_default_to_their_measured_tree_shape(smollm2):
+    """``eagle3:path=shipped`` (and EAGLE's dynamic tree) take the shape measured fastest for the shipped heads where
+    no size is given; a given size wins, and untrained heads keep the class defaults."""
+    from specdec.drafters import DrafterSpec, build_drafter
+
+    target = TargetModel(smollm2[0])
+    shapes = {spec: (d.tree, d.budget, d.depth) for spec in (
+        "eagle3:path=shipped", "eagle3:path=shipped,budget=8", "eagle:path=shipped,tree=dynamic",
+        "eagle:path=shipped", "eagle3") for d in [build_drafter(DrafterSpec.parse(spec), target)]}
+    assert shapes == {"eagle3:path=shipped": ("dynamic", 6, 3), "eagle3:path=shipped,budget=8": ("dynamic", 8, 3),
+                      "eagle:path=shipped,tree=dynamic": ("dynamic", 6, 3), "eagle:path=shipped": ("chain", 16, 4),
+                      "eagle3": ("dynamic", 16, 4)}
