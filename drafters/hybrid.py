@@ -56,6 +56,7 @@ from specdec.drafters.draft_paths import (
 from specdec.drafters.hybrid_cost import CostRule, running
 from specdec.drafters.ngram import NgramDrafter, load_store
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
+from specdec.drafters.store import TokenStore
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.tree_builders import union_tree
 
@@ -82,8 +83,9 @@ class HybridDrafter(CostRule):
     Args:
         model: any drafter (EAGLE, Medusa, draft model ...); its ``vocab_size`` and ``needs_hidden`` are the hybrid's.
         ngram: the n-gram matcher (its ``continuations`` and ``max_matches`` / ``max_depth`` are used); default
-            :class:`NgramDrafter` ``(max_depth=max_depth)``. Where it has a retrieval store, a history with no match
-            of its own takes the store's continuations as its n-gram candidates (source ``store``, own rates).
+            :class:`NgramDrafter` ``(max_depth=max_depth, store=store)``. Where it has a retrieval store, a history
+            with no match of its own takes the store's continuations as its n-gram candidates (source ``store``,
+            own rates).
         budget: tree nodes, root included (``>= 1``).
         max_depth: deepest draft node kept.
         prior: initial per-depth rate of each source, ``{"ngram": ..., "model": ...}`` or one float for both.
@@ -98,6 +100,7 @@ class HybridDrafter(CostRule):
         measure_cost: ``model_cost`` is only the prior: once measured, the running ratio of the model's ``propose``
             time to the time from one ``propose`` to the next (the engine's verification and bookkeeping; a gap
             over 5x the running value, an idle engine, is ignored) replaces it, so the rule follows the machine.
+        store: the default n-gram matcher's retrieval store (:class:`~specdec.drafters.store.TokenStore`).
         ngram_alone: a step that does not ask the model proposes the n-gram drafter's own tree (as plain n-gram
             drafting would) instead of the rate-pruned n-gram candidates.
         step_cost: measured verification cost ``step_cost(n, context)`` of an ``n``-node tree relative to one node
@@ -111,7 +114,7 @@ class HybridDrafter(CostRule):
                  prior: float | dict[str, float] = 0.6, weight: float = 0.2, min_value: float | None = None,
                  skip_model_above: float | None = None, model_cost: float | None = MODEL_COST,
                  probe: int = 32, step_cost: Callable[[int, int], float] | None = None,
-                 ngram_alone: bool = True, measure_cost: bool = False) -> None:
+                 ngram_alone: bool = True, measure_cost: bool = False, store: TokenStore | None = None) -> None:
         if budget < 1 or max_depth < 1:
             raise ValueError(f"budget and max_depth must be >= 1, got {budget}, {max_depth}")
         if not 0 < weight <= 1:
@@ -121,7 +124,7 @@ class HybridDrafter(CostRule):
             raise ValueError(f"prior needs rates in [0, 1] for {list(SOURCES)}, got {prior}")
         if model_cost is not None and model_cost < 0:
             raise ValueError(f"model_cost must be >= 0, got {model_cost}")
-        self.model, self.ngram = model, ngram or NgramDrafter(max_depth=max_depth)
+        self.model, self.ngram = model, ngram or NgramDrafter(max_depth=max_depth, store=store)
         self.vocab_size: int | None = model.vocab_size
         self.needs_hidden: bool = bool(model.needs_hidden)
         self.feature_layers = getattr(model, "feature_layers", None)  # EAGLE-3 inside: the engine fuses them
@@ -308,6 +311,6 @@ def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=
         except ValueError:
             raise ValueError(f"option 'cost' of drafter 'hybrid' expects a number or 'auto', got {cost!r}") from None
         model_cost = None if value < 0 else value
-    ngram = None if store is None else NgramDrafter(max_depth=depth or 8, store=load_store(store, target))
-    return HybridDrafter(build_drafter(sub, target), ngram=ngram, skip_model_above=skip, step_cost=step_cost,
+    return HybridDrafter(build_drafter(sub, target), store=None if store is None else load_store(store, target),
+                         skip_model_above=skip, step_cost=step_cost,
                          model_cost=model_cost, measure_cost=measure, **kwargs)

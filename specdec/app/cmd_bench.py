@@ -14,14 +14,11 @@ from specdec.app.args import add_model_args, add_prompt_args, auto_cost_model, c
 
 HELP = "HF generate vs specdec autoregressive vs drafters on a prompt set (table + JSON report)"
 DEFAULT_DRAFTER = "ngram"
-# What is shipped for the embedded SmolLM2: the retrieval store of its own answers, and of the trained heads the
-# fastest settings measured on tuning prompts the heads never saw (docs/results/session12: with the heads' linears
-# packed, a 6-node tree of depth 3 beat the older 8-node depth-5 trees).
-SHIPPED_DRAFTERS = ("ngram:store=shipped",
-                    "hybrid:model=eagle3,path=shipped,store=shipped,model_budget=6,model_depth=3,cost=auto",
-                    "medusa:path=shipped,tree=dynamic,budget=4",
-                    "eagle:path=shipped,tree=dynamic,budget=6,depth=3",
-                    "eagle3:path=shipped,tree=dynamic,budget=6,depth=3")
+# What is shipped for the embedded SmolLM2: the retrieval store of its own answers, and the trained heads (the EAGLE
+# heads' dynamic trees take their measured shape, ``specdec.drafters.eagle.SHIPPED_TREE``, docs/results/session12).
+SHIPPED_DRAFTERS = ("ngram:store=shipped", "hybrid:model=eagle3,path=shipped,store=shipped,cost=auto",
+                    "medusa:path=shipped,tree=dynamic,budget=4", "eagle:path=shipped,tree=dynamic",
+                    "eagle3:path=shipped")
 INTERRUPTED = 130
 
 

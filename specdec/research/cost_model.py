@@ -156,8 +156,7 @@ def fit_prefill(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
     least two prompt lengths)."""
     if len({p for p, _ in samples}) < 2:
         raise ValueError(f"the prefill fit needs >= 2 prompt lengths, got {sorted({p for p, _ in samples})}")
-    a = np.array([[1.0, p] for p, _ in samples])
-    return tuple(float(x) for x in nnls(a, np.array([s for _, s in samples]))[0])
+    return _fit_line([p for p, _ in samples], [s for _, s in samples])
 
 
 def fit_draft(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
@@ -172,8 +171,12 @@ def fit_draft(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
     medians = {d: statistics.median(v) for d, v in sorted(by_level.items())}
     if len(medians) < 2:
         return next(iter(medians.values())), 0.0
-    a = np.array([[1.0, d] for d in medians])
-    return tuple(float(x) for x in nnls(a, np.array(list(medians.values())))[0])
+    return _fit_line(list(medians), list(medians.values()))
+
+
+def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Non-negative least-squares intercept and slope of ``y ~ a + b x``."""
+    return tuple(float(v) for v in nnls(np.array([[1.0, x] for x in xs]), np.array(ys, dtype=float))[0])
 
 
 def drafter_depth(drafter: Drafter) -> int:
