@@ -21,8 +21,10 @@ When to ask the model (it costs ``model_cost`` of a verification step; the n-gra
 is worth ``(1 + V_n) / (1 + node_cost * N_n)`` tokens per unit of step time (``V_n``: sum of its kept values,
 ``N_n``: its kept nodes); with the model, ``(1 + max(V_n, V_m)) / (1 + model_cost + node_cost * max(N_n, N_m))``,
 ``V_m`` being the running average of the accepted tokens the model's earlier trees for this sequence held (what it
-delivered, not what its rates promise: rarely seen depths and ranks keep optimistic priors; a sequence the model
-has not drafted yet starts from that average over all sequences) and ``N_m`` of its nodes kept in the merged tree.
+delivered, not what its rates promise: rarely seen depths and ranks keep optimistic priors), shrunk toward a slow
+average over all sequences as if that were ``PRIOR_STEPS`` more observations (a sequence the model has not drafted
+yet starts from it; one unlucky probe does not switch a good model off), and ``N_m`` of its nodes kept in the
+merged tree.
 The model runs only when the second is larger (and at least every ``probe`` steps, so its estimate stays current;
 each probe that was needed doubles the interval, up to 4x, until the model pays again): with no match any model
 worth its cost is asked; a long, confident match drafts alone; a model that does not pay for its cost and
@@ -53,7 +55,7 @@ from specdec.drafters.draft_paths import (
     path_values,
     tree_paths,
 )
-from specdec.drafters.hybrid_cost import CostRule, running
+from specdec.drafters.hybrid_cost import PRIOR_STEPS, CostRule, running
 from specdec.drafters.ngram import NgramDrafter, load_store
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.drafters.store import TokenStore
@@ -69,6 +71,7 @@ class _SeqState:
     rates: dict[str, list[list[float]]]  # source -> [depth - 1][rank] conditional acceptance rate
     proposed: dict[str, list[Path]] = field(default_factory=dict)  # last step's candidate paths per source
     model_value: float | None = None  # running accepted tokens the model's trees held (None: never asked)
+    model_asks: int = 0  # steps the model drafted for this sequence
     model_nodes: float = 0.0  # running count of the model's nodes kept in the merged tree
     since_model: int = 0  # steps since the model was last asked
     probe_gap: int = 0  # steps between probes now (0: ``probe``; doubles after each probe, back when the model pays)
@@ -83,9 +86,9 @@ class HybridDrafter(CostRule):
     Args:
         model: any drafter (EAGLE, Medusa, draft model ...); its ``vocab_size`` and ``needs_hidden`` are the hybrid's.
         ngram: the n-gram matcher (its ``continuations`` and ``max_matches`` / ``max_depth`` are used); default
-            :class:`NgramDrafter` ``(max_depth=max_depth, store=store)``. Where it has a retrieval store, a history
-            with no match of its own takes the store's continuations as its n-gram candidates (source ``store``,
-            own rates).
+            :class:`NgramDrafter` ``(max_depth=max_depth, store=store, step_cost=step_cost)``. Where it has a
+            retrieval store, a history with no match of its own takes the store's continuations as its n-gram
+            candidates (source ``store``, own rates).
         budget: tree nodes, root included (``>= 1``).
         max_depth: deepest draft node kept.
         prior: initial per-depth rate of each source, ``{"ngram": ..., "model": ...}`` or one float for both.
@@ -100,6 +103,8 @@ class HybridDrafter(CostRule):
         measure_cost: ``model_cost`` is only the prior: once measured, the running ratio of the model's ``propose``
             time to the time from one ``propose`` to the next (the engine's verification and bookkeeping; a gap
             over 5x the running value, an idle engine, is ignored) replaces it, so the rule follows the machine.
+            The propose time's running average starts from the prior share of the first measured step, so a
+            first call that catches up on a whole prompt does not count as the model's cost in full.
         store: the default n-gram matcher's retrieval store (:class:`~specdec.drafters.store.TokenStore`).
         ngram_alone: a step that does not ask the model proposes the n-gram drafter's own tree (as plain n-gram
             drafting would) instead of the rate-pruned n-gram candidates.
@@ -124,7 +129,8 @@ class HybridDrafter(CostRule):
             raise ValueError(f"prior needs rates in [0, 1] for {list(SOURCES)}, got {prior}")
         if model_cost is not None and model_cost < 0:
             raise ValueError(f"model_cost must be >= 0, got {model_cost}")
-        self.model, self.ngram = model, ngram or NgramDrafter(max_depth=max_depth, store=store)
+        self.model = model
+        self.ngram = ngram or NgramDrafter(max_depth=max_depth, store=store, step_cost=step_cost)
         self.vocab_size: int | None = model.vocab_size
         self.needs_hidden: bool = bool(model.needs_hidden)
         self.feature_layers = getattr(model, "feature_layers", None)  # EAGLE-3 inside: the engine fuses them
@@ -143,7 +149,8 @@ class HybridDrafter(CostRule):
             {s: [[priors["model" if s == "model" else "ngram"] * 0.3**r for r in range(RANKS)]
                  for _ in range(max_depth)] for s in self.sources}))
         self.model_calls = 0  # sequences the model drafted (for reports and tests)
-        self.pooled_value: float | None = None  # running model_value over all sequences: a new one starts from it
+        self.pooled_value: float | None = None  # slow running model_value over all sequences (the shrinkage target)
+        self.effective_asks = round((2 - weight) / weight)  # the samples a running average at ``weight`` amounts to
 
     # ------------------------------------------------------------------ protocol
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
@@ -158,8 +165,10 @@ class HybridDrafter(CostRule):
         ask = [i for i, item in enumerate(batch) if self._model_pays(item.seq_id, *ngram[i][:2], budgets[i])]
         t0 = time.perf_counter()
         model_drafts = dict(zip(ask, self.model.propose([batch[i] for i in ask]), strict=True)) if ask else {}
-        if ask and self.measure_cost:
-            self.model_s = running(self.model_s, time.perf_counter() - t0, self.weight)
+        if ask and self.measure_cost:  # from the prior share of a step: a first call that catches up on a whole
+            prior = None if self.step_s is None or self.model_cost is None else self.model_cost * self.step_s
+            self.model_s = running(self.model_s if self.model_s is not None else prior, time.perf_counter() - t0,
+                                   self.weight)  # prompt moves the estimate by ``weight`` of its excess, not all
         self.model_calls += len(ask)
         alone = [i for i in range(len(batch)) if i not in model_drafts] if self.ngram_alone else []
         plain = {i: self._ngram_alone(batch[i], ngram[i][2], budgets[i]) for i in alone}
@@ -197,7 +206,8 @@ class HybridDrafter(CostRule):
                 model = set(state.proposed["model"])
                 held = next((d for d in range(len(accepted), 0, -1) if tuple(accepted[:d]) in model), 0)
                 state.model_value = running(state.model_value, float(held), self.weight)
-                self.pooled_value = running(self.pooled_value, float(held), self.weight)
+                state.model_asks += 1
+                self.pooled_value = running(self.pooled_value, float(held), self.weight / PRIOR_STEPS)
             state.proposed = {}
         self.ngram.accept(seq_id, tokens, hidden)  # its running acceptance follows only the trees it proposed
         self.model.accept(seq_id, tokens, hidden)
@@ -287,8 +297,9 @@ MODEL_DRAFTERS = ("eagle", "eagle3", "medusa", "draft-model", "self")
     Option("cost", str, None, f"a model draft's cost as a fraction of a verification step: the model runs only "
                               f"where its expected extra tokens pay for it (default {MODEL_COST}; -1 = always ask; "
                               f"'auto' = measured while running, from the prior {MODEL_COST})"),
-    Option("steps", str, None, "a cost-model JSON (specdec calibrate): tree sizes by the measured verification cost "
-                               "instead of a linear per-node cost"),
+    Option("steps", str, None, "a cost-model JSON (specdec calibrate), or 'auto' (this machine's step cost, measured "
+                               "once and cached): tree sizes by the measured verification cost instead of a linear "
+                               "per-node cost"),
 ))
 def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=None, topk=None, model_budget=None,
            model_depth=None, store=None, skip=None, cost=None, steps=None) -> HybridDrafter:
@@ -297,11 +308,9 @@ def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=
     sub = DrafterSpec.parse(model)
     sub = sub.with_options(**{k: v for k, v in given.items() if v is not None and k in sub.options})
     kwargs = {k: v for k, v in {"budget": budget, "max_depth": depth}.items() if v is not None}
-    step_cost = None
-    if steps is not None:
-        from specdec.research.cost_model import CostModel
+    from specdec.research.machine_cost import step_cost_option
 
-        step_cost = CostModel.load(steps).relative_step
+    step_cost = step_cost_option(steps, target)
     measure = cost == "auto"
     if cost is None or measure:
         model_cost = MODEL_COST

@@ -14,6 +14,7 @@ from specdec.drafters.draft_paths import Path, path_values
 from specdec.drafters.ngram import NgramDrafter
 
 MAX_PROBE_BACKOFF = 4  # probes that find the model not paying space out to at most 4 x ``probe`` steps
+PRIOR_STEPS = 4  # a sequence's own model value counts as much as the pooled one after 4 asks (shrinkage)
 
 
 def running(old: float | None, new: float, weight: float, clip: float | None = None) -> float:
@@ -38,6 +39,7 @@ class CostRule:
     step_s: float | None
     model_s: float | None
     pooled_value: float | None
+    effective_asks: int
 
     @property
     def current_model_cost(self) -> float | None:
@@ -50,7 +52,7 @@ class CostRule:
     def _decide(self, state, ngram_paths: list[Path], source: str, budget: int) -> bool:
         if ngram_paths and self.skip_model_above is not None and state.rates[source][0][0] >= self.skip_model_above:
             return False
-        model_value = state.model_value if state.model_value is not None else self.pooled_value
+        model_value = self.model_value(state)
         if self.model_cost is None or model_value is None:
             return True
         gap = state.probe_gap or self.probe
@@ -70,6 +72,17 @@ class CostRule:
         if pays:
             state.probe_gap = self.probe
         return pays
+
+    def model_value(self, state) -> float | None:
+        """Accepted tokens the model's tree is expected to hold for this sequence: its own running value shrunk
+        toward the value pooled over all sequences, as if the pooled one were ``PRIOR_STEPS`` more asks (one
+        unlucky probe does not switch a good model off for the rest of a sequence; a sequence the model has not
+        drafted yet starts from the pooled value)."""
+        own, pooled = state.model_value, self.pooled_value
+        if own is None or pooled is None:
+            return own if pooled is None else pooled
+        seen = min(state.model_asks, self.effective_asks)
+        return (seen * own + PRIOR_STEPS * pooled) / (seen + PRIOR_STEPS)
 
     def _rel(self, nodes: float, ctx: int) -> float:
         """Verification cost of a ``nodes``-node tree relative to a lone root."""

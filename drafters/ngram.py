@@ -13,14 +13,22 @@ store is given (:mod:`specdec.drafters.store`, ``ngram:store=shipped``): then a 
 proposes the store's most frequent continuations of the history's suffix (at most ``store_nodes`` nodes, each
 continuing at least ``store_min_p`` of the store's matches). The defaults, two nodes and 0.3, were chosen by
 replaying 32 instructions the target wrote itself against a store without their answers (docs/results/session9):
-on this 2-core CPU a real engine step with 1 / 2 / 3 draft nodes costs about 7-12 / 10-21 / 31-36 % more than plain
+on that 2-core CPU a real engine step with 1 / 2 / 3 draft nodes cost about 7-12 / 10-21 / 31-36 % more than plain
 decoding, and a store proposal continuing under 30 % of the matches is accepted 0-17 % of the time.
+
+What a node costs depends on the machine (on the 2-core AMD EPYC of sessions 11-13 a step with 3-6 nodes costs no
+more than a lone root). Given a measured step cost (``step_cost``; ``ngram:steps=auto`` measures this machine's
+once, :mod:`specdec.research.machine_cost`), the store's tree is sized by it instead: of its continuations (at
+most ``store_nodes``, default 4, each continuing at least ``store_min_p``, default 0.05, of the matches) it keeps
+the most frequent ``k`` that maximise ``(1 + sum of their values) / step_cost(k + 1)``, a continuation's value
+being its frequency times a running calibration pooled over sequences (accepted store tokens per unit of proposed
+frequency; prior ``STORE_CALIBRATION``): a frequent continuation is accepted less often than its frequency says.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +40,16 @@ from specdec.drafters.store import TokenStore
 from specdec.interfaces import Draft, DraftInput
 from specdec.tree import TokenTree
 
+STORE_CALIBRATION = 0.5  # prior accepted store tokens per unit of proposed frequency (pooled running ratio after)
+STORE_WEIGHT = 0.05  # weight of the newest store step in the pooled running sums
+STORE_DEFAULTS = {False: (2, 0.3), True: (4, 0.05)}  # (store_nodes, store_min_p) without / with a step cost
+
 
 @dataclass
 class _SeqState:
     alpha: float  # running per-token acceptance estimate
     drafted_depth: int = 0  # depth of the last proposed tree
+    store_value: float = 0.0  # summed store frequency of the last tree if it came from the store (else 0)
 
 
 class NgramDrafter:
@@ -51,8 +64,11 @@ class NgramDrafter:
         node_cost: cost of one extra tree node relative to a one-token verification forward.
         prior_alpha: initial per-token acceptance estimate.
         store: a :class:`~specdec.drafters.store.TokenStore` consulted when the history has no match.
-        store_nodes: most tree nodes (below the root) proposed from the store.
-        store_min_p: least fraction of the store's matches a proposed continuation must have.
+        store_nodes: most tree nodes (below the root) proposed from the store (default 2; 4 with ``step_cost``).
+        store_min_p: least fraction of the store's matches a proposed continuation must have (default 0.3; 0.05
+            with ``step_cost``).
+        step_cost: measured verification cost ``step_cost(n, context)`` of an ``n``-node tree relative to a lone
+            root: the store's tree is sized by it (module docstring).
     """
 
     vocab_size: int | None = None
@@ -69,8 +85,9 @@ class NgramDrafter:
         node_cost: float = 0.05,
         prior_alpha: float = 0.7,
         store: TokenStore | None = None,
-        store_nodes: int = 2,
-        store_min_p: float = 0.3,
+        store_nodes: int | None = None,
+        store_min_p: float | None = None,
+        step_cost: Callable[[int, int], float] | None = None,
     ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -79,9 +96,14 @@ class NgramDrafter:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.max_depth, self.max_nodes, self.max_matches = max_depth, max_nodes, max_matches
         self.node_cost, self.prior_alpha = node_cost, prior_alpha
+        default_nodes, default_p = STORE_DEFAULTS[step_cost is not None]
+        store_nodes = default_nodes if store_nodes is None else store_nodes
+        store_min_p = default_p if store_min_p is None else store_min_p
         if store_nodes < 0 or not 0.0 <= store_min_p <= 1.0:
             raise ValueError(f"need store_nodes >= 0 and 0 <= store_min_p <= 1, got {store_nodes}, {store_min_p}")
         self.store, self.store_nodes, self.store_min_p = store, store_nodes, store_min_p
+        self.step_cost = step_cost
+        self._store_value, self._store_accepted = 1.0, STORE_CALIBRATION  # pooled running sums (their ratio)
         self._state: PerSequence[_SeqState] = PerSequence(lambda: _SeqState(alpha=self.prior_alpha))
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
@@ -106,14 +128,34 @@ class NgramDrafter:
     def draft_from_store(self, seq_id: int, root: int, history: torch.Tensor, budget: int) -> Draft:
         """The store's tree for a history with no match of its own (the root alone without a store); its
         acceptance does not move the sequence's running ``alpha``, which measures the history's matches."""
-        state = self._state.get(seq_id)
-        if state is not None:
-            state.drafted_depth = 0
+        state = self._state[seq_id]
+        state.drafted_depth = 0
         tree = GrowingTree(root)
         if self.store is not None:
-            tree.add(self.store.tree_paths(history, min(self.store_nodes, budget - 1), self.store_min_p,
-                                           self.min_ngram, self.max_depth))
+            paths, state.store_value = self.store_paths(history, budget - 1)
+            tree.add(paths)
         return Draft(tree.tree())
+
+    @property
+    def store_calibration(self) -> float:
+        """Accepted store tokens per unit of proposed store frequency (pooled running ratio, within [0.05, 1])."""
+        return min(1.0, max(0.05, self._store_accepted / max(self._store_value, 1e-9)))
+
+    def store_paths(self, history: torch.Tensor, nodes: int) -> tuple[list[tuple[int, ...]], float]:
+        """The store's continuations to propose for ``history`` (at most ``nodes``; sized by ``step_cost`` where
+        given, module docstring) and their summed frequency."""
+        cap = min(self.store_nodes, nodes)
+        if self.store is None or cap < 1:
+            return [], 0.0
+        found = [(path, p) for path, p in self.store.continuations(history, self.min_ngram, min(self.max_depth, cap))
+                 if p >= self.store_min_p][:cap]  # most frequent first: every prefix comes before its extensions
+        if self.step_cost is not None and found:
+            from specdec.research.cost_model import choose_size
+
+            context, scale = history.numel(), self.store_calibration
+            keep = choose_size([p * scale for _, p in found], lambda n: self.step_cost(n, context)) - 1
+            found = found[:keep]
+        return [path for path, _ in found], sum(p for _, p in found)
 
     def worthwhile_depth(self, alpha: float) -> int:
         """Deepest ``d <= max_depth`` with ``alpha ** d > node_cost`` (at least 1)."""
@@ -125,6 +167,11 @@ class NgramDrafter:
 
     def accept(self, seq_id: int, tokens: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         state = self._state.get(seq_id)
+        if state is not None and state.store_value > 0:  # a store tree: calibrate its frequencies
+            w = STORE_WEIGHT
+            self._store_value += w * (state.store_value - self._store_value)
+            self._store_accepted += w * (tokens.numel() - 1 - self._store_accepted)
+            state.store_value = 0.0
         if state is None or state.drafted_depth == 0:
             return
         accepted = tokens.numel() - 1
@@ -183,15 +230,22 @@ def merge_continuations(root: int, continuations: Sequence[Sequence[int]], max_n
     Option("max_ngram", int, None, "longest suffix matched (default 4)"),
     Option("store", str, None, "retrieval store for steps with no match (a folder from 'python -m specdec.train "
                                "store'; 'shipped' = the embedded SmolLM2's own answers); default none"),
-    Option("store_nodes", int, None, "most nodes proposed from the store (default 2)"),
-    Option("store_min_p", float, None, "least share of the store's matches a proposal needs (default 0.3)"),
+    Option("store_nodes", int, None, "most nodes proposed from the store (default 2; 4 with steps)"),
+    Option("store_min_p", float, None, "least share of the store's matches a proposal needs (default 0.3; 0.05 "
+                                       "with steps)"),
+    Option("steps", str, None, "size the store's tree by a measured step cost: 'auto' (this machine's, measured "
+                               "once and cached) or a cost-model JSON (specdec calibrate); default none"),
 ))
 def _build(target, depth=None, budget=None, min_ngram=None, max_ngram=None, store=None, store_nodes=None,
-           store_min_p=None) -> NgramDrafter:
+           store_min_p=None, steps=None) -> NgramDrafter:
+    from specdec.research.machine_cost import step_cost_option
+
     kwargs = {"max_depth": depth, "max_nodes": budget, "min_ngram": min_ngram, "max_ngram": max_ngram,
               "store_nodes": store_nodes, "store_min_p": store_min_p}
+    if steps is not None and store is None:
+        raise ValueError("option 'steps' of drafter 'ngram' sizes the store's tree: give a store too (store=shipped)")
     return NgramDrafter(store=None if store is None else load_store(store, target),
-                        **{k: v for k, v in kwargs.items() if v is not None})
+                        step_cost=step_cost_option(steps, target), **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def load_store(path: str, target) -> TokenStore:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import json
 import os
 import platform
 import sys
@@ -196,25 +195,19 @@ def kernel_table(out_features: int, in_features: int, threads: int, approximate:
     kernels = available_kernels() + (approximate_kernels() if approximate else ())
     key = f"torch {torch.__version__} | {processor()} | {threads} threads | {out_features}x{in_features}"
     key += " | approximate" if approximate else ""
-    path = _cache_file()
-    saved = _read(path).get(key)
+    from specdec.app.model_cache import cache_root, read_keyed, write_keyed
+
+    saved = read_keyed(FILE_NAME).get(key)
     if saved and len(saved.get("kernels", ())) == len(ROW_POINTS) and set(saved["kernels"]) <= set(kernels):
         return tuple(saved["kernels"])
     if out_features * in_features >= 1 << 20:  # a visible pause otherwise unexplained (small shapes: milliseconds)
         print(f"specdec: timing CPU linear kernels for a [{out_features}, {in_features}] weight, once on this machine "
-              f"(kept in {path})", file=sys.stderr, flush=True)
+              f"(kept in {cache_root() / FILE_NAME})", file=sys.stderr, flush=True)
     times = measure_kernels(out_features, in_features, kernels)
     table = tuple(choose(times[n]) for n in ROW_POINTS)
-    entry = {"kernels": list(table), "rows": list(ROW_POINTS),
-             "ms": {str(n): {k: round(1e3 * t, 4) for k, t in times[n].items()} for n in ROW_POINTS}}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {**_read(path), key: entry}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError:
-        pass
+    write_keyed(FILE_NAME, key, {"kernels": list(table), "rows": list(ROW_POINTS),
+                                 "ms": {str(n): {k: round(1e3 * t, 4) for k, t in times[n].items()}
+                                        for n in ROW_POINTS}})
     return table
 
 
@@ -228,17 +221,3 @@ def processor() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _cache_file() -> Path:
-    from specdec.app.model_cache import cache_root
-
-    return cache_root() / FILE_NAME
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -203,13 +203,17 @@ def test_the_model_is_asked_only_where_its_expected_tokens_pay_for_its_cost_and_
     """Rule: ask iff ``(1 + max(V_n, V_m)) / (1 + cost + node_cost * max(N_n, N_m)) > (1 + V_n) / (1 + node_cost *
     N_n)``; the first step asks (no estimate yet), and a model not asked for ``probe`` steps is asked again."""
     unmatched = [8, 2, 6, 1, 3]
-    for cost, asked_again in [(0.3, [1]), (2.0, [])]:
+    for cost, asked_again in [(0.1, [1]), (0.3, []), (2.0, [])]:
         model = FixedDrafter([(7,)])
         hybrid = HybridDrafter(model, budget=6, prior={"ngram": 0.95, "model": 0.5}, model_cost=cost, probe=4)
         hybrid.propose(inputs([0, 1], [REPEATING, unmatched]))
         assert model.proposed == [0, 1]  # no estimate of the model yet
         hybrid.accept(0, torch.tensor([1, 5, 9]))  # the n-gram was right
-        hybrid.accept(1, torch.tensor([7]))  # so was the model (its one node: worth ~0.6 tokens now)
+        hybrid.accept(1, torch.tensor([7]))  # so was the model here (not for sequence 0)
+        # V_m = (1 * 1 token + PRIOR_STEPS * pooled 0.05) / (1 + PRIOR_STEPS) = 0.24: pays for a cost of 0.1
+        # ((1 + 0.24) / (1 + 0.1 + 0.05) > 1) but not 0.3
+        assert hybrid.pooled_value == pytest.approx(0.05) and hybrid.model_value(hybrid._state[1]) == pytest.approx(
+            0.24)
         matched, alone = hybrid.propose(inputs([0, 1], [REPEATING, unmatched]))
         assert model.proposed[2:] == asked_again  # confident match: n-gram alone; no match: the model if it pays
         assert all(p[0] == 1 for p in tree_paths(matched.tree))
@@ -237,6 +241,26 @@ def test_a_new_sequence_starts_from_the_pooled_model_value_and_probes_space_out(
             asked_at.append(step)
         hybrid.accept(1, torch.tensor([5]))
     assert asked_at == [4, 12, 28, 44]  # never at step 1 (pooled), then after 4, 8, 16, 16 steps
+
+
+def test_one_unlucky_ask_does_not_switch_off_a_model_that_pays_elsewhere_but_a_run_of_misses_does():
+    """A sequence's own model value is shrunk toward the pooled one (``PRIOR_STEPS`` pseudo-asks): after one miss
+    it is (0 + 4 * 1) / 5 = 0.8 tokens and the model is still asked; after many misses the sequence's own zero
+    outweighs the pooled value and the model is left out (until a probe)."""
+    unmatched = [8, 2, 6, 1, 3]
+    model = FixedDrafter([(7,)])
+    hybrid = HybridDrafter(model, budget=6, prior={"ngram": 0.95, "model": 0.5}, model_cost=0.3, probe=1000)
+    hybrid.pooled_value = 1.0  # the model held one token a step for earlier sequences
+    asked = []
+    for _ in range(12):
+        before = len(model.proposed)
+        hybrid.propose(inputs([0], [unmatched]))
+        asked.append(len(model.proposed) > before)
+        hybrid.accept(0, torch.tensor([5]))  # the model's token was wrong
+    state = hybrid._state[0]
+    assert asked[:2] == [True, True]  # the first miss leaves V_m = 0.8: (1 + 0.8) / (1 + 0.3 + 0.05) > 1
+    assert not asked[-1] and hybrid.model_value(state) < 0.35  # a run of misses: (1 + V_m) / 1.35 < 1
+    assert state.model_asks == sum(asked)
 
 
 def test_a_long_match_keeps_its_own_rates():
@@ -385,6 +409,29 @@ def test_a_measured_model_cost_stops_asking_a_model_that_costs_more_than_it_save
         if measure:
             assert hybrid.current_model_cost > 3.0 and hybrid.step_s > 0
     assert calls[False] >= 10 and calls[True] <= calls[False] // 2, calls
+
+
+def test_a_first_model_call_that_catches_up_on_a_prompt_moves_the_measured_cost_by_its_weight_only(monkeypatch):
+    """``cost=auto``: the model's running propose time starts from the prior share (0.3) of the measured step
+    (0.1 s), so a first call of 1 s (the head catching up on a whole prompt) counts as 0.03 + 0.2 * (1 - 0.03) =
+    0.224 s, a cost of 2.24 steps, not 10 (calls like it afterwards raise it toward 10)."""
+    import specdec.drafters.hybrid as hybrid_module
+
+    clock = [0.0]
+    monkeypatch.setattr(hybrid_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    class Timed(FixedDrafter):
+        def propose(self, batch):
+            clock[0] += 1.0
+            return super().propose(batch)
+
+    hybrid = HybridDrafter(Timed([(7,)]), budget=4, model_cost=0.3, measure_cost=True)
+    unmatched = [8, 2, 6, 1, 3]
+    hybrid.propose(inputs([0], [unmatched], budget=1))  # a lone root: the model is not asked
+    clock[0] += 0.1  # the verification step
+    hybrid.propose(inputs([0], [unmatched]))  # the model's first call
+    assert hybrid.step_s == pytest.approx(0.1) and hybrid.model_s == pytest.approx(0.224)
+    assert hybrid.current_model_cost == pytest.approx(2.24)
 
 
 def test_the_cost_option_takes_a_number_or_auto(target):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec import linear_kernels, packed_linear
+from specdec.app.model_cache import read_keyed
 from specdec.engine import SpeculativeEngine
 from specdec.linear_kernels import ROW_POINTS, approximate_kernels, available_kernels, choose, kernel_for, kernel_table
 from specdec.packed_linear import PackedLinear, PackedWeight, linear_bytes, pack_linears, packing_works
@@ -220,7 +221,7 @@ def test_an_approximate_table_is_measured_beside_the_exact_one_under_its_own_key
     try:
         exact, approx = kernel_table(70, 41, 1), kernel_table(70, 41, 1, True)
         assert set(exact) <= set(available_kernels()) and set(approx) <= set(available_kernels()) | set(APPROXIMATE)
-        keys = list(linear_kernels._read(tmp_path / linear_kernels.FILE_NAME))
+        keys = list(read_keyed(linear_kernels.FILE_NAME))
         assert len(keys) == 2 and sum(k.endswith(" | approximate") for k in keys) == 1
     finally:
         kernel_table.cache_clear()

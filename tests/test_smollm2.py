@@ -55,7 +55,9 @@ def test_chat_template_is_applied(smollm2):
                                              ("medusa:path=shipped,tree=dynamic,budget=8", 1.3),
                                              ("eagle3:path=shipped,tree=dynamic,budget=8,depth=5", 1.3),
                                              ("hybrid:model=eagle3,path=shipped,store=shipped,model_budget=6,"
-                                              "model_depth=3,cost=auto", 1.3)])
+                                              "model_depth=3,cost=auto", 1.3),
+                                             ("hybrid:model=eagle3,path=shipped,store=shipped,cost=auto,steps=auto",
+                                              1.3)])
 def test_shipped_drafters_are_trained_and_lossless(smollm2, spec, min_tau):
     """The weights shipped for SmolLM2 load, keep greedy output identical to HF, and accept drafts (untrained
     heads give tau of about 1.0-1.2)."""
@@ -76,14 +78,15 @@ def test_shipped_drafters_are_trained_and_lossless(smollm2, spec, min_tau):
 
 def test_the_shipped_store_is_lossless_and_raises_tau_where_the_history_has_no_match(smollm2):
     """``ngram:store=shipped`` (the target's own answers to other prompts) matches the target's vocabulary, keeps
-    greedy output identical to HF and accepts store drafts on prompts that do not repeat themselves."""
+    greedy output identical to HF and accepts store drafts on prompts that do not repeat themselves; so does the
+    store's tree sized by this machine's measured step cost (``steps=auto``)."""
     from specdec.drafters import DrafterSpec, build_drafter
 
     model, tokenizer = smollm2
     target = TargetModel(model)
     cache = target.new_cache(128, 16)
     taus = {}
-    for spec in ("ngram", "ngram:store=shipped"):
+    for spec in ("ngram", "ngram:store=shipped", "ngram:store=shipped,steps=auto"):
         drafter = build_drafter(DrafterSpec.parse(spec), target)
         taus[spec] = []
         for text in ("Give me three tips for staying focused while working from home.",
@@ -94,7 +97,8 @@ def test_the_shipped_store_is_lossless_and_raises_tau_where_the_history_has_no_m
             result = SpeculativeEngine(target, cache, drafter, eos_token_ids(model, tokenizer)).generate(ids, 48)
             assert result.tokens == ref, spec
             taus[spec].append(result.stats.tau)
-    assert all(s > n + 0.1 for s, n in zip(taus["ngram:store=shipped"], taus["ngram"], strict=True)), taus
+    for spec in ("ngram:store=shipped", "ngram:store=shipped,steps=auto"):
+        assert all(s > n + 0.1 for s, n in zip(taus[spec], taus["ngram"], strict=True)), taus
     assert cache.allocator.num_free == 128
 
 

@@ -127,6 +127,32 @@ def test_ngram_asks_the_store_only_where_the_history_has_no_match():
         NgramDrafter(store_nodes=-1)
 
 
+def test_with_a_step_cost_the_stores_tree_keeps_the_continuations_that_pay_by_calibrated_frequency():
+    """Store continuations of "4 5": 6 (5/7 of the matches), 6 7 (5/7), 9 (2/7), 9 3 (1/7). Free nodes: all four
+    (each adds value at no cost). A node costing 0.2 of a step: with calibration 0.5 the values are 0.357, 0.357,
+    0.143, 0.071, and (1 + sum of the best k) / (1 + 0.2 k) is largest at k = 2. A store whose proposals are
+    never accepted calibrates down until its best continuation (5/7 of the matches) no longer pays for a node
+    (calibration < 0.28) and then proposes nothing where nodes cost."""
+    store = TokenStore([[4, 5, 6, 7]] * 5 + [[4, 5, 9, 3]] + [[4, 5, 9]], 16)
+    free = NgramDrafter(store=store, step_cost=lambda n, ctx: 1.0, max_nodes=8)
+    assert (free.store_nodes, free.store_min_p) == (4, 0.05)
+    history = torch.tensor([1, 2, 4, 5])
+    assert free.store_calibration == 0.5
+    paths, value = free.store_paths(history, 7)
+    assert paths == [(6,), (6, 7), (9,), (9, 3)] and value == pytest.approx(5 / 7 * 2 + 2 / 7 + 1 / 7)
+    dear = NgramDrafter(store=store, step_cost=lambda n, ctx: 1.0 + 0.2 * (n - 1), max_nodes=8)
+    assert dear.store_paths(history, 7)[0] == [(6,), (6, 7)]
+    for _ in range(60):  # the store's tree is never accepted: its calibration falls
+        [draft] = dear.propose(inputs([0], [history]))
+        dear.accept(0, torch.tensor([11]))
+    assert dear.store_calibration < 0.28 and dear.store_paths(history, 7)[0] == []
+    assert dear._state[0].store_value == 0.0  # consumed by accept
+    untuned = NgramDrafter(store=store)  # no step cost: the fixed cap and floor
+    assert untuned.store_paths(history, 7)[0] == [(6,), (6, 7)]
+    with pytest.raises(ValueError, match="option 'steps' of drafter 'ngram' sizes the store's tree: give a store"):
+        build_drafter(DrafterSpec.parse("ngram:steps=auto"), None)
+
+
 @pytest.fixture(scope="module")
 def target() -> TargetModel:
     return TargetModel(tiny_llama(seed=3), split_gemv=False)

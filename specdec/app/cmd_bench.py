@@ -14,9 +14,11 @@ from specdec.app.args import add_model_args, add_prompt_args, auto_cost_model, c
 
 HELP = "HF generate vs specdec autoregressive vs drafters on a prompt set (table + JSON report)"
 DEFAULT_DRAFTER = "ngram"
-# What is shipped for the embedded SmolLM2: the retrieval store of its own answers, and the trained heads (the EAGLE
-# heads' dynamic trees take their measured shape, ``specdec.drafters.eagle.SHIPPED_TREE``, docs/results/session12).
-SHIPPED_DRAFTERS = ("ngram:store=shipped", "hybrid:model=eagle3,path=shipped,store=shipped,cost=auto",
+# What is shipped for the embedded SmolLM2: the retrieval store of its own answers (its tree sized by this machine's
+# measured step cost, docs/results/session13), and the trained heads (the EAGLE heads' dynamic trees take their
+# measured shape, ``specdec.drafters.eagle.SHIPPED_TREE``, docs/results/session12).
+SHIPPED_DRAFTERS = ("ngram:store=shipped,steps=auto",
+                    "hybrid:model=eagle3,path=shipped,store=shipped,cost=auto,steps=auto",
                     "medusa:path=shipped,tree=dynamic,budget=4", "eagle:path=shipped,tree=dynamic",
                     "eagle3:path=shipped")
 INTERRUPTED = 130

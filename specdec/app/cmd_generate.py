@@ -26,7 +26,7 @@ HELP = "generate text for one prompt, streaming, then one statistics line on std
 # Session 9 (docs/results/session9/bench24_final.json, the same 24 prompts, each request timed 3 times): n-gram with
 # the shipped retrieval store 1.40x HF (36.4 tok/s, tau 2.14) against n-gram alone 1.36x (34.6 tok/s, tau 1.82).
 DEFAULT_DRAFTER = "ngram"
-EMBEDDED_DEFAULT_DRAFTER = "ngram:store=shipped"
+EMBEDDED_DEFAULT_DRAFTER = "ngram:store=shipped,steps=auto"
 INTERRUPTED = 130
 
 

@@ -70,3 +70,31 @@ def cached_folder(name: str, source: Path, convert: Callable[[Path], None], root
         if stale != folder and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+def read_keyed(name: str) -> dict:
+    """The JSON object kept in ``CACHE/{name}`` (measurements keyed by what they depend on); ``{}`` if missing or
+    unreadable."""
+    import json
+
+    try:
+        data = json.loads((cache_root() / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_keyed(name: str, key: str, entry: object) -> Path:
+    """Set ``key`` to ``entry`` in ``CACHE/{name}`` (written to a temporary file and renamed, so a reader never sees
+    half a file); an unwritable cache is skipped. Returns the file's path."""
+    import json
+
+    path = cache_root() / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**read_keyed(name), key: entry}, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
+    return path
