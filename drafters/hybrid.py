@@ -60,6 +60,7 @@ from specdec.drafters.ngram import NgramDrafter, load_store
 from specdec.drafters.registry import DrafterSpec, Option, build_drafter, register
 from specdec.drafters.store import TokenStore
 from specdec.interfaces import Draft, Drafter, DraftInput
+from specdec.research.machine_cost import step_cost_option
 from specdec.tree_builders import union_tree
 
 SOURCES = ("ngram", "model")
@@ -308,8 +309,6 @@ def _build(target, model="eagle", path=None, tree="dynamic", budget=None, depth=
     sub = DrafterSpec.parse(model)
     sub = sub.with_options(**{k: v for k, v in given.items() if v is not None and k in sub.options})
     kwargs = {k: v for k, v in {"budget": budget, "max_depth": depth}.items() if v is not None}
-    from specdec.research.machine_cost import step_cost_option
-
     step_cost = step_cost_option(steps, target)
     measure = cost == "auto"
     if cost is None or measure:

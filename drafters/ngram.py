@@ -38,6 +38,7 @@ from specdec.drafters.common import GrowingTree, PerSequence, row_budgets
 from specdec.drafters.registry import SHIPPED, Option, register, shipped_folder
 from specdec.drafters.store import TokenStore
 from specdec.interfaces import Draft, DraftInput
+from specdec.research.machine_cost import step_cost_option
 from specdec.tree import TokenTree
 
 STORE_CALIBRATION = 0.5  # prior accepted store tokens per unit of proposed frequency (pooled running ratio after)
@@ -238,14 +239,13 @@ def merge_continuations(root: int, continuations: Sequence[Sequence[int]], max_n
 ))
 def _build(target, depth=None, budget=None, min_ngram=None, max_ngram=None, store=None, store_nodes=None,
            store_min_p=None, steps=None) -> NgramDrafter:
-    from specdec.research.machine_cost import step_cost_option
-
     kwargs = {"max_depth": depth, "max_nodes": budget, "min_ngram": min_ngram, "max_ngram": max_ngram,
               "store_nodes": store_nodes, "store_min_p": store_min_p}
     if steps is not None and store is None:
         raise ValueError("option 'steps' of drafter 'ngram' sizes the store's tree: give a store too (store=shipped)")
     return NgramDrafter(store=None if store is None else load_store(store, target),
-                        step_cost=step_cost_option(steps, target), **{k: v for k, v in kwargs.items() if v is not None})
+                        step_cost=step_cost_option(steps, target),
+                        **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def load_store(path: str, target) -> TokenStore:

@@ -25,6 +25,8 @@ HELP = "generate text for one prompt, streaming, then one statistics line on std
 # hybrid 1.20x (1 % more tokens per second overall), EAGLE b3 0.97x: still n-gram.
 # Session 9 (docs/results/session9/bench24_final.json, the same 24 prompts, each request timed 3 times): n-gram with
 # the shipped retrieval store 1.40x HF (36.4 tok/s, tau 2.14) against n-gram alone 1.36x (34.6 tok/s, tau 1.82).
+# Session 13 (docs/results/session13/bench24.json, each request timed twice): the store's tree sized by this machine's
+# measured step cost (steps=auto) 2.48x HF (41.8 tok/s) against the fixed two-node store tree 2.39x (39.9 tok/s).
 DEFAULT_DRAFTER = "ngram"
 EMBEDDED_DEFAULT_DRAFTER = "ngram:store=shipped,steps=auto"
 INTERRUPTED = 130

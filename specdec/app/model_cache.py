@@ -5,12 +5,15 @@ converts a source once into ``CACHE/{name}-{specdec version}-{sha256 of the sour
 and renamed, so a folder found there is complete) and returns that folder on every later call. A changed source or
 a new specdec version gives a new key, so the folder is rebuilt and the stale ones of the same name are removed.
 
-``CACHE`` is ``$SPECDEC_CACHE``, else ``$XDG_CACHE_HOME/specdec``, else ``~/.cache/specdec``.
+``CACHE`` is ``$SPECDEC_CACHE``, else ``$XDG_CACHE_HOME/specdec``, else ``~/.cache/specdec``. It also holds the
+per-machine measurements (:func:`read_keyed` / :func:`write_keyed`: one JSON object per file, keyed by what a
+measurement depends on): the linear kernels' choices and the step cost by tree size.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -75,8 +78,6 @@ def cached_folder(name: str, source: Path, convert: Callable[[Path], None], root
 def read_keyed(name: str) -> dict:
     """The JSON object kept in ``CACHE/{name}`` (measurements keyed by what they depend on); ``{}`` if missing or
     unreadable."""
-    import json
-
     try:
         data = json.loads((cache_root() / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -87,8 +88,6 @@ def read_keyed(name: str) -> dict:
 def write_keyed(name: str, key: str, entry: object) -> Path:
     """Set ``key`` to ``entry`` in ``CACHE/{name}`` (written to a temporary file and renamed, so a reader never sees
     half a file); an unwritable cache is skipped. Returns the file's path."""
-    import json
-
     path = cache_root() / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

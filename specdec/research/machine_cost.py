@@ -20,11 +20,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from specdec.research.cost_model import CostModel, fit_verify
 from specdec.target import TargetModel
+
+if TYPE_CHECKING:  # the cost model pulls in scipy: imported where a step cost is asked for
+    from specdec.research.cost_model import CostModel
 
 FILE_NAME = "step-costs.json"
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -60,6 +63,7 @@ def machine_cost_model(target: TargetModel, measure: bool = True) -> CostModel |
     the module docstring); ``measure=False`` only reads (``None`` if not cached)."""
     from specdec.app.model_cache import cache_root, read_keyed, write_keyed
     from specdec.research.cost_measure import measure_step
+    from specdec.research.cost_model import CostModel, fit_verify
 
     key = model_key(target)
     saved = read_keyed(FILE_NAME).get(key)
@@ -83,4 +87,6 @@ def step_cost_option(value: str | None, target: TargetModel) -> Callable[[int, i
         return None
     if value == "auto":
         return machine_cost_model(target).relative_step
+    from specdec.research.cost_model import CostModel
+
     return CostModel.load(value).relative_step
