@@ -181,11 +181,15 @@ def test_greedy_output_equals_autoregressive_with_store_drafts_accepted(target, 
     assert cache.allocator.num_free == 64
 
 
-def test_sampling_with_store_drafts_preserves_the_target_distribution():
+@pytest.mark.parametrize("sized", [False, True], ids=["fixed", "sized-by-step-cost"])
+def test_sampling_with_store_drafts_preserves_the_target_distribution(sized):
+    """Chi-square on the first two sampled tokens; ``sized``: the store's tree chosen per step by a step cost (free
+    nodes) and the running calibration, which moves with every accepted draft."""
     target = TargetModel(tiny_llama(vocab=8, seed=11), split_gemv=False)
     g = torch.Generator().manual_seed(5)
     store = TokenStore([torch.randint(0, 8, (40,), generator=g).tolist() for _ in range(20)], 8)
-    drafter = NgramDrafter(store=store, store_nodes=3, store_min_p=0.0, min_ngram=1, max_nodes=4)
+    drafter = NgramDrafter(store=store, store_nodes=3, store_min_p=0.0, min_ngram=1, max_nodes=4,
+                           step_cost=(lambda n, ctx: 1.0) if sized else None)
     torch.manual_seed(4)
     pvalue, accepted = first_two_tokens_pvalue(target, drafter, [1, 5, 2, 7, 3], 300, SamplingParams(1.0), 4)
     assert pvalue > 1e-3 and accepted > 15

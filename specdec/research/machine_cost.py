@@ -11,7 +11,8 @@ sessions 3 draft nodes cost 31-36 % more than plain decoding. A fixed per-node c
 for SmolLM2 on 2 cores) and keeps the grid in ``<cache>/step-costs.json`` (the model cache's folder:
 ``$SPECDEC_CACHE``, ``$XDG_CACHE_HOME/specdec`` or ``~/.cache/specdec``) under a key naming torch, the processor,
 the thread count, the device and the model's shape, so a later run on the same machine reads it back. An
-unwritable cache is skipped (measured again next time). ``specdec calibrate`` makes a fuller model (more sizes,
+unwritable cache is skipped (measured again next time); delete the file to measure again (say, after other jobs
+slowed the first measurement). ``specdec calibrate`` makes a fuller model (more sizes,
 contexts and drafter times) for ``steps=PATH``.
 """
 
