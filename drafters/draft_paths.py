@@ -53,6 +53,13 @@ def tree_paths(tree: TokenTree) -> list[Path]:
     return paths[1:]
 
 
+def held(paths: set[Path] | list[Path], accepted: list[int]) -> int:
+    """How many of the ``accepted`` tokens (bonus included) a proposal of these ``paths`` held: the longest prefix
+    of them that is one of its paths."""
+    found = paths if isinstance(paths, set) else set(paths)
+    return next((d for d in range(len(accepted), 0, -1) if tuple(accepted[:d]) in found), 0)
+
+
 def observe_rates(rates: list[list[float]], paths: list[Path], accepted: list[int], weight: float) -> None:
     """One step's evidence for one source's running rates ``rates[depth - 1][rank]`` (moving average, ``weight``
     of the newest): at each depth ``d`` whose accepted prefix lies in the source's proposal ``paths``, was the

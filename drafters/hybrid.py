@@ -49,6 +49,7 @@ from specdec.drafters.common import PerSequence, row_budgets
 from specdec.drafters.draft_paths import (
     RANKS,
     Path,
+    held,
     longest_match,
     observe_rates,
     pass_through,
@@ -151,7 +152,6 @@ class HybridDrafter(CostRule):
                  for _ in range(max_depth)] for s in self.sources}))
         self.model_calls = 0  # sequences the model drafted (for reports and tests)
         self.pooled_value: float | None = None  # slow running model_value over all sequences (the shrinkage target)
-        self.effective_asks = round((2 - weight) / weight)  # the samples a running average at ``weight`` amounts to
 
     # ------------------------------------------------------------------ protocol
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
@@ -204,11 +204,10 @@ class HybridDrafter(CostRule):
             speed = len(accepted) / (1 + self.ngram.node_cost * state.nodes)
             state.speed += self.weight * (speed - state.speed)
             if state.since_model == 0:  # the model proposed: how many accepted tokens did its tree hold?
-                model = set(state.proposed["model"])
-                held = next((d for d in range(len(accepted), 0, -1) if tuple(accepted[:d]) in model), 0)
-                state.model_value = running(state.model_value, float(held), self.weight)
+                got = float(held(state.proposed["model"], accepted))
+                state.model_value = running(state.model_value, got, self.weight)
                 state.model_asks += 1
-                self.pooled_value = running(self.pooled_value, float(held), self.weight / PRIOR_STEPS)
+                self.pooled_value = running(self.pooled_value, got, self.weight / PRIOR_STEPS)
             state.proposed = {}
         self.ngram.accept(seq_id, tokens, hidden)  # its running acceptance follows only the trees it proposed
         self.model.accept(seq_id, tokens, hidden)

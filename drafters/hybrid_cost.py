@@ -39,7 +39,7 @@ class CostRule:
     step_s: float | None
     model_s: float | None
     pooled_value: float | None
-    effective_asks: int
+    weight: float
 
     @property
     def current_model_cost(self) -> float | None:
@@ -81,7 +81,7 @@ class CostRule:
         own, pooled = state.model_value, self.pooled_value
         if own is None or pooled is None:
             return own if pooled is None else pooled
-        seen = min(state.model_asks, self.effective_asks)
+        seen = min(state.model_asks, round((2 - self.weight) / self.weight))  # what a running average amounts to
         return (seen * own + PRIOR_STEPS * pooled) / (seen + PRIOR_STEPS)
 
     def _rel(self, nodes: float, ctx: int) -> float:

@@ -145,11 +145,10 @@ class NgramDrafter:
     def store_paths(self, history: torch.Tensor, nodes: int) -> tuple[list[tuple[int, ...]], float]:
         """The store's continuations to propose for ``history`` (at most ``nodes``; sized by ``step_cost`` where
         given, module docstring) and their summed frequency."""
-        cap = min(self.store_nodes, nodes)
-        if self.store is None or cap < 1:
+        if self.store is None:
             return [], 0.0
-        found = [(path, p) for path, p in self.store.continuations(history, self.min_ngram, min(self.max_depth, cap))
-                 if p >= self.store_min_p][:cap]  # most frequent first: every prefix comes before its extensions
+        found = self.store.tree_candidates(history, min(self.store_nodes, nodes), self.store_min_p, self.min_ngram,
+                                           self.max_depth)  # most frequent first: every prefix before its extensions
         if self.step_cost is not None and found:
             from specdec.research.cost_model import choose_size
 

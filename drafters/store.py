@@ -115,20 +115,26 @@ class TokenStore:
         suffix = tuple(int(t) for t in (tail.tolist() if isinstance(tail, torch.Tensor) else tail))
         return list(self._lookup(suffix, max(1, min_ngram), max(1, depth), max(1, max_matches)))
 
-    def tree_paths(self, history: torch.Tensor, nodes: int, min_p: float, min_ngram: int = 2,
-                   depth: int = 8) -> list[tuple[int, ...]]:
-        """At most ``nodes`` continuation prefixes (tree nodes below the root), each continuing at least a
-        ``min_p`` fraction of the matches, most frequent first (a parent always comes before its children)."""
+    def tree_candidates(self, history: torch.Tensor, nodes: int, min_p: float, min_ngram: int = 2,
+                        depth: int = 8) -> list[tuple[tuple[int, ...], float]]:
+        """At most ``nodes`` continuation prefixes (tree nodes below the root) with their frequencies, each
+        continuing at least a ``min_p`` fraction of the matches, most frequent first (a parent always comes before
+        its children)."""
         if nodes < 1:
             return []
         out = []
         for path, p in self.continuations(history, min_ngram, min(depth, nodes)):
             if p < min_p:
                 break
-            out.append(path)
+            out.append((path, p))
             if len(out) == nodes:
                 break
         return out
+
+    def tree_paths(self, history: torch.Tensor, nodes: int, min_p: float, min_ngram: int = 2,
+                   depth: int = 8) -> list[tuple[int, ...]]:
+        """The paths of :meth:`tree_candidates`."""
+        return [path for path, _ in self.tree_candidates(history, nodes, min_p, min_ngram, depth)]
 
     def save(self, folder: str | Path) -> Path:
         from safetensors.torch import save_file

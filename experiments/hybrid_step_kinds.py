@@ -20,6 +20,7 @@ def main() -> None:
     from specdec.app.loaders import load_model_and_tokenizer
     from specdec.app.prompts import encode_prompt, load_prompts
     from specdec.drafters import DrafterSpec, build_drafter
+    from specdec.drafters.draft_paths import held
     from specdec.engine import SpeculativeEngine
     from specdec.target import TargetModel, eos_token_ids
 
@@ -46,12 +47,10 @@ def main() -> None:
             got = tokens.tolist()
             row = {"accepted": len(got) - 1}
             for source, paths in state.proposed.items():
-                found = set(paths)
-                held = next((k for k in range(len(got), 0, -1) if tuple(got[:k]) in found), 0)
                 if source == "model":
-                    row["model"] = held
+                    row["model"] = held(paths, got)
                 else:
-                    row.update(ngram=held, kind=("ngram" if source != "store" else
+                    row.update(ngram=held(paths, got), kind=("ngram" if source != "store" else
                                                  "store" if paths else "store-empty"))
             steps.append(row)
         return accept(seq_id, tokens, hidden)

@@ -54,6 +54,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdec.app.model_cache import cache_root, read_keyed, write_keyed
+
 KERNELS = ("plain", "mkl", "onednn")
 APPROXIMATE_KERNELS = ("onednn-bf16",)  # for drafters only (module docstring)
 DRAFT_PRECISION_ENV = "SPECDEC_DRAFT_PRECISION"  # "float32": drafters use the exact kernels only
@@ -195,8 +197,6 @@ def kernel_table(out_features: int, in_features: int, threads: int, approximate:
     kernels = available_kernels() + (approximate_kernels() if approximate else ())
     key = f"torch {torch.__version__} | {processor()} | {threads} threads | {out_features}x{in_features}"
     key += " | approximate" if approximate else ""
-    from specdec.app.model_cache import cache_root, read_keyed, write_keyed
-
     saved = read_keyed(FILE_NAME).get(key)
     if saved and len(saved.get("kernels", ())) == len(ROW_POINTS) and set(saved["kernels"]) <= set(kernels):
         return tuple(saved["kernels"])

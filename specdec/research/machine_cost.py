@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from specdec.app.model_cache import cache_root, read_keyed, write_keyed
+from specdec.linear_kernels import processor
 from specdec.target import TargetModel
 
 if TYPE_CHECKING:  # the cost model pulls in scipy: imported where a step cost is asked for
@@ -38,8 +40,6 @@ REPEATS = 3
 
 def model_key(target: TargetModel) -> str:
     """What the step cost depends on: torch, processor, threads, device, dtype and the model's shape."""
-    from specdec.linear_kernels import processor
-
     cfg = target.model.config
     shape = "x".join(str(getattr(cfg, k, "?")) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
                                                          "num_attention_heads", "num_key_value_heads", "vocab_size"))
@@ -62,22 +62,21 @@ def contexts(target: TargetModel) -> tuple[int, ...]:
 def machine_cost_model(target: TargetModel, measure: bool = True) -> CostModel | None:
     """The step-cost model of ``target`` on this machine: read from the cache, else measured now and kept (see
     the module docstring); ``measure=False`` only reads (``None`` if not cached)."""
-    from specdec.app.model_cache import cache_root, read_keyed, write_keyed
     from specdec.research.cost_measure import measure_step
     from specdec.research.cost_model import CostModel, fit_verify
 
     key = model_key(target)
     saved = read_keyed(FILE_NAME).get(key)
     if saved and saved.get("grid"):
-        grid = [tuple(g) for g in saved["grid"]]
-        return CostModel(fit_verify(grid), grid=grid, from_grid=True, meta={**saved.get("meta", {}), "key": key})
-    if not measure:
+        grid, meta = [tuple(g) for g in saved["grid"]], saved.get("meta", {})
+    elif not measure:
         return None
-    print(f"specdec: timing verification steps by tree size, once on this machine (kept in "
-          f"{cache_root() / FILE_NAME})", file=sys.stderr, flush=True)
-    grid = measure_step(target, SIZES, contexts(target), REPEATS, statistic="min")
-    meta = {"measured_at": time.time(), "timing": "step", "statistic": "min", "repeats": REPEATS}
-    write_keyed(FILE_NAME, key, {"grid": [list(g) for g in grid], "meta": meta})
+    else:
+        print(f"specdec: timing verification steps by tree size, once on this machine (kept in "
+              f"{cache_root() / FILE_NAME})", file=sys.stderr, flush=True)
+        grid = measure_step(target, SIZES, contexts(target), REPEATS, statistic="min")
+        meta = {"measured_at": time.time(), "timing": "step", "statistic": "min", "repeats": REPEATS}
+        write_keyed(FILE_NAME, key, {"grid": [list(g) for g in grid], "meta": meta})
     return CostModel(fit_verify(grid), grid=grid, from_grid=True, meta={**meta, "key": key})
 
 
