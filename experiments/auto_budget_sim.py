@@ -12,7 +12,7 @@ twice: with each step's own draft time ("measured") and with the median time of 
 ``python experiments/auto_budget_engine.py --cost COST --drafter SPEC ...`` (interleaved real engine runs).
 
     nice -n 10 .venv/bin/python experiments/auto_budget_sim.py --trace out/sim_vs_bench/trace.pt \\
-        --cost docs/results/auto_budget/cost_cpu.json
+        --cost docs/results/auto_budget/cost_cpu.json     # default: auto, this machine's cached step cost
 """
 
 from __future__ import annotations
@@ -27,15 +27,18 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = {"ngram": "ngram:budget={b}", "eagle": "eagle:path=shipped,tree=dynamic,depth=5,budget={b}",
+FAMILIES = {"ngram": "ngram:budget={b}", "store": "ngram:store=shipped,budget={b}",
+            "store_steps": "ngram:store=shipped,steps=auto,budget={b}",
+            "eagle": "eagle:path=shipped,tree=dynamic,budget={b}", "eagle3": "eagle3:path=shipped,budget={b}",
             "medusa": "medusa:path=shipped,tree=dynamic,budget={b}"}
-DEFAULTS = {"ngram": 16, "eagle": 8, "medusa": 4}  # the drafters' shipped settings (n-gram's own default; bench)
+# the drafters' shipped settings (n-gram's own default; the heads' measured shape, session 12; bench's Medusa)
+DEFAULTS = {"ngram": 16, "store": 16, "store_steps": 16, "eagle": 6, "eagle3": 6, "medusa": 4}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trace", default=str(ROOT / "out" / "sim_vs_bench" / "trace.pt"))
-    ap.add_argument("--cost", default=str(ROOT / "docs" / "results" / "auto_budget" / "cost_cpu.json"))
+    ap.add_argument("--cost", default="auto", help="cost model: auto (this machine's cached step cost) or a JSON")
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
     ap.add_argument("--auto-inner", type=int, nargs="+", default=None,
@@ -54,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from specdec.drafters import DrafterSpec, build_drafter
     from specdec.research.auto_budget import SEQUENCE_TRACKER, auto_budget
-    from specdec.research.cost_model import CostModel, draft_levels
+    from specdec.research.cost_model import draft_levels
+    from specdec.research.machine_cost import load_cost_model
     from specdec.research.simulate import summarize_replay
     from specdec.research.simulate_cli import _load_target
     from specdec.research.trace import Trace
 
     target, _, _ = _load_target(None)
-    trace, cost = Trace.load(args.trace), CostModel.load(args.cost)
+    trace, cost = Trace.load(args.trace), load_cost_model(args.cost, target)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"cost_meta": cost.meta, "verify_coef": cost.verify_coef, "n_prompts": len(trace.prompts),

@@ -63,6 +63,9 @@ ROW_POINTS = (1, 2, 3, 4, 8, 16)  # row counts measured; another count takes the
 MKL_ROWS = 16  # row count the MKL copy is packed for (its layout serves any count: outputs equal whichever)
 ONEDNN_ROWS = 4  # row-count hint the oneDNN copy is reordered for (any count runs on it)
 MARGIN = 0.9  # a packed kernel must take under 90 % of plain's time to replace it
+PAD_ROWS = 4  # 1 or 2 rows may run padded to this many (the oneDNN copy's row hint): "KERNEL@4" in a table
+PADDED_ROWS = (1, 2)  # 3 rows padded measured slower per whole step (below), though faster per product
+PAD_MARGIN = 0.95  # padded, a kernel must take under 95 % of the unpadded choice's time
 COLD_BYTES = 96 << 20  # the timed copies of a weight add up to at least this (up to MAX_COPIES): caches miss
 MAX_COPIES = 256
 FILE_NAME = "linear-kernels.json"
@@ -176,12 +179,37 @@ def choose(times: dict[str, float]) -> str:
     return other if other is not None and times[other] < MARGIN * times["plain"] else "plain"
 
 
+def choose_table(times: dict[int, dict[str, float]]) -> tuple[str, ...]:
+    """The kernel of each of ``ROW_POINTS`` from its measured ``times`` (:func:`choose`); at ``PADDED_ROWS`` the
+    fastest packed kernel at ``PAD_ROWS`` rows, run on the rows padded (``"onednn@4"``), where it takes under
+    ``PAD_MARGIN`` of the unpadded choice's time. oneDNN reorders a weight for a row count: on the 2-core AMD EPYC
+    a [1536, 576] product took 0.19 / 0.24 / 0.20 ms for 1 / 2 / 3 rows and 0.17 ms for 4. Whole SmolLM2 steps
+    (rejected trees, 200 cached tokens, padded and unpadded interleaved, minimum of 14): 1 node 50.1 -> 48.0 ms,
+    2 nodes 51.2 -> 47.1 ms, while 3 nodes padded went 45.7 -> 46.6 and 48.6 -> 51.3 in two runs (not padded)."""
+    out = []
+    for n in ROW_POINTS:
+        kernel = choose(times[n])
+        if n in PADDED_ROWS and PAD_ROWS in times:
+            at = times[PAD_ROWS]
+            padded = min((k for k in at if k != "plain"), key=at.__getitem__, default=None)
+            if padded is not None and at[padded] < PAD_MARGIN * times[n][kernel]:
+                kernel = f"{padded}@{PAD_ROWS}"
+        out.append(kernel)
+    return tuple(out)
+
+
+def split_kernel(name: str) -> tuple[str, int]:
+    """``"onednn@4"`` -> ``("onednn", 4)``: the kernel and the row count its input is padded to (0: not padded)."""
+    kernel, _, rows = name.partition("@")
+    return kernel, int(rows or 0)
+
+
 def kernel_for(out_features: int, in_features: int, rows: int, approximate: bool = False) -> str:
     """The kernel a ``rows``-row product with an ``[out_features, in_features]`` float32 weight runs; with
     ``approximate`` (drafters) an approximate kernel may be chosen (module docstring)."""
     forced = os.environ.get("SPECDEC_LINEAR_KERNEL")
     if forced:
-        if forced not in available_kernels():
+        if split_kernel(forced)[0] not in available_kernels():
             raise ValueError(f"SPECDEC_LINEAR_KERNEL={forced!r}: this torch build has {list(available_kernels())}")
         return forced
     approximate = approximate and drafts_approximate() and bool(approximate_kernels())
@@ -198,13 +226,14 @@ def kernel_table(out_features: int, in_features: int, threads: int, approximate:
     key = f"torch {torch.__version__} | {processor()} | {threads} threads | {out_features}x{in_features}"
     key += " | approximate" if approximate else ""
     saved = read_keyed(FILE_NAME).get(key)
-    if saved and len(saved.get("kernels", ())) == len(ROW_POINTS) and set(saved["kernels"]) <= set(kernels):
-        return tuple(saved["kernels"])
+    ms = (saved or {}).get("ms", {})
+    if all(str(n) in ms and set(ms[str(n)]) <= set(kernels) for n in ROW_POINTS):  # choices follow the timings kept
+        return choose_table({n: {k: t / 1e3 for k, t in ms[str(n)].items()} for n in ROW_POINTS})
     if out_features * in_features >= 1 << 20:  # a visible pause otherwise unexplained (small shapes: milliseconds)
         print(f"specdec: timing CPU linear kernels for a [{out_features}, {in_features}] weight, once on this machine "
               f"(kept in {cache_root() / FILE_NAME})", file=sys.stderr, flush=True)
     times = measure_kernels(out_features, in_features, kernels)
-    table = tuple(choose(times[n]) for n in ROW_POINTS)
+    table = choose_table(times)
     write_keyed(FILE_NAME, key, {"kernels": list(table), "rows": list(ROW_POINTS),
                                  "ms": {str(n): {k: round(1e3 * t, 4) for k, t in times[n].items()}
                                         for n in ROW_POINTS}})

@@ -32,7 +32,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from specdec.linear_kernels import available_kernels, kernel_for, pack, run
+from specdec.linear_kernels import available_kernels, kernel_for, pack, run, split_kernel
 
 AUTO_LIMIT_BYTES = 4 << 30  # ``pack_linears(..., limit)``: bigger models are left alone unless asked (memory x2)
 
@@ -55,12 +55,13 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, approximate: bool = False) -> None:
         self.weight, self.bias, self.approximate = weight, bias, approximate
         self._packed: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}  # kernel -> (weight key, its copy)
+        self._pad: torch.Tensor | None = None  # input rows padded to a kernel's faster row count (reused)
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:  # a copy packs its own weight (packed tensors don't copy)
         return PackedWeight(copy.deepcopy(self.weight, memo), copy.deepcopy(self.bias, memo), self.approximate)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_packed": {}}
+        return {**self.__dict__, "_packed": {}, "_pad": None}
 
     def _pack(self, kernel: str) -> torch.Tensor | None:
         if kernel == "plain":
@@ -78,11 +79,17 @@ class PackedWeight:
                 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
             return F.linear(x, weight, self.bias)
         rows = x.reshape(-1, weight.shape[1])
-        kernel = kernel_for(weight.shape[0], weight.shape[1], rows.shape[0], self.approximate)
-        if kernel == "plain":
+        kernel, pad = split_kernel(kernel_for(weight.shape[0], weight.shape[1], rows.shape[0], self.approximate))
+        if kernel == "plain" and not pad:
             return F.linear(x, weight, self.bias)
+        n = rows.shape[0]
+        if pad > n:  # run at the kernel's faster row count; rows are independent, the extra outputs are dropped
+            if self._pad is None or self._pad.shape[0] != pad:
+                self._pad = rows.new_zeros(pad, rows.shape[1])
+            self._pad[:n].copy_(rows)
+            rows = self._pad
         out = run(kernel, rows.contiguous(), self._pack(kernel), weight, self.bias)
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return out[:n].reshape(*x.shape[:-1], weight.shape[0])
 
 
 class PackedLinear(torch.nn.Module):

@@ -50,6 +50,47 @@ def test_an_unexplored_depth_inherits_the_rate_above_it():
     assert AcceptanceTracker(depth_prior=False, forget=1.0).rate(4, 0) == pytest.approx(0.6)
 
 
+@pytest.mark.parametrize("depth_prior", [True, False])
+def test_the_rate_table_equals_the_recursive_rate_for_pooled_and_per_sequence_trackers(depth_prior):
+    """``rates`` (one pass, what the chooser reads every step) gives exactly :meth:`rate` in every cell, for a
+    pooled tracker and a sequence's child tracker after random observations, so planned and pruned trees are
+    valued as before; node and chain values are products along paths."""
+    gen = torch.Generator().manual_seed(1)
+    pooled = AcceptanceTracker(prior_weight=3.0, forget=0.97, depth_prior=depth_prior)
+    child = AcceptanceTracker(prior_weight=4.0, forget=0.95, parent=pooled)
+    for _ in range(300):
+        depth, rank = (int(torch.randint(1, 7, (), generator=gen)), int(torch.randint(0, 4, (), generator=gen)))
+        (child if torch.rand((), generator=gen) < 0.5 else pooled).observe(depth, rank, bool(
+            torch.rand((), generator=gen) < 0.8 / (depth + rank)))
+    for tracker in (pooled, child):
+        table = tracker.rates(8, 5)
+        assert [[tracker.rate(d, k) for k in range(5)] for d in range(1, 9)] == table
+        assert tracker.chain_values(3) == pytest.approx([table[0][0], table[0][0] * table[1][0],
+                                                         table[0][0] * table[1][0] * table[2][0]], rel=1e-15)
+        tree = TokenTree(torch.tensor([0, 5, 6, 7, 8]), torch.tensor([-1, 0, 0, 1, 3]))
+        assert tracker.node_values(tree).tolist() == pytest.approx(
+            [1.0, table[0][0], table[0][1], table[0][0] * table[1][0], table[0][0] * table[1][0] * table[2][0]],
+            rel=1e-15)
+
+
+def test_a_rate_is_the_chance_of_acceptance_given_the_parent_not_given_the_elder_siblings_rejected():
+    """The target's next token is A, B or C with probability 0.6 / 0.3 / 0.1 and the tree drafts all three as
+    ranks 0-2: the rates learn 0.6 / 0.3 / 0.1 and the three values sum to 1 (counting only the children tried up
+    to the accepted one learnt 0.6 / 0.75 / 1.0, and the chooser bought wide trees on them)."""
+    tracker = AcceptanceTracker(forget=1.0, prior_weight=1.0)
+    tree = TokenTree(torch.tensor([9, 1, 2, 3]), torch.tensor([-1, 0, 0, 0]))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        u = float(torch.rand((), generator=gen))
+        tracker.update(tree, [1, 7] if u < 0.6 else [2, 7] if u < 0.9 else [3, 7])  # accepted token, then bonus
+    assert [tracker.rate(1, k) for k in range(3)] == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
+    assert float(tracker.node_values(tree)[1:].sum()) == pytest.approx(1.0, abs=0.03)
+    chain = AcceptanceTracker(forget=1.0, prior_weight=1.0)
+    for _ in range(50):  # under the last accepted node every child was rejected (the bonus is the target's token)
+        chain.update(TokenTree(torch.tensor([9, 1, 4]), torch.tensor([-1, 0, 1])), [1, 5])
+    assert chain.rate(1, 0) > 0.95 and chain.rate(2, 0) < 0.05
+
+
 def test_with_confidence_the_pruner_keeps_the_confident_node_over_the_higher_ranked_one():
     """Rank-1 child far more confident than rank 0: by (depth, rank) the pruner keeps rank 0, by calibrated
     confidence it keeps rank 1."""

@@ -1,4 +1,4 @@
-"""``--tree-budget auto --cost-model PATH`` in ``specdec generate`` / ``bench`` and ``specdec calibrate``: bad
+"""``--tree-budget auto [--cost-model PATH]`` in ``specdec generate`` / ``bench`` and ``specdec calibrate``: bad
 input is one line before the model loads, and the drafters really run under the budget chooser (greedy output
 unchanged)."""
 
@@ -18,7 +18,7 @@ from specdec.research.cost_model import CostModel
 from .conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MAKE = "make one: specdec calibrate --out cost.json"
+MAKE = "make one: specdec calibrate --out cost.json, or pass --cost-model auto"
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +47,13 @@ def no_model_load(monkeypatch):
 
 
 BAD = [
-    (["generate", "hi", "--tree-budget", "auto"], f"--tree-budget auto needs --cost-model PATH ({MAKE})"),
-    (["bench", "--tree-budget", "auto"], "--tree-budget auto needs --cost-model PATH"),
     (["generate", "hi", "--tree-budget", "auto", "--cost-model", "/nonexistent.json"],
      f"--cost-model /nonexistent.json: file not found ({MAKE})"),
     (["bench", "--tree-budget", "auto", "--cost-model", "{broken}"], "broken.json: not a readable JSON file"),
     (["generate", "hi", "--tree-budget", "auto", "--cost-model", "{notcost}"],
      "notcost.json: not a cost model (needs verify_coef: 4 numbers"),
     (["generate", "hi", "--cost-model", "{free}"], "--cost-model is only used with --tree-budget auto"),
+    (["bench", "--cost-model", "auto"], "--cost-model is only used with --tree-budget auto"),
     (["calibrate", "--out", "x.json", "--sizes", "4"], "needs at least two --sizes and two --contexts"),
     (["calibrate", "--out", "x.json", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["calibrate", "--out", "x.json", "--prefill", "64"], r"--prefill needs at least two prompt lengths >= 1"),
@@ -109,6 +108,24 @@ def test_generate_with_auto_budget_sizes_trees_by_cost_and_keeps_the_greedy_outp
         assert set(chosen) == {1} and auto["stats"]["tau"] == 1.0
     else:
         assert set(chosen) == {5} and auto["stats"]["tau"] > 3  # every drafted node kept, and accepted
+
+
+def test_auto_budget_without_a_cost_file_times_this_machine_once_and_keeps_the_greedy_output(files, capsys,
+                                                                                            tmp_path, monkeypatch):
+    """No ``--cost-model`` (or ``auto``): the chooser uses this machine's step cost of the model, measured on first
+    use into the model cache and read back after."""
+    from specdec.research.machine_cost import FILE_NAME
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    plain = _generate(files, capsys, "--drafter", "none")
+    spec = ["--drafter", "self:layers=1,tree=chain,depth=4", "--tree-budget", "auto"]
+    first = _generate(files, capsys, *spec)
+    kept = (tmp_path / FILE_NAME).read_text()
+    assert len(json.loads(kept)) == 1  # one model on this machine
+    again = _generate(files, capsys, *spec, "--cost-model", "auto")
+    assert (tmp_path / FILE_NAME).read_text() == kept  # read back, not measured again
+    assert first["tokens"] == plain["tokens"] == again["tokens"]
+    assert len(first["auto_tree_sizes"]) == first["stats"]["steps"]
 
 
 def test_bench_with_auto_budget_reports_auto_methods_identical_to_the_baseline(files, tmp_path, capsys):

@@ -9,7 +9,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specdec import linear_kernels, packed_linear
 from specdec.app.model_cache import read_keyed
 from specdec.engine import SpeculativeEngine
-from specdec.linear_kernels import ROW_POINTS, approximate_kernels, available_kernels, choose, kernel_for, kernel_table
+from specdec.linear_kernels import (
+    ROW_POINTS,
+    approximate_kernels,
+    available_kernels,
+    choose,
+    choose_table,
+    kernel_for,
+    kernel_table,
+    split_kernel,
+)
 from specdec.packed_linear import PackedLinear, PackedWeight, linear_bytes, pack_linears, packing_works
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
@@ -54,7 +63,8 @@ def test_the_kernel_is_measured_once_per_shape_and_remembered_on_disk(monkeypatc
     monkeypatch.setattr(linear_kernels, "measure_kernels", lambda *a, **k: measured.append(a[:2]) or real(*a, **k))
     kernel_table.cache_clear()
     table = kernel_table(70, 41, 1)
-    assert len(table) == len(ROW_POINTS) and set(table) <= set(available_kernels()) and measured == [(70, 41)]
+    assert len(table) == len(ROW_POINTS) and measured == [(70, 41)]
+    assert {split_kernel(k)[0] for k in table} <= set(available_kernels())
     assert (tmp_path / linear_kernels.FILE_NAME).is_file()
     kernel_table.cache_clear()  # a new process: the file answers
     assert kernel_table(70, 41, 1) == table and measured == [(70, 41)]
@@ -66,6 +76,51 @@ def test_a_row_count_between_measured_points_takes_the_next_point_up(monkeypatch
     monkeypatch.delenv("SPECDEC_LINEAR_KERNEL", raising=False)
     assert [kernel_for(9, 9, r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 100)] == [
         "plain", "mkl", "onednn", "onednn", "mkl", "mkl", "plain", "plain", "plain"]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_one_or_two_rows_padded_to_the_kernels_faster_row_count_give_the_same_products(rows, monkeypatch):
+    """``onednn@4``: the rows run padded to 4 in a buffer kept between calls; a call with fewer rows after one
+    with more reads none of the earlier rows (GEMM rows are independent, the extra outputs dropped)."""
+    kernel = next((k for k in PACKED if k == "onednn"), PACKED[0])
+    monkeypatch.setattr(packed_linear, "kernel_for", lambda out_features, in_features, n, approximate=False:
+                        f"{kernel}@4" if n < 3 else kernel)
+    gen = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(70, 40, generator=gen), torch.randn(70, generator=gen)
+    packed = PackedWeight(weight, bias)
+    for n in (2, rows, 1, rows):
+        x = torch.randn(1, n, 40, generator=gen)
+        got = packed(x)
+        assert got.shape == (1, n, 70)
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_one_or_two_rows_run_padded_only_where_the_padded_product_was_measured_faster():
+    ms = {n: {"plain": 9.0, "onednn": 1.0} for n in ROW_POINTS}
+    ms[1]["onednn"], ms[2]["onednn"], ms[3]["onednn"] = 1.5, 1.02, 1.5  # 4 rows: 1.0
+    assert choose_table(ms)[:4] == ("onednn@4", "onednn", "onednn", "onednn")  # 3 rows never (measured per step)
+    ms[1] = {"plain": 1.2, "onednn": 1.5}  # plain at 1 row; padded oneDNN takes 83 % of its time
+    assert choose_table(ms)[0] == "onednn@4"
+    assert split_kernel("onednn@4") == ("onednn", 4) and split_kernel("mkl") == ("mkl", 0)
+
+
+def test_a_kept_table_is_chosen_again_from_its_timings(monkeypatch, tmp_path):
+    """A file written before padding existed (its choices unpadded) gets the padded choices from its own timings,
+    with nothing measured again."""
+    import json
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(linear_kernels, "measure_kernels", lambda *a, **k: pytest.fail("measured again"))
+    key = f"torch {torch.__version__} | {linear_kernels.processor()} | 1 threads | 70x41"
+    ms = {str(n): {"plain": 9.0, PACKED[0]: 1.0 if n >= 4 else 2.0} for n in ROW_POINTS}
+    old = [PACKED[0]] * len(ROW_POINTS)
+    (tmp_path / linear_kernels.FILE_NAME).write_text(json.dumps({key: {"kernels": old, "rows": list(ROW_POINTS),
+                                                                       "ms": ms}}))
+    kernel_table.cache_clear()
+    try:
+        assert kernel_table(70, 41, 1) == (f"{PACKED[0]}@4", f"{PACKED[0]}@4", *old[2:])
+    finally:
+        kernel_table.cache_clear()
 
 
 def test_a_packed_kernel_replaces_plain_only_when_clearly_faster():

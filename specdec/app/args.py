@@ -72,11 +72,12 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
                    help="trained medusa / eagle heads folder, or 'shipped' (default: untrained heads)")
     p.add_argument("--tree", choices=TREE_SHAPES, default=None, help="draft tree shape (default: the drafter's own)")
     p.add_argument("--tree-budget", type=tree_budget, default=None,
-                   help="nodes per draft tree, root included, or 'auto': each step's size chosen by --cost-model "
+                   help="nodes per draft tree, root included, or 'auto': each step's size chosen with --cost-model "
                         f"(up to {AUTO_MAX_BUDGET} unless the spec sets budget=) (default: the drafter's own)")
     p.add_argument("--cost-model", default=None,
-                   help="cost-model JSON for --tree-budget auto (make one: specdec calibrate --out cost.json; "
-                        "default: none)")
+                   help="cost model of --tree-budget auto: 'auto' (default: this machine's step cost by tree size, "
+                        "timed once per model in about 5 s and kept in the model cache) or a JSON from specdec "
+                        "calibrate --out cost.json (adds contexts, prefill and drafter times)")
     p.add_argument("--tree-depth", type=int, default=None, help="draft depth (default: the drafter's own)")
     p.add_argument("--tree-topk", type=int, default=None,
                    help="children per expanded node of a dynamic tree (default: the drafter's own)")
@@ -112,8 +113,11 @@ def tree_budget(text: str) -> int | str:
 
 
 def auto_cost_model(args: argparse.Namespace) -> str | None:
-    """The cost-model path when ``--tree-budget auto`` (drafters then run under the budget chooser), else None."""
-    return args.cost_model if getattr(args, "tree_budget", None) == "auto" else None
+    """With ``--tree-budget auto`` (drafters then run under the budget chooser) its cost model: ``--cost-model``'s
+    path, or ``auto`` (this machine's measured step cost) when none is given; else None."""
+    if getattr(args, "tree_budget", None) != "auto":
+        return None
+    return args.cost_model or "auto"
 
 
 def spec_defaults(args: argparse.Namespace) -> dict:
@@ -159,15 +163,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_cost_model(budget: int | str | None, path: str | None) -> None:
-    """``--tree-budget auto`` needs a readable ``--cost-model`` JSON (checked without torch); the flag alone is an
-    error (it would be ignored)."""
-    make = "make one: specdec calibrate --out cost.json"
+    """``--cost-model`` is used only with ``--tree-budget auto``; a path must be a readable cost-model JSON
+    (checked without torch). ``auto`` or none: this machine's step cost, measured when first needed."""
+    make = "make one: specdec calibrate --out cost.json, or pass --cost-model auto"
     if budget != "auto":
         if path is not None:
             raise ValueError("--cost-model is only used with --tree-budget auto")
         return
-    if path is None:
-        raise ValueError(f"--tree-budget auto needs --cost-model PATH ({make})")
+    if path is None or path == "auto":
+        return
     try:
         raw = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -55,7 +55,7 @@ class BenchSettings:
     multi_turn: bool = False
     batch_size: int = 1
     model: str | None = None
-    cost_model: str | None = None  # --tree-budget auto: every drafter under the budget chooser with this file
+    cost_model: str | None = None  # --tree-budget auto: every drafter under the chooser, this cost model
     repeats: int = 1  # greedy: each request timed this many times per method (interleaved), the median run kept
 
     def __post_init__(self) -> None:
@@ -144,7 +144,7 @@ def _drafter(name: str, spec: DrafterSpec, target: TargetModel, settings: BenchS
         return drafter
     from specdec.research.auto_budget import wrap_auto_budget
 
-    return wrap_auto_budget(drafter, settings.cost_model, name.removesuffix("+auto"),
+    return wrap_auto_budget(drafter, settings.cost_model, target, name.removesuffix("+auto"),
                             engine_kwargs.get("max_tree_nodes", 64))
 
 

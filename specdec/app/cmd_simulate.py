@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "times, which batching shares out")
     rep.add_argument("--temperature", type=float, default=0.0, help="> 0: first-order ESTIMATE")
     rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--cost", default=None, help="cost-model JSON (python -m specdec.research.cost_model calibrate)")
+    rep.add_argument("--cost", default=None,
+                     help="cost model of the predicted speedups: auto (this machine's measured step cost) or a JSON "
+                          "from specdec calibrate (adds prefill and drafter times)")
     rep.add_argument("--auto-budget", action="store_true", help="also each drafter under AutoBudgetDrafter (--cost)")
     rep.add_argument("--out", default=None)
 

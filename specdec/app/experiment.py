@@ -45,8 +45,8 @@ class Grid:
         paths: default ``path`` per drafter name (CLI ``--draft-model``, ``--drafter-path``).
         batch_size: requests run concurrently (1 = one at a time, interleaved per prompt with the baseline).
         model: the model's id or folder (identifies a resumable run).
-        cost_model: ``--tree-budget auto``: every drafter runs under the budget chooser with this cost-model JSON
-            (method names get ``+auto``).
+        cost_model: ``--tree-budget auto``: every drafter runs under the budget chooser with this cost model, a
+            JSON path or ``auto`` (this machine's measured step cost) (method names get ``+auto``).
         repeats: greedy timing repeats per request (every method, the baseline included, interleaved; the run of
             median time is kept).
     """

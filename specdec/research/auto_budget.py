@@ -1,11 +1,12 @@
 """``--tree-budget auto``: a drafter adapter that sizes every step's tree with the cost model and the online
 acceptance tracker (:mod:`specdec.research.acceptance_tracker`).
 
-The tracker keeps, per (depth, sibling rank), how often a TRIED draft node was accepted (Beta prior, exponential
-forgetting), and, for drafters that report their confidence (``Draft.scores``), the calibration of that confidence
-against observed acceptance per depth. A node's value = the product of its predicted conditional acceptance along
-its path = its predicted probability of being accepted. Every tried node's prediction is logged with its outcome:
-``reliability`` and ``plot`` give the reliability curve per depth (a calibrated tracker lies on the diagonal).
+The tracker keeps, per (depth, sibling rank), how often a draft node whose parent was accepted was accepted itself
+(Beta prior, exponential forgetting), and, for drafters that report their confidence (``Draft.scores``), the
+calibration of that confidence against observed acceptance per depth. A node's value = the product of these
+conditional rates along its path = its predicted probability of being accepted. Every such node's prediction is
+logged with its outcome: ``reliability`` and ``plot`` give the reliability curve per depth (a calibrated tracker
+lies on the diagonal).
 
 :class:`AutoBudgetDrafter` wraps any drafter (configured with its LARGEST budget) through the protocol. Before
 drafting it plans each sequence's budget (``DraftInput.budget``) on the tracker's virtual best-first tree
@@ -35,6 +36,7 @@ from specdec.drafters.common import PerSequence
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.research.acceptance_tracker import AcceptanceTracker
 from specdec.research.cost_model import CostModel, choose_size, draft_levels, drafter_depth
+from specdec.target import TargetModel
 from specdec.tree import TokenTree
 
 
@@ -103,6 +105,7 @@ class AutoBudgetDrafter:
         self._depth = drafter_depth(inner)
         self._draft: dict[int, list[float]] = {}  # levels -> [decayed count, decayed seconds] per sequence
         self._started: set[int] = set()  # sequences past their first call (which includes the prompt catch-up)
+        self._level_of: dict[int, int] = {}  # budget -> levels drafted (the inner drafter's depth and budget are fixed)
 
     def propose(self, batch: Sequence[DraftInput]) -> list[Draft]:
         if self.plan:  # a virtual tree per sequence (one for the batch when pooled), a budget per context length
@@ -132,7 +135,10 @@ class AutoBudgetDrafter:
 
     def _levels(self, budget: int) -> int:
         """Tree levels a best-first drafter expands for ``budget`` nodes (see :class:`BestFirstBatch`)."""
-        return draft_levels(self.inner, budget)
+        levels = self._level_of.get(budget)
+        if levels is None:
+            levels = self._level_of[budget] = draft_levels(self.inner, budget)
+        return levels
 
     def _observe_draft(self, levels: int, seconds: float, forget: float = 0.98) -> None:
         """One measured ``propose`` (seconds per sequence) of ``levels`` levels. Once the level count is trusted
@@ -172,8 +178,11 @@ class AutoBudgetDrafter:
 
     def _plan(self, values: list[float], ctx: int) -> int:
         """The budget to ask for: maximises expected tokens per second on the tracker's virtual tree ``values``."""
-        return choose_size(values, lambda n: self.draft_estimate(self._levels(n)) + self.cost.verify_time(n, ctx),
-                           self._own)
+        verify, draft = self.cost.verify_times(self._own, ctx), {}
+        for lv in {self._levels(n) for n in range(1, self._own + 1)}:
+            draft[lv] = self.draft_estimate(lv)
+        times = [draft[self._levels(n)] + verify[n - 1] for n in range(1, self._own + 1)]
+        return choose_size(values, lambda n: times[n - 1], self._own)
 
     def _scores(self, draft: Draft) -> torch.Tensor | None:
         return draft.scores if self.confidence else None
@@ -187,11 +196,13 @@ class AutoBudgetDrafter:
             return draft
         if draft.probs is not None:  # sampled: depth cut from the tracker alone (chain model)
             values = tracker.chain_values(tree.max_depth)
-            depth = choose_size(values, lambda n: draft_s + self.cost.verify_time(n, ctx), self.max_nodes) - 1
+            verify = self.cost.verify_times(min(len(values) + 1, self.max_nodes), ctx)
+            depth = choose_size(values, lambda n: draft_s + verify[n - 1], self.max_nodes) - 1
             keep = (tree.depth <= depth).nonzero().flatten()
             return draft if keep.numel() == tree.num_nodes else prune(draft, keep)
         values = tracker.node_values(tree, self._scores(draft))
-        n = choose_size(values[1:].tolist(), lambda k: draft_s + self.cost.verify_time(k, ctx), self.max_nodes)
+        verify = self.cost.verify_times(min(tree.num_nodes, self.max_nodes), ctx)
+        n = choose_size(values[1:].tolist(), lambda k: draft_s + verify[k - 1], self.max_nodes)
         order = sorted(range(1, tree.num_nodes), key=lambda i: (-float(values[i]), int(tree.depth[i]), i))
         keep = torch.tensor(sorted([0, *order[: n - 1]]))
         return draft if keep.numel() == tree.num_nodes else prune(draft, keep)
@@ -219,12 +230,15 @@ def auto_budget(drafter: Drafter, cost: CostModel, name: str | None = None, max_
                              max_nodes=max_nodes, **{"per_sequence": per_sequence, **options})
 
 
-def wrap_auto_budget(drafter: Drafter | None, cost_path: str, name: str | None = None,
+def wrap_auto_budget(drafter: Drafter | None, cost: str, target: TargetModel, name: str | None = None,
                      max_nodes: int = 64) -> AutoBudgetDrafter | None:
     """``--tree-budget auto``: ``drafter`` (built with its largest budget) under the chooser, with the cost model
-    at ``cost_path`` (``ValueError`` naming the file if it is missing or not a cost model). ``name``: the drafter's
+    ``cost``: ``auto`` (this machine's measured step cost of ``target``, see :mod:`specdec.research.machine_cost`)
+    or a JSON path (``ValueError`` naming the file if it is missing or not a cost model). ``name``: the drafter's
     spec, used for its calibrated draft cost if the file has one (else each step's measured ``propose`` time).
     No drafter (plain decoding) stays ``None``. Set up as :func:`auto_budget` does."""
     if drafter is None:
         return None
-    return auto_budget(drafter, CostModel.load(cost_path), name, max_nodes)
+    from specdec.research.machine_cost import load_cost_model
+
+    return auto_budget(drafter, load_cost_model(cost, target), name, max_nodes)

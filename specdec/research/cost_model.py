@@ -65,6 +65,20 @@ class CostModel:
             return max(self._grid_time(nodes, context), 1e-9)
         return max(self._fit_time(nodes, context), 1e-9)
 
+    def verify_times(self, upto: int, context: int) -> list[float]:
+        """``[verify_time(n, context) for n in 1..upto]``, the grid's per-size values at every measured context
+        kept between calls (the chooser prices every tree size twice a step)."""
+        if not (self.from_grid and self.grid):
+            return [self.verify_time(n, context) for n in range(1, upto + 1)]
+        ctxs = self._grid_tables()[1]
+        out = []
+        for n, per_ctx in enumerate(self._columns(upto), start=1):
+            t = _interp(context, ctxs, per_ctx)
+            if context > ctxs[-1]:
+                t += self._fit_time(n, context) - self._fit_time(n, ctxs[-1])
+            out.append(max(t, 1e-9))
+        return out
+
     def relative_step(self, nodes: int, context: int) -> float:
         """Verification time of ``nodes`` nodes over that of a lone root, at ``context`` cached tokens."""
         return self.verify_time(nodes, context) / self.verify_time(1, context)
@@ -89,7 +103,8 @@ class CostModel:
             cached = self.__dict__["_tables"] = (key, (sizes, ctxs, rows))
         return cached[1]
 
-    def _grid_time(self, nodes: int, context: int) -> float:
+    def _per_context(self, nodes: int) -> list[float]:
+        """The time of ``nodes`` nodes at each measured context (interpolated in ``n``; the fit's slope beyond)."""
         sizes, ctxs, rows = self._grid_tables()
         per_ctx = []
         for c, ys in zip(ctxs, rows, strict=True):
@@ -97,6 +112,22 @@ class CostModel:
             if nodes > sizes[-1]:
                 y += self._fit_time(nodes, c) - self._fit_time(sizes[-1], c)
             per_ctx.append(y)
+        return per_ctx
+
+    def _columns(self, upto: int) -> list[list[float]]:
+        """:meth:`_per_context` of sizes 1..``upto``, kept with the grid's tables."""
+        cols = self.__dict__.setdefault("_cols", {})
+        key = id(self.grid), len(self.grid)
+        if cols.get("key") != key:
+            cols.clear()
+            cols["key"], cols["cols"] = key, []
+        have = cols["cols"]
+        have += [self._per_context(n) for n in range(len(have) + 1, upto + 1)]
+        return have[:upto]
+
+    def _grid_time(self, nodes: int, context: int) -> float:
+        ctxs = self._grid_tables()[1]
+        per_ctx = self._per_context(nodes)
         t = _interp(context, ctxs, per_ctx)
         if context > ctxs[-1]:
             t += self._fit_time(nodes, context) - self._fit_time(nodes, ctxs[-1])

@@ -35,7 +35,9 @@ if TYPE_CHECKING:  # the cost model pulls in scipy: imported where a step cost i
 FILE_NAME = "step-costs.json"
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 CONTEXTS = (64, 512)
-REPEATS = 3
+REPEATS = 5
+STEP_VERSION = " | rows padded"  # bumped when the engine's step cost changes: 1-2 row products run padded (session 14)
+AUTO = "auto"  # a cost-model argument naming this measured, cached model (``--cost-model auto``, ``steps=auto``)
 
 
 def model_key(target: TargetModel) -> str:
@@ -46,7 +48,7 @@ def model_key(target: TargetModel) -> str:
     device = str(target.device)
     where = processor() if device == "cpu" else torch.cuda.get_device_name(target.device)
     return (f"torch {torch.__version__} | {where} | {torch.get_num_threads()} threads | {device} | "
-            f"{cfg.model_type} {shape} {target.dtype} | packed {target.packed_linears}")
+            f"{cfg.model_type} {shape} {target.dtype} | packed {target.packed_linears}{STEP_VERSION}")
 
 
 def contexts(target: TargetModel) -> tuple[int, ...]:
@@ -80,13 +82,17 @@ def machine_cost_model(target: TargetModel, measure: bool = True) -> CostModel |
     return CostModel(fit_verify(grid), grid=grid, from_grid=True, meta={**meta, "key": key})
 
 
+def load_cost_model(value: str, target: TargetModel) -> CostModel:
+    """A cost model named on the command line: ``auto`` (this machine's step cost, :func:`machine_cost_model`:
+    read from the cache, measured once if missing) or a cost-model JSON from ``specdec calibrate``."""
+    if value == AUTO:
+        return machine_cost_model(target)
+    from specdec.research.cost_model import CostModel
+
+    return CostModel.load(value)
+
+
 def step_cost_option(value: str | None, target: TargetModel) -> Callable[[int, int], float] | None:
     """A drafter's ``steps`` option: ``auto`` (this machine's cached step cost), a cost-model JSON from ``specdec
     calibrate``, or ``None`` (no measured cost); the result is ``relative_step(nodes, context)``."""
-    if value is None:
-        return None
-    if value == "auto":
-        return machine_cost_model(target).relative_step
-    from specdec.research.cost_model import CostModel
-
-    return CostModel.load(value).relative_step
+    return None if value is None else load_cost_model(value, target).relative_step

@@ -65,7 +65,7 @@ def run_command(args: argparse.Namespace) -> int:
     """``record`` or ``replay`` (arguments: :func:`specdec.app.cmd_simulate.add_arguments`)."""
     from specdec.app.prompts import builtin_prompts_path, encode_prompt, load_prompts
     from specdec.drafters import DrafterSpec, build_drafter
-    from specdec.research.cost_model import CostModel
+    from specdec.research.machine_cost import load_cost_model
     from specdec.research.sim_estimate import estimate_replay
     from specdec.research.trace import record_trace
 
@@ -80,14 +80,14 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"recorded {len(ids)} prompts in {trace.meta['record_s']:.1f}s -> {args.out}", file=sys.stderr)
         return 0
     trace = Trace.load(args.trace)
-    cost = CostModel.load(args.cost) if args.cost else None
+    cost = load_cost_model(args.cost, target) if args.cost else None
     specs = []
     for text in args.drafter:
         spec = DrafterSpec.parse(text)
         for b in args.budget if spec.tree == "dynamic" and args.budget else [None]:
             specs.append((text, spec) if b is None else _with_budget(text, b))
     if args.auto_budget and cost is None:
-        raise SystemExit("--auto-budget needs --cost (python -m specdec.research.cost_model calibrate)")
+        raise SystemExit("--auto-budget needs --cost (auto: this machine's step cost; or a calibrate JSON)")
     if args.auto_budget:
         specs += [(f"{name}+auto", spec) for name, spec in specs]
     sampling = SamplingParams(args.temperature, seed=args.seed) if args.temperature > 0 else GREEDY
