@@ -48,6 +48,10 @@ class PackedWeight:
     weight's shape and ``x``'s row count (:func:`specdec.linear_kernels.kernel_for`), on a copy of ``weight``
     reordered for that kernel at its first use and again whenever ``weight`` changes in place.
 
+    A kernel chosen padded (``"onednn@4"``) copies the rows into a buffer of that many rows kept between calls (so a
+    ``PackedWeight`` runs from one thread at a time, as a model in the engine does); the extra rows' outputs are
+    dropped.
+
     Other inputs (another dtype or device, or needing a gradient) run ``F.linear`` on ``weight``. ``approximate``
     (drafters only) lets it run an approximate kernel (bfloat16, :mod:`specdec.linear_kernels`) where faster.
     """

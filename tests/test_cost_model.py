@@ -374,8 +374,9 @@ def test_tree_budget_auto_tracks_copying_drafters_per_sequence_and_model_heads_p
 
     path = tmp_path / "cost.json"
     CostModel((1.0, 0.2, 0.0, 0.0)).save(path)
-    ngram = wrap_auto_budget(build_drafter(DrafterSpec.parse("ngram"), tiny_target), str(path), tiny_target,
-                             "ngram")
-    heads = wrap_auto_budget(BudgetLog(), str(path), tiny_target, "chain")
+    ngram = wrap_auto_budget(build_drafter(DrafterSpec.parse("ngram"), tiny_target), str(path), "ngram")
+    heads = wrap_auto_budget(BudgetLog(), str(path), "chain")
     assert ngram.per_sequence == SEQUENCE_TRACKER and heads.per_sequence is None
-    assert wrap_auto_budget(None, str(path), tiny_target) is None
+    assert wrap_auto_budget(None, str(path)) is None
+    with pytest.raises(ValueError, match="cost='auto' measures the step cost of a target; pass target="):
+        wrap_auto_budget(BudgetLog(), "auto")

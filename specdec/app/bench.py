@@ -144,8 +144,8 @@ def _drafter(name: str, spec: DrafterSpec, target: TargetModel, settings: BenchS
         return drafter
     from specdec.research.auto_budget import wrap_auto_budget
 
-    return wrap_auto_budget(drafter, settings.cost_model, target, name.removesuffix("+auto"),
-                            engine_kwargs.get("max_tree_nodes", 64))
+    return wrap_auto_budget(drafter, settings.cost_model, name.removesuffix("+auto"),
+                            engine_kwargs.get("max_tree_nodes", 64), target)
 
 
 def run_bench(target: TargetModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],

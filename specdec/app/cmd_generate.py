@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if auto_cost_model(args) is not None:  # --tree-budget auto
         from specdec.research.auto_budget import wrap_auto_budget
 
-        drafter = wrap_auto_budget(drafter, auto_cost_model(args), target, args.drafter, tree_nodes)
+        drafter = wrap_auto_budget(drafter, auto_cost_model(args), args.drafter, tree_nodes, target)
     engine = SpeculativeEngine(
         target, target.new_cache(args.num_blocks, args.block_size), drafter,
         eos_token_ids(target.model, tokenizer), max_tree_nodes=tree_nodes, acceptance=args.acceptance,

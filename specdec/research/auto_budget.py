@@ -230,15 +230,17 @@ def auto_budget(drafter: Drafter, cost: CostModel, name: str | None = None, max_
                              max_nodes=max_nodes, **{"per_sequence": per_sequence, **options})
 
 
-def wrap_auto_budget(drafter: Drafter | None, cost: str, target: TargetModel, name: str | None = None,
-                     max_nodes: int = 64) -> AutoBudgetDrafter | None:
+def wrap_auto_budget(drafter: Drafter | None, cost: str, name: str | None = None, max_nodes: int = 64,
+                     target: TargetModel | None = None) -> AutoBudgetDrafter | None:
     """``--tree-budget auto``: ``drafter`` (built with its largest budget) under the chooser, with the cost model
-    ``cost``: ``auto`` (this machine's measured step cost of ``target``, see :mod:`specdec.research.machine_cost`)
-    or a JSON path (``ValueError`` naming the file if it is missing or not a cost model). ``name``: the drafter's
+    ``cost``: a JSON path (``ValueError`` naming the file if it is missing or not a cost model) or ``auto``, this
+    machine's measured step cost of ``target`` (see :mod:`specdec.research.machine_cost`). ``name``: the drafter's
     spec, used for its calibrated draft cost if the file has one (else each step's measured ``propose`` time).
     No drafter (plain decoding) stays ``None``. Set up as :func:`auto_budget` does."""
     if drafter is None:
         return None
-    from specdec.research.machine_cost import load_cost_model
+    from specdec.research.machine_cost import AUTO, load_cost_model
 
+    if cost == AUTO and target is None:
+        raise ValueError("wrap_auto_budget: cost='auto' measures the step cost of a target; pass target=")
     return auto_budget(drafter, load_cost_model(cost, target), name, max_nodes)

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if auto_cost_model(args) is not None:  # --tree-budget auto: every drafter under the budget chooser
         from specdec.research.auto_budget import wrap_auto_budget
 
-        drafters = {name: wrap_auto_budget(d, auto_cost_model(args), target, name, args.max_tree_nodes)
+        drafters = {name: wrap_auto_budget(d, auto_cost_model(args), name, args.max_tree_nodes, target)
                     for name, d in drafters.items()}
     settings = ServerSettings(
         model_name=args.served_model_name or args.model or DEFAULT_MODEL, default_drafter=args.drafter,
