@@ -5,7 +5,7 @@ up as ``--tree-budget auto`` does (``+auto``: budget planned before drafting; ``
 ``+auto-prune``: the full inner budget drafted, then pruned), interleaved prompt by prompt with specdec's
 autoregressive decoding as the baseline of the same run.
 
-    python experiments/auto_budget_engine.py --cost docs/results/auto_budget/cost_cpu.json --prompts P.jsonl \
+    python experiments/auto_budget_engine.py --prompts P.jsonl \
         --drafter "eagle:path=shipped,tree=dynamic,budget=16" --prune-only --out auto_engine.json
 """
 
@@ -20,14 +20,14 @@ from collections.abc import Sequence
 import torch
 
 from specdec.research.auto_budget import auto_budget
-from specdec.research.cost_model import CostModel
+from specdec.research.machine_cost import load_cost_model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Real engine runs, interleaved prompt by prompt: each drafter at its fixed budget and under the adapter;
     tokens per second, tau, chosen sizes, the predicted speedup of each step's choice, and the reliability plot."""
     ap = argparse.ArgumentParser(prog="experiments/auto_budget_engine.py", description=main.__doc__.split(";")[0])
-    ap.add_argument("--cost", required=True, help="cost-model JSON (python -m specdec.research.cost_model calibrate)")
+    ap.add_argument("--cost", default="auto", help="cost model: auto (this machine's cached step cost) or a JSON")
     ap.add_argument("--drafter", nargs="+", default=["eagle:path=shipped,tree=dynamic,budget=16"])
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompts", default=None)
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="reliability-curve PNG (the last drafter's tracker)")
     ap.add_argument("--prune-only", action="store_true", help="also each drafter under the adapter without planning")
     ap.add_argument("--fixed", nargs="*", default=[], help="more drafter specs run at their fixed budget only")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model, tok = load_model_and_tokenizer(args.model, torch.float32)
     target, eos = TargetModel(model), eos_token_ids(model, tok)
-    cost = CostModel.load(args.cost)
+    cost = load_cost_model(args.cost, target)
     prompts = load_prompts(args.prompts or builtin_prompts_path(), args.limit)
     ids = [encode_prompt(tok, p.text) for p in prompts]
     runs = {"specdec_ar": None, **{spec: build_drafter(DrafterSpec.parse(spec), target) for spec in args.fixed}}

@@ -76,7 +76,7 @@ def add_model_args(p: argparse.ArgumentParser, many_temperatures: bool = False) 
                         f"(up to {AUTO_MAX_BUDGET} unless the spec sets budget=) (default: the drafter's own)")
     p.add_argument("--cost-model", default=None,
                    help="cost model of --tree-budget auto: 'auto' (default: this machine's step cost by tree size, "
-                        "timed once per model in about 5 s and kept in the model cache) or a JSON from specdec "
+                        "timed once per model in about 8 s and kept in the model cache) or a JSON from specdec "
                         "calibrate --out cost.json (adds contexts, prefill and drafter times)")
     p.add_argument("--tree-depth", type=int, default=None, help="draft depth (default: the drafter's own)")
     p.add_argument("--tree-topk", type=int, default=None,

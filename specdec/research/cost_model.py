@@ -88,18 +88,24 @@ class CostModel:
         return c0 + c1 * nodes + c2 * context + c3 * nodes * context
 
     def _grid_tables(self) -> tuple[list[int], list[int], list[list[float]]]:
-        """Sizes, contexts and each context's times, made non-decreasing in ``n`` (running maximum) and then in
-        ``ctx`` (a point above a longer context's is lowered to it: the noise that once made 64 cached tokens cost
-        more than 256 also made 4..16 nodes cost the same there, and the planner bought 16-node trees at short
-        contexts), built once per grid (the chooser asks for dozens of verify times per step; rebuilding them per
-        call cost about a millisecond a step)."""
+        """Sizes, contexts and each context's times, made non-decreasing in ``n`` and then in ``ctx``, both by
+        lowering: a point above a larger size's (or the same size at a longer context) is lowered to it. Timings
+        are minima of repeats, and a busy machine only adds time. Until session 14 the size direction took the
+        running maximum instead, and one dear point lifted every larger size to it: on the 2-core AMD EPYC a 2-node
+        step (47.0 ms, its 2-row products slow) made 3-8 nodes cost 47.0 ms where 6 nodes measured 41.4 ms and
+        8 nodes 46.6 ms. The chooser then saw an 8-node tree as free against 6 nodes, while end to end the shipped
+        EAGLE-3 head verified 8 nodes in 57.5 ms a step against 50.8 ms for 6 and ran 6 % slower. (Before session
+        8 the noise that made 64 cached tokens cost more than 256 made 4..16 nodes cost the same there, and the
+        planner bought 16-node trees at short contexts: the context direction.) Built once per grid (the chooser
+        asks for dozens of verify times per step)."""
         key = id(self.grid), len(self.grid)
         cached = self.__dict__.get("_tables")
         if cached is None or cached[0] != key:
             table = {(n, c): t for n, c, t in self.grid}
             sizes, ctxs = sorted({g[0] for g in self.grid}), sorted({g[1] for g in self.grid})
-            rows = np.maximum.accumulate([[table[(n, c)] for n in sizes] for c in ctxs], axis=1)
-            rows = np.minimum.accumulate(rows[::-1], axis=0)[::-1].tolist()  # nor may a longer context be cheaper
+            rows = np.array([[table[(n, c)] for n in sizes] for c in ctxs])
+            rows = np.minimum.accumulate(rows[:, ::-1], axis=1)[:, ::-1]  # no dearer than any larger tree
+            rows = np.minimum.accumulate(rows[::-1], axis=0)[::-1].tolist()  # nor than a longer context
             cached = self.__dict__["_tables"] = (key, (sizes, ctxs, rows))
         return cached[1]
 

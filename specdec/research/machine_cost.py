@@ -7,7 +7,7 @@ step is bound by reading the weights, and the packed kernels differ by row count
 sessions 3 draft nodes cost 31-36 % more than plain decoding. A fixed per-node cost is wrong on one of them.
 
 :func:`machine_cost_model` times whole engine steps with rejected trees
-(:func:`specdec.research.cost_measure.measure_step`: ``SIZES`` x ``CONTEXTS``, minimum of ``REPEATS``; about 5 s
+(:func:`specdec.research.cost_measure.measure_step`: ``SIZES`` x ``CONTEXTS``, minimum of ``REPEATS``; about 8 s
 for SmolLM2 on 2 cores) and keeps the grid in ``<cache>/step-costs.json`` (the model cache's folder:
 ``$SPECDEC_CACHE``, ``$XDG_CACHE_HOME/specdec`` or ``~/.cache/specdec``) under a key naming torch, the processor,
 the thread count, the device and the model's shape, so a later run on the same machine reads it back. An
