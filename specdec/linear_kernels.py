@@ -184,8 +184,9 @@ def choose_table(times: dict[int, dict[str, float]]) -> tuple[str, ...]:
     fastest packed kernel at ``PAD_ROWS`` rows, run on the rows padded (``"onednn@4"``), where it takes under
     ``PAD_MARGIN`` of the unpadded choice's time. oneDNN reorders a weight for a row count: on the 2-core AMD EPYC
     a [1536, 576] product took 0.19 / 0.24 / 0.20 ms for 1 / 2 / 3 rows and 0.17 ms for 4. Whole SmolLM2 steps
-    (rejected trees, 200 cached tokens, padded and unpadded interleaved, minimum of 14): 1 node 50.1 -> 48.0 ms,
-    2 nodes 51.2 -> 47.1 ms, while 3 nodes padded went 45.7 -> 46.6 and 48.6 -> 51.3 in two runs (not padded)."""
+    (rejected trees, 200 cached tokens, padded and unpadded interleaved): 2 nodes 2.4-3.7 ms faster in each of
+    three runs, 1 node faster in two of three; 3 nodes padded went 45.7 -> 46.6 and 48.6 -> 51.3 ms (not padded;
+    docs/results/session14)."""
     out = []
     for n in ROW_POINTS:
         kernel = choose(times[n])
