@@ -50,11 +50,24 @@ def test_an_unexplored_depth_inherits_the_rate_above_it():
     assert AcceptanceTracker(depth_prior=False, forget=1.0).rate(4, 0) == pytest.approx(0.6)
 
 
+def _recursive_rate(tracker: AcceptanceTracker, depth: int, rank: int) -> float:
+    """The rate's definition, cell by cell: prior mean from the parent tracker, else the cell one level up (with
+    ``depth_prior``), else ``prior_top1 * prior_decay ** rank``; weight ``prior_weight``."""
+    if tracker.parent is not None:
+        m = _recursive_rate(tracker.parent, depth, rank)
+    elif depth > 1 and tracker.depth_prior:
+        m = _recursive_rate(tracker, depth - 1, rank)
+    else:
+        m = tracker.prior_top1 * tracker.prior_decay**rank
+    key, w = (depth, rank), tracker.prior_weight
+    return (tracker._acc.get(key, 0.0) + w * m) / (tracker._tried.get(key, 0.0) + w)
+
+
 @pytest.mark.parametrize("depth_prior", [True, False])
 def test_the_rate_table_equals_the_recursive_rate_for_pooled_and_per_sequence_trackers(depth_prior):
-    """``rates`` (one pass, what the chooser reads every step) gives exactly :meth:`rate` in every cell, for a
-    pooled tracker and a sequence's child tracker after random observations, so planned and pruned trees are
-    valued as before; node and chain values are products along paths."""
+    """``rates`` (one pass, what the chooser reads every step) gives exactly the recursive definition in every
+    cell, for a pooled tracker and a sequence's child tracker after random observations, so planned and pruned
+    trees are valued as before; node and chain values are products along paths."""
     gen = torch.Generator().manual_seed(1)
     pooled = AcceptanceTracker(prior_weight=3.0, forget=0.97, depth_prior=depth_prior)
     child = AcceptanceTracker(prior_weight=4.0, forget=0.95, parent=pooled)
@@ -64,6 +77,7 @@ def test_the_rate_table_equals_the_recursive_rate_for_pooled_and_per_sequence_tr
             torch.rand((), generator=gen) < 0.8 / (depth + rank)))
     for tracker in (pooled, child):
         table = tracker.rates(8, 5)
+        assert [[_recursive_rate(tracker, d, k) for k in range(5)] for d in range(1, 9)] == table
         assert [[tracker.rate(d, k) for k in range(5)] for d in range(1, 9)] == table
         assert tracker.chain_values(3) == pytest.approx([table[0][0], table[0][0] * table[1][0],
                                                          table[0][0] * table[1][0] * table[2][0]], rel=1e-15)

@@ -58,21 +58,15 @@ class AcceptanceTracker:
         self.max_log = parent.max_log if parent is not None else max_log
 
     def rate(self, depth: int, rank: int) -> float:
-        """Predicted P(accepted | tried) of a depth-``depth`` node that is its parent's rank-``rank`` child."""
-        if self.parent is not None:
-            m = self.parent.rate(depth, rank)
-        elif depth > 1 and self.depth_prior:  # an unexplored depth is assumed no better than the one above it
-            m = self.rate(depth - 1, rank)
-        else:
-            m = self.prior_top1 * self.prior_decay**rank
-        key = (depth, rank)
-        return (self._acc.get(key, 0.0) + self.prior_weight * m) / (self._tried.get(key, 0.0) + self.prior_weight)
+        """Predicted P(accepted | parent accepted) of a depth-``depth`` node that is its parent's rank-``rank``
+        child: one cell of :meth:`rates`."""
+        return self.rates(depth, rank + 1)[depth - 1][rank]
 
     def rates(self, depth: int, width: int) -> list[list[float]]:
-        """``[depth][width]`` table of :meth:`rate` (row ``d - 1`` holds depth ``d``, column ``k`` rank ``k``), built
-        in one pass (each cell's prior read from the row above or the parent's table) where :meth:`rate` recurses
-        through every depth above: the chooser values a whole tree or plan per step (about 300 recursive calls a
-        step before, 0.3 ms of a 45 ms SmolLM2 step)."""
+        """``[depth][width]`` table of rates (row ``d - 1`` holds depth ``d``, column ``k`` rank ``k``), built in one
+        pass: each cell's prior mean is the parent tracker's cell, else (``depth_prior``) the cell one level up, else
+        ``prior_top1 * prior_decay ** k``. The chooser reads a whole table per step (a recursive rate per cell took
+        about 300 calls a step, 0.3 ms of a 45 ms SmolLM2 step)."""
         base = self.parent.rates(depth, width) if self.parent is not None else None
         acc, tried, w = self._acc, self._tried, self.prior_weight
         out: list[list[float]] = []
@@ -89,9 +83,10 @@ class AcceptanceTracker:
             out.append(row)
         return out
 
-    def observe(self, depth: int, rank: int, accepted: bool) -> None:
+    def observe(self, depth: int, rank: int, accepted: bool, predicted: float | None = None) -> None:
+        """One outcome of a (depth, rank) cell; ``predicted`` (default: the cell's rate now) goes to the log."""
         if len(self.log) < self.max_log:
-            self.log.append((depth, self.rate(depth, rank), accepted))
+            self.log.append((depth, self.rate(depth, rank) if predicted is None else predicted, accepted))
         self._count(depth, rank, accepted)
 
     def _count(self, depth: int, rank: int, accepted: bool) -> None:
@@ -165,12 +160,13 @@ class AcceptanceTracker:
         records the confidence-based predictions."""
         kids, tree_tokens, node = tree.children(), tree.tokens.tolist(), 0
         cond = None if scores is None else _conditional(tree, scores)
+        table = self.rates(len(tokens), max(map(len, kids))) if cond is None else None  # the step's predictions
         for d, tok in enumerate(tokens):
             last, accepted = d == len(tokens) - 1, None
             for rank, c in enumerate(kids[node]):
                 hit = accepted is None and not last and tree_tokens[c] == tok
                 if cond is None:
-                    self.observe(d + 1, rank, hit)
+                    self.observe(d + 1, rank, hit, table[d][rank])
                 else:
                     if len(self.log) < self.max_log:
                         self.log.append((d + 1, self.conf_rate(d + 1, cond[c]), hit))

@@ -36,6 +36,7 @@ from specdec.drafters.common import PerSequence
 from specdec.interfaces import Draft, Drafter, DraftInput
 from specdec.research.acceptance_tracker import AcceptanceTracker
 from specdec.research.cost_model import CostModel, choose_size, draft_levels, drafter_depth
+from specdec.research.machine_cost import AUTO, load_cost_model
 from specdec.target import TargetModel
 from specdec.tree import TokenTree
 
@@ -178,10 +179,9 @@ class AutoBudgetDrafter:
 
     def _plan(self, values: list[float], ctx: int) -> int:
         """The budget to ask for: maximises expected tokens per second on the tracker's virtual tree ``values``."""
-        verify, draft = self.cost.verify_times(self._own, ctx), {}
-        for lv in {self._levels(n) for n in range(1, self._own + 1)}:
-            draft[lv] = self.draft_estimate(lv)
-        times = [draft[self._levels(n)] + verify[n - 1] for n in range(1, self._own + 1)]
+        levels = [self._levels(n) for n in range(1, self._own + 1)]
+        draft = {lv: self.draft_estimate(lv) for lv in set(levels)}
+        times = [draft[lv] + v for lv, v in zip(levels, self.cost.verify_times(self._own, ctx), strict=True)]
         return choose_size(values, lambda n: times[n - 1], self._own)
 
     def _scores(self, draft: Draft) -> torch.Tensor | None:
@@ -239,8 +239,6 @@ def wrap_auto_budget(drafter: Drafter | None, cost: str, name: str | None = None
     No drafter (plain decoding) stays ``None``. Set up as :func:`auto_budget` does."""
     if drafter is None:
         return None
-    from specdec.research.machine_cost import AUTO, load_cost_model
-
     if cost == AUTO and target is None:
         raise ValueError("wrap_auto_budget: cost='auto' measures the step cost of a target; pass target=")
     return auto_budget(drafter, load_cost_model(cost, target), name, max_nodes)

@@ -107,6 +107,7 @@ class CostModel:
             rows = np.minimum.accumulate(rows[:, ::-1], axis=1)[:, ::-1]  # no dearer than any larger tree
             rows = np.minimum.accumulate(rows[::-1], axis=0)[::-1].tolist()  # nor than a longer context
             cached = self.__dict__["_tables"] = (key, (sizes, ctxs, rows))
+            self.__dict__["_cols"] = []  # :meth:`_columns` of this grid
         return cached[1]
 
     def _per_context(self, nodes: int) -> list[float]:
@@ -122,12 +123,8 @@ class CostModel:
 
     def _columns(self, upto: int) -> list[list[float]]:
         """:meth:`_per_context` of sizes 1..``upto``, kept with the grid's tables."""
-        cols = self.__dict__.setdefault("_cols", {})
-        key = id(self.grid), len(self.grid)
-        if cols.get("key") != key:
-            cols.clear()
-            cols["key"], cols["cols"] = key, []
-        have = cols["cols"]
+        self._grid_tables()  # a replaced grid starts the columns again
+        have = self.__dict__["_cols"]
         have += [self._per_context(n) for n in range(len(have) + 1, upto + 1)]
         return have[:upto]
 
